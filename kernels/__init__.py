@@ -1,0 +1,1 @@
+"""Triton kernels of attnrules (installed as ``attnrules.kernels``)."""

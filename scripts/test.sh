@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Set up the environment, then run the default test suite (no network, no GPU needed).
+# Extra arguments go to pytest, e.g. scripts/test.sh -k engine
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+# pytest exit code 5 means "no tests ran": that is a failure here, as any other non-zero code.
+.venv/bin/pytest tests "$@"

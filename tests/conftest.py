@@ -1,0 +1,8 @@
+"""Test setup: never touch the network; run the Triton kernels in the interpreter on CPU."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Must be set before any Triton kernel module is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
