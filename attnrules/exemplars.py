@@ -1,0 +1,239 @@
+"""Feature activations over a token corpus, and REF's exemplar sampling and splits (reference §5).
+
+- :func:`tokenize_corpus` turns documents into contiguous ``seq_len`` chunks with BOS at position 0.
+- :func:`scan_output_features` runs the model once over the corpus: for every output feature, the
+  number of sequences where it fires, and each sequence's max activation and its position.
+- :func:`sample_features` picks features active in at least ``min_count`` and at most ``max_count``
+  sequences; :func:`sample_exemplars` takes the top-activating sequences (positives, scored at their
+  argmax) and random inactive ones (negatives, scored at a random position 1..T−1) and splits them
+  into train / val / test, stratified, as REF does (50 + 50 each with its defaults).
+- :func:`input_activations` gives the input-SAE activations ``[N, T, n_in]`` of chosen sequences.
+
+REF draws with pandas/sklearn/numpy global seeds; we draw with one ``numpy.random.Generator`` per
+call, so the sizes and the procedure are REF's but the particular random draws are not.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from attnrules.results import plain
+
+
+def _progress(iterable: Iterable, total: int, desc: str, show: bool):
+    if not show:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, file=sys.stderr, leave=False)
+
+
+def check_tokens(tokens: torch.Tensor, model) -> torch.Tensor:
+    """``tokens`` as a 2-D int64 tensor of valid ids for ``model``, or a clear error."""
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+        raise ValueError(f"tokens must be a 2-D tensor [n_sequences, seq_len], got {getattr(tokens, 'shape', type(tokens))}")
+    if tokens.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"tokens must hold integer token ids, got dtype {tokens.dtype}")
+    if tokens.numel() == 0:
+        raise ValueError("tokens is empty")
+    if int(tokens.min()) < 0 or int(tokens.max()) >= model.cfg.d_vocab:
+        raise ValueError(f"tokens must be ids in [0, {model.cfg.d_vocab}), got {int(tokens.min())}..{int(tokens.max())}")
+    if tokens.shape[1] > model.cfg.n_ctx:
+        raise ValueError(f"tokens have seq_len {tokens.shape[1]} but the model's context is {model.cfg.n_ctx}")
+    return tokens.long()
+
+
+def tokenize_corpus(
+    model, texts: Iterable[str], *, seq_len: int = 64, n_sequences: int = 50_000, max_chunks_per_doc: int = 16
+) -> torch.Tensor:
+    """REF's contiguous chunks: each document tokenised with BOS, documents shorter than ``seq_len``
+    skipped, cut into ``seq_len`` chunks (at most ``max_chunks_per_doc``), position 0 set to BOS."""
+    if model.tokenizer is None:
+        raise ValueError("model has no tokenizer: pass token ids instead of text")
+    chunks: list[torch.Tensor] = []
+    n = 0
+    for text in texts:
+        toks = model.to_tokens(text, prepend_bos=True)[0]
+        usable = (toks.numel() // seq_len) * seq_len
+        if usable == 0:
+            continue
+        doc = toks[:usable].view(-1, seq_len)[:max_chunks_per_doc]
+        chunks.append(doc)
+        n += doc.shape[0]
+        if n >= n_sequences:
+            break
+    if not chunks:
+        raise ValueError(f"no document in texts has {seq_len} tokens or more")
+    tokens = torch.cat(chunks)[:n_sequences].clone()
+    tokens[:, 0] = model.tokenizer.bos_token_id
+    return tokens
+
+
+def hook_names(layer: int) -> tuple[str, str]:
+    """(input-SAE hook, output-SAE hook) of a layer."""
+    return f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.attn.hook_z"
+
+
+def run_batches(
+    model, tokens: torch.Tensor, layer: int, names: Sequence[str], *, batch_size: int, desc: str, progress: bool
+) -> Iterator[tuple[slice, dict]]:
+    """Run blocks 0..layer over ``tokens`` in batches, yielding (rows, {hook name: activation})."""
+    tokens = check_tokens(tokens, model)
+    if not 0 <= layer < model.cfg.n_layers:
+        raise ValueError(f"layer must be in [0, {model.cfg.n_layers}), got {layer}")
+    device = next(model.parameters()).device
+    starts = range(0, tokens.shape[0], batch_size)
+    with torch.no_grad():
+        for start in _progress(starts, len(starts), desc, progress):
+            rows = slice(start, min(start + batch_size, tokens.shape[0]))
+            _, cache = model.run_with_cache(
+                tokens[rows].to(device), stop_at_layer=layer + 1, names_filter=lambda n: n in names
+            )
+            yield rows, {name: cache[name] for name in names}
+
+
+@dataclass(frozen=True)
+class FeatureScan:
+    """Per-sequence maxima of every output feature over a corpus."""
+
+    counts: torch.Tensor  # [n_out] sequences in which the feature fires anywhere
+    act_max: torch.Tensor  # [N, n_out]
+    act_argmax: torch.Tensor  # [N, n_out]
+
+    @property
+    def n_sequences(self) -> int:
+        return self.act_max.shape[0]
+
+
+def scan_output_features(
+    model, output_sae, tokens: torch.Tensor, *, batch_size: int = 64, progress: bool = False
+) -> FeatureScan:
+    """One pass over the corpus with the output SAE on ``hook_z`` of ``output_sae.layer``."""
+    _, z_name = hook_names(output_sae.layer)
+    maxima, argmaxima = [], []
+    for _, acts in run_batches(model, tokens, output_sae.layer, [z_name], batch_size=batch_size,
+                               desc="output features", progress=progress):
+        out = output_sae.encode(acts[z_name].to(output_sae.W_enc.dtype))  # [B, T, n_out]
+        m, a = out.max(dim=1)
+        maxima.append(m.cpu())
+        argmaxima.append(a.cpu())
+    act_max = torch.cat(maxima)
+    return FeatureScan((act_max > 0).sum(0), act_max, torch.cat(argmaxima))
+
+
+def input_activations(
+    model, input_sae, tokens: torch.Tensor, *, batch_size: int = 8, progress: bool = False
+) -> torch.Tensor:
+    """Input-SAE activations ``[N, T, n_in]`` on ``hook_resid_pre`` of ``input_sae.layer``."""
+    resid_name, _ = hook_names(input_sae.layer)
+    out = []
+    for _, acts in run_batches(model, tokens, input_sae.layer, [resid_name], batch_size=batch_size,
+                               desc="input features", progress=progress):
+        out.append(input_sae.encode(acts[resid_name].to(input_sae.W_dec.dtype)).cpu())
+    return torch.cat(out)
+
+
+def sample_features(
+    counts: torch.Tensor,
+    n_sequences: int,
+    *,
+    num_features: Optional[int] = 100,
+    min_count: int = 150,
+    max_count: Optional[int] = None,
+    seed: int = 0,
+) -> list[int]:
+    """Features with ``min_count ≤ count ≤ max_count`` (REF: 150 and n − 150), ``num_features`` of
+    them drawn at random (all when None or when fewer are eligible), returned sorted."""
+    max_count = n_sequences - min_count if max_count is None else max_count
+    eligible = np.nonzero(((counts >= min_count) & (counts <= max_count)).numpy())[0]
+    if num_features is None or num_features >= len(eligible):
+        return eligible.tolist()
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(eligible, size=num_features, replace=False).tolist())
+
+
+@dataclass(frozen=True)
+class ExemplarSplit:
+    """Exemplars of one feature: a sequence and the one position scored in it."""
+
+    feature: int
+    sequence: torch.Tensor  # [n] row in the corpus
+    position: torch.Tensor  # [n] position scored (argmax for positives, random for negatives)
+    act_max: torch.Tensor  # [n] the sequence's max activation (0 for negatives)
+    positive: torch.Tensor  # [n] bool: sampled as a top-activating sequence
+
+    def __len__(self) -> int:
+        return self.sequence.numel()
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "feature": self.feature,
+                "idx": plain(self.sequence),
+                "act_argmax": plain(self.position),
+                "act_max": plain(self.act_max),
+                "bin": plain(self.positive.long()),
+            }
+        )
+
+
+@dataclass(frozen=True)
+class Exemplars:
+    train: ExemplarSplit
+    val: ExemplarSplit
+    test: ExemplarSplit
+
+
+def sample_exemplars(
+    scan: FeatureScan,
+    feature: int,
+    *,
+    seq_len: int,
+    examples_per_bin: int = 150,
+    min_bin: int = 6,
+    seed: int = 0,
+) -> Optional[Exemplars]:
+    """REF's two-bin sampling and split for one feature; None when a bin has fewer than ``min_bin``.
+
+    Positives: the ``examples_per_bin`` sequences with the highest max activation (> 0), scored at
+    their argmax. Negatives: ``examples_per_bin`` random sequences where the feature never fires,
+    scored at a random position in 1..seq_len−1. Each class is split 1/3 test, then the rest in
+    half, train and val (REF: 50/50/50 per class).
+    """
+    if not 0 <= feature < scan.act_max.shape[1]:
+        raise ValueError(f"feature must be in [0, {scan.act_max.shape[1]}), got {feature}")
+    rng = np.random.default_rng(seed)
+    act = scan.act_max[:, feature]
+    active = torch.nonzero(act > 0).flatten()
+    top = active[torch.sort(act[active], descending=True, stable=True).indices[:examples_per_bin]]
+    inactive = torch.nonzero(act == 0).flatten().numpy()
+    if top.numel() < min_bin or len(inactive) < min_bin:
+        return None
+    neg = torch.from_numpy(rng.choice(inactive, size=min(examples_per_bin, len(inactive)), replace=False))
+    pos = top[torch.from_numpy(rng.permutation(top.numel()))]
+    pos_positions = scan.act_argmax[pos, feature].long()
+    neg_positions = torch.from_numpy(rng.integers(1, seq_len, size=neg.numel()))
+    parts = {"train": [], "val": [], "test": []}
+    for seqs, positions, positive in ((pos, pos_positions, True), (neg, neg_positions, False)):
+        n = seqs.numel()
+        n_test = round(n / 3)
+        n_train = (n - n_test + 1) // 2
+        bounds = {"test": (0, n_test), "train": (n_test, n_test + n_train), "val": (n_test + n_train, n)}
+        for name, (a, b) in bounds.items():
+            parts[name].append((seqs[a:b], positions[a:b], positive))
+    splits = {}
+    for name, pieces in parts.items():
+        seq = torch.cat([p[0] for p in pieces])
+        splits[name] = ExemplarSplit(
+            feature=feature,
+            sequence=seq,
+            position=torch.cat([p[1] for p in pieces]),
+            act_max=act[seq],
+            positive=torch.cat([torch.full((p[0].numel(),), p[2]) for p in pieces]),
+        )
+    return Exemplars(**splits)

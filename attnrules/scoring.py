@@ -1,0 +1,172 @@
+"""Value scores, REF's candidate table and weight ordering, and the exhaustive pair ranking.
+
+value-score(k) = value_proj[k] · u and attn-score(q, k) = query_proj[q] · key_proj[k] (see
+:mod:`attnrules.circuit`). All-pairs work goes through :mod:`attnrules.engine`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import pandas as pd
+import torch
+
+from attnrules import engine
+from attnrules.circuit import HeadCircuit
+from attnrules.results import plain
+
+
+def value_scores(circuit: HeadCircuit, features: Union[int, Sequence[int], None] = None) -> torch.Tensor:
+    """value-score of every input feature: ``[n_in]`` for one output feature, ``[n_in, len(features)]``
+    for a list, ``[n_in, n_out]`` for all (None)."""
+    if features is None:
+        return circuit.value_proj @ circuit.out_encoder
+    if isinstance(features, int):
+        return circuit.value_proj @ circuit.encoder_vector(features)
+    cols = [circuit.check_feature(f) for f in features]
+    return circuit.value_proj @ circuit.out_encoder[:, cols]
+
+
+def attn_scores(circuit: HeadCircuit, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """attn-score of the listed pairs (same-length index tensors)."""
+    return (circuit.query_proj[queries] * circuit.key_proj[keys]).sum(-1)
+
+
+def _stable_top(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest values, ties by lower index."""
+    return torch.sort(values, descending=True, stable=True).indices[:k]
+
+
+@dataclass(frozen=True)
+class CandidateTable:
+    """REF's candidate (key, query) pairs for one output feature, key-major (§3.1).
+
+    ``score = exp(attn_score) · value_score`` is REF's weight ordering; ``value_score`` is |V| when
+    the table was built with ``negative_values=True``.
+    """
+
+    feature: int
+    feature_name: str
+    keys: torch.Tensor  # [n] input-feature index of each row's key
+    queries: torch.Tensor  # [n]
+    attn_score: torch.Tensor  # [n]
+    value_score: torch.Tensor  # [n]
+    score: torch.Tensor  # [n]
+
+    def __len__(self) -> int:
+        return self.keys.numel()
+
+    def top(self, n: int) -> "CandidateTable":
+        """The first n rows by ``score`` (REF: ``nlargest(n, "score", keep="first")``)."""
+        if not 1 <= n:
+            raise ValueError(f"n must be a positive number of terms, got {n}")
+        order = _stable_top(self.score, n)
+        return self._rows(order)
+
+    def _rows(self, index: torch.Tensor) -> "CandidateTable":
+        return CandidateTable(
+            self.feature,
+            self.feature_name,
+            self.keys[index],
+            self.queries[index],
+            self.attn_score[index],
+            self.value_score[index],
+            self.score[index],
+        )
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "feature": self.feature_name,
+                "key": plain(self.keys),
+                "query": plain(self.queries),
+                "attn_score": plain(self.attn_score),
+                "value_score": plain(self.value_score),
+                "score": plain(self.score),
+            }
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_frame().to_dict(orient="list"))
+
+
+def candidate_table(
+    circuit: HeadCircuit,
+    feature: int,
+    *,
+    num_values: int = 100,
+    num_queries: int = 100,
+    negative_values: bool = False,
+    backend: str = "auto",
+) -> CandidateTable:
+    """REF's candidates: the top ``num_values`` keys by value score, and for each the top
+    ``num_queries`` queries by signed attn-score (``num_values × num_queries`` rows, key-major).
+
+    Raises ValueError when there are fewer input features than asked for (REF would crash); the
+    high-level pipeline caps these numbers and says so.
+    """
+    circuit.check_feature(feature)
+    for name, n in (("num_values", num_values), ("num_queries", num_queries)):
+        if not 1 <= n <= circuit.n_inputs:
+            raise ValueError(f"{name}={n} must be between 1 and the number of input features ({circuit.n_inputs})")
+    v = value_scores(circuit, feature)
+    ranked = v.abs() if negative_values else v
+    keys = _stable_top(ranked, num_values)
+    best = engine.pair_topk(circuit.query_proj, circuit.key_proj[keys], num_queries, by="key", backend=backend)
+    n_rows = num_values * num_queries
+    key_col = keys.repeat_interleave(num_queries)
+    attn = best.scores.reshape(n_rows)
+    value = ranked[keys].repeat_interleave(num_queries)
+    return CandidateTable(
+        feature=feature,
+        feature_name=circuit.feature_name(feature),
+        keys=key_col,
+        queries=best.query_idx.reshape(n_rows),
+        attn_score=attn,
+        value_score=value,
+        score=torch.exp(attn) * value,
+    )
+
+
+@dataclass(frozen=True)
+class PairRanking:
+    """The best (query, key) pairs of one output feature over all Nq × Nk pairs."""
+
+    feature_name: str
+    queries: torch.Tensor
+    keys: torch.Tensor
+    attn_score: torch.Tensor
+    value_score: torch.Tensor
+    score: torch.Tensor
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "feature": self.feature_name,
+                "query": plain(self.queries),
+                "key": plain(self.keys),
+                "attn_score": plain(self.attn_score),
+                "value_score": plain(self.value_score),
+                "score": plain(self.score),
+            }
+        )
+
+
+def rank_all_pairs(
+    circuit: HeadCircuit,
+    feature: int,
+    k: int,
+    *,
+    score: str = "signed",
+    backend: str = "auto",
+    **engine_options,
+) -> PairRanking:
+    """Exhaustive ranking of all n_in × n_in pairs by attn-score × value-score (the paper's A×V;
+    ``score="exp"`` gives REF's exp(A)·V, ``"absolute"`` ranks by |A×V|)."""
+    v = value_scores(circuit, feature)
+    best = engine.pair_topk(
+        circuit.query_proj, circuit.key_proj, k, by="global", key_weight=v, score=score, backend=backend, **engine_options
+    )
+    attn = attn_scores(circuit, best.query_idx, best.key_idx)
+    return PairRanking(circuit.feature_name(feature), best.query_idx, best.key_idx, attn, v[best.key_idx], best.scores)
