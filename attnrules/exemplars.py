@@ -51,7 +51,8 @@ def check_tokens(tokens: torch.Tensor, model) -> torch.Tensor:
 def tokenize_corpus(
     model, texts: Iterable[str], *, seq_len: int = 64, n_sequences: int = 50_000, max_chunks_per_doc: int = 16
 ) -> torch.Tensor:
-    """REF's contiguous chunks: each document tokenised with BOS, documents shorter than ``seq_len``
+    """REF's contiguous chunks: each document tokenised with BOS (and truncated to the model's context,
+    as ``to_tokens`` does), documents shorter than ``seq_len``
     skipped, cut into ``seq_len`` chunks (at most ``max_chunks_per_doc``), position 0 set to BOS."""
     if model.tokenizer is None:
         raise ValueError("model has no tokenizer: pass token ids instead of text")

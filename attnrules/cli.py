@@ -1,0 +1,159 @@
+"""The ``attnrules`` command. Every subcommand is a thin layer over the library API."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from attnrules.pipeline import ExtractSettings, extract_head
+
+TOY = "toy"
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _add_extract(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "extract",
+        help="explain the features of attention heads as rules (embedded planted model by default)",
+        description="Run scores → candidates → importances → rules → evaluation for one or more heads; print "
+        "the top rules and the P/R/F1 table; write results.json, rules.csv and metrics.csv per head into --out. "
+        "Defaults follow the paper's code (REF); without --model it runs on the embedded planted model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    src = p.add_argument_group("model and SAEs")
+    src.add_argument("--model", default=TOY, help=f"'{TOY}' (embedded planted model) or a transformer_lens model name, e.g. gpt2-small")
+    src.add_argument("--layer", type=int, default=0, help="layer of the head(s)")
+    src.add_argument("--head", type=_int_list, default=None, help="head index or comma list (default: all planted heads of the toy; required otherwise)")
+    src.add_argument("--sae-in", default="gpt2-small-res-jb", help="input SAE: sae_lens release (with blocks.{L}.hook_resid_pre) or a local sae_lens folder")
+    src.add_argument("--sae-out-dir", type=Path, default=None, help="directory of per-head output-SAE checkpoints (REF's .pt + _cfg.json)")
+    src.add_argument("--sae-out-z", default=None, help="instead: a layer-level hook_z SAE (sae_lens release or folder) sliced to each head")
+    src.add_argument("--sae-out-z-id", default=None, help="sae_id of --sae-out-z within its release")
+    src.add_argument("--device", default="cpu", help="torch device for the model and SAEs")
+    data = p.add_argument_group("corpus")
+    data.add_argument("--corpus", type=Path, default=None, help="token ids (.pt tensor [n, seq_len]) or text (.txt, one document per line); required for real models")
+    data.add_argument("--n-sequences", type=int, default=None, help="sequences to use (default: 3000 for the toy, 50000 otherwise)")
+    data.add_argument("--seq-len", type=int, default=None, help="tokens per sequence for text corpora (default: 32 for the toy, 64 otherwise)")
+    ref = p.add_argument_group("method (REF defaults)")
+    ref.add_argument("--features", type=_int_list, default=None, help="output features to explain (default: sample as REF)")
+    ref.add_argument("--num-features", type=int, default=100, help="features sampled per head")
+    ref.add_argument("--min-count", type=int, default=150, help="a sampled feature is active in at least this many sequences ...")
+    ref.add_argument("--max-count", type=int, default=None, help="... and at most this many (default: n_sequences - min_count)")
+    ref.add_argument("--examples-per-bin", type=int, default=150, help="positive and negative exemplars per feature (split 1/3 each into train/val/test)")
+    ref.add_argument("--num-values", type=int, default=100, help="candidate keys by value score (capped to the number of input features)")
+    ref.add_argument("--num-queries", type=int, default=100, help="candidate queries per key by attention score (capped likewise)")
+    ref.add_argument("--max-rules", type=int, default=4096, help="largest number of terms in the N = 4, 8, ... sweep")
+    ref.add_argument("--negative-values", action="store_true", help="rank candidate keys by |value score|")
+    ref.add_argument("--signed", action="store_true", help="select importance terms by relu(I) instead of |I|")
+    ref.add_argument("--loss-type", choices=("activation", "post_activation"), default="activation", help="surrogate output for the importance gradient")
+    ref.add_argument("--threshold", type=float, default=0.0, help="activation threshold for truth and prediction")
+    ref.add_argument("--seed", type=int, default=0, help="seed for feature and exemplar sampling")
+    run = p.add_argument_group("run")
+    run.add_argument("--batch-size", type=int, default=64, help="sequences per model forward pass")
+    run.add_argument("--backend", choices=("auto", "torch", "cpu", "triton"), default="auto", help="engine backend")
+    run.add_argument("--show-terms", type=int, default=8, help="rule terms printed and stored per feature and method")
+    run.add_argument("--out", type=Path, default=Path("out/extract"), help="output directory (one subfolder per head); finished features are reused on rerun")
+    run.add_argument("--quiet", action="store_true", help="no progress output")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="attnrules",
+        description="Explain the features of transformer attention heads as human-readable rules.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    extract = _add_extract(sub)
+    parser.epilog = "Commands and all their options:\n\n" + extract.format_help()
+    return parser
+
+
+def _load_corpus(args, model) -> torch.Tensor:
+    from attnrules.exemplars import check_tokens, tokenize_corpus
+
+    path: Path = args.corpus
+    if not path.exists():
+        raise SystemExit(f"--corpus: no such file {path}")
+    n = args.n_sequences or 50_000
+    if path.suffix == ".pt":
+        tokens = torch.load(path, map_location="cpu", weights_only=True)
+        return check_tokens(tokens, model)[:n]
+    with path.open() as f:
+        return tokenize_corpus(model, (line for line in f if line.strip()), seq_len=args.seq_len or 64, n_sequences=n)
+
+
+def _sources(args):
+    """(model, input SAE, {head: output SAE}, tokens) for the arguments."""
+    if args.model == TOY:
+        from attnrules.toy import build_toy
+
+        toy = build_toy(seq_len=args.seq_len or 32)
+        heads = args.head or tuple(toy.output_saes)
+        missing = [h for h in heads if h not in toy.output_saes]
+        if missing or args.layer != 0:
+            raise SystemExit(f"--layer/--head: the toy model has planted heads L0H{sorted(toy.output_saes)}, not L{args.layer}H{missing}")
+        tokens = toy.corpus(args.n_sequences or 3000, seed=args.seed) if args.corpus is None else _load_corpus(args, toy.model)
+        return toy.model, toy.input_sae, {h: toy.output_saes[h] for h in heads}, tokens
+    from attnrules import sources
+
+    if not args.head:
+        raise SystemExit("--head is required with a real model")
+    if args.corpus is None:
+        raise SystemExit("--corpus is required with a real model (a .txt file, one document per line, e.g. OpenWebText; or a .pt tensor of token ids)")
+    if (args.sae_out_dir is None) == (args.sae_out_z is None):
+        raise SystemExit("give exactly one of --sae-out-dir (per-head checkpoints) or --sae-out-z (layer-level hook_z SAE)")
+    model = sources.load_model(args.model, device=args.device)
+    for h in args.head:
+        sources.check_head(model, args.layer, h)
+    input_sae = sources.load_input_sae(args.sae_in, layer=args.layer, device=args.device)
+    outputs = {}
+    for h in args.head:
+        if args.sae_out_dir is not None:
+            outputs[h] = sources.load_head_sae(args.sae_out_dir, args.layer, h, device=args.device)
+        else:
+            outputs[h] = sources.load_layer_z_sae(args.sae_out_z, layer=args.layer, head=h, n_heads=model.cfg.n_heads,
+                                                  d_head=model.cfg.d_head, sae_id=args.sae_out_z_id, device=args.device)
+        sources.check_compatible(model, input_sae, outputs[h])
+    return model, input_sae, outputs, _load_corpus(args, model)
+
+
+def run_extract(args) -> int:
+    settings = ExtractSettings(
+        features=args.features, num_features=args.num_features, min_count=args.min_count, max_count=args.max_count,
+        examples_per_bin=args.examples_per_bin, num_values=args.num_values, num_queries=args.num_queries,
+        max_rules=args.max_rules, negative_values=args.negative_values, absolute=not args.signed,
+        loss_type=args.loss_type, threshold=args.threshold, seed=args.seed, batch_size=args.batch_size,
+        backend=args.backend, show_terms=args.show_terms,
+    )
+    model, input_sae, outputs, tokens = _sources(args)
+    for head, output_sae in outputs.items():
+        out_dir = args.out / f"L{args.layer}H{head}"
+        result = extract_head(model, input_sae, output_sae, tokens, settings=settings, out_dir=out_dir,
+                              progress=not args.quiet)
+        print(result.summary())
+        for note in result.metadata["notes"]:
+            print(f"note: {note}")
+        print(f"wrote {out_dir}/results.json, rules.csv, metrics.csv\n")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return run_extract(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""The attnrules command on the embedded default, and its errors."""
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from attnrules.cli import build_parser, main
+
+
+def test_extract_on_the_toy_writes_results(tmp_path, capsys):
+    code = main(["extract", "--head", "0", "--max-rules", "16", "--quiet", "--out", str(tmp_path)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "[If] … [then] → L0H0.0" in printed and "[http] … [com] → L0H0.1" in printed
+    assert "Mean precision / recall / F1" in printed and "capped to 81" in printed
+    head_dir = tmp_path / "L0H0"
+    results = json.loads((head_dir / "results.json").read_text())
+    names = [f["name"] for f in results["features"]]
+    assert names == ["L0H0.0", "L0H0.1", "L0H0.2", "L0H0.3"]  # the dead L0H0.4 is never sampled
+    metrics = pd.read_csv(head_dir / "metrics.csv")
+    assert set(metrics["method"]) == {"weights", "importance"} and set(metrics["num_rules"]) == {4, 8, 16}
+    rules = pd.read_csv(head_dir / "rules.csv")
+    assert {"feature", "method", "query", "key", "attn_score", "value_score", "query_desc", "key_desc"} <= set(rules.columns)
+    # a rerun reuses the finished features
+    (head_dir / "results.json").unlink()
+    assert main(["extract", "--head", "0", "--max-rules", "16", "--quiet", "--out", str(tmp_path)]) == 0
+    assert json.loads((head_dir / "results.json").read_text()) == results
+
+
+def test_help_documents_every_option():
+    out = subprocess.run([sys.executable, "-m", "attnrules.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    parser = build_parser()
+    extract = parser._subparsers._group_actions[0].choices["extract"]
+    for action in extract._actions:
+        for flag in action.option_strings:
+            assert flag in out, flag
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["extract", "--head", "5"], "the toy model has planted heads"),
+        (["extract", "--model", "gpt2-small"], "--head is required"),
+        (["extract", "--model", "gpt2-small", "--head", "0"], "--corpus is required"),
+        (["extract", "--features", "a,b"], "expected comma-separated integers"),
+    ],
+)
+def test_bad_arguments_are_explained(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    text = str(exc.value) + capsys.readouterr().err
+    assert message in text
