@@ -59,6 +59,7 @@ def _add_extract(sub) -> argparse.ArgumentParser:
     run = p.add_argument_group("run")
     run.add_argument("--batch-size", type=int, default=64, help="sequences per model forward pass")
     run.add_argument("--backend", choices=("auto", "torch", "cpu", "triton"), default="auto", help="engine backend")
+    run.add_argument("--exhaustive-k", type=int, default=100, help="also rank all n_in x n_in pairs by A×V and by importance, keeping this many (0: skip)")
     run.add_argument("--show-terms", type=int, default=8, help="rule terms printed and stored per feature and method")
     run.add_argument("--out", type=Path, default=Path("out/extract"), help="output directory (one subfolder per head); finished features are reused on rerun")
     run.add_argument("--quiet", action="store_true", help="no progress output")
@@ -132,7 +133,7 @@ def run_extract(args) -> int:
         examples_per_bin=args.examples_per_bin, num_values=args.num_values, num_queries=args.num_queries,
         max_rules=args.max_rules, negative_values=args.negative_values, absolute=not args.signed,
         loss_type=args.loss_type, threshold=args.threshold, seed=args.seed, batch_size=args.batch_size,
-        backend=args.backend, show_terms=args.show_terms,
+        backend=args.backend, show_terms=args.show_terms, exhaustive_k=args.exhaustive_k,
     )
     model, input_sae, outputs, tokens = _sources(args)
     for head, output_sae in outputs.items():
@@ -142,7 +143,7 @@ def run_extract(args) -> int:
         print(result.summary())
         for note in result.metadata["notes"]:
             print(f"note: {note}")
-        print(f"wrote {out_dir}/results.json, rules.csv, metrics.csv\n")
+        print(f"wrote {out_dir}/results.json, rules.csv, metrics.csv, pairs.csv\n")
     return 0
 
 

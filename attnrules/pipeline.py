@@ -1,5 +1,8 @@
 """The whole pipeline for one head: scores → candidates → importances → rules → evaluation.
 
+Besides REF's candidate-based rules, every feature also gets the exhaustive top pairs over all
+n_in × n_in (query, key) pairs, by A×V and by importance (``exhaustive_k``; through the engine).
+
 :func:`extract_head` runs REF's procedure (reference-behaviour §3–5) for the sampled features of one
 head and returns a :class:`HeadResult`; with ``out_dir`` every finished feature is written at once
 (atomically) and a rerun with the same settings skips it, so long runs can be resumed.
@@ -24,10 +27,10 @@ from attnrules.circuit import HeadCircuit
 from attnrules.descriptions import InputDescriptions, describe_input_features
 from attnrules.evaluation import SweepPoint, n_terms_grid, sweep
 from attnrules.exemplars import input_activations, sample_exemplars, sample_features, scan_output_features
-from attnrules.importance import paper_importance
+from attnrules.importance import paper_importance, rank_all_pairs_by_importance
 from attnrules.results import plain, write_csv, write_json
 from attnrules.rules import SkipgramRuleSet, rules_from_importance, rules_from_weights
-from attnrules.scoring import candidate_table
+from attnrules.scoring import candidate_table, rank_all_pairs
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class ExtractSettings:
     batch_size: int = 64
     backend: str = "auto"
     show_terms: int = 8
+    exhaustive_k: int = 100  # also rank all n_in × n_in pairs by A×V and by importance (0: skip)
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(plain(dataclasses.asdict(self)), sort_keys=True).encode()).hexdigest()[:16]
@@ -74,6 +78,7 @@ class FeatureResult:
     n_val: int
     rules: dict  # method -> {"terms": [...], "text": [...]} for the top ``show_terms`` terms
     sweep: list  # SweepPoint.to_dict() rows
+    pairs: list = field(default_factory=list)  # exhaustive top pairs: {"ranking", "rank", "query", "key", "score"}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -103,17 +108,21 @@ class HeadResult:
         ]
         return pd.DataFrame(rows)
 
+    def pairs_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([{"feature": f.name, **row} for f in self.features for row in f.pairs])
+
     def to_dict(self) -> dict:
         return {"layer": self.layer, "head": self.head, "metadata": self.metadata,
                 "features": [f.to_dict() for f in self.features]}
 
     def write(self, out_dir: Path | str) -> list[Path]:
-        """results.json, rules.csv and metrics.csv in ``out_dir`` (each written atomically)."""
+        """results.json, rules.csv, metrics.csv and pairs.csv in ``out_dir`` (each written atomically)."""
         out = Path(out_dir)
         return [
             write_json(out / "results.json", self.to_dict()),
             write_csv(out / "rules.csv", self.rules_frame()),
             write_csv(out / "metrics.csv", self.metrics_frame()),
+            write_csv(out / "pairs.csv", self.pairs_frame()),
         ]
 
     def summary(self, n_terms: Optional[int] = None) -> str:
@@ -176,6 +185,25 @@ def extract_feature(
     return rules, points
 
 
+def exhaustive_pairs(
+    circuit: HeadCircuit, feature: int, train: tuple[torch.Tensor, torch.Tensor], k: int, backend: str,
+    describe: InputDescriptions,
+) -> list[dict]:
+    """The k best of all n_in × n_in pairs by A×V and by |importance| (surrogate over all features)."""
+    k = min(k, circuit.n_inputs**2)
+    by_weight = rank_all_pairs(circuit, feature, k, backend=backend)
+    by_importance = rank_all_pairs_by_importance(circuit, feature, *train, k, backend=backend)
+    rows = []
+    for ranking, q, kk, score in (
+        ("weights_all_pairs", by_weight.queries, by_weight.keys, by_weight.score),
+        ("importance_all_pairs", by_importance.query_idx, by_importance.key_idx, by_importance.scores),
+    ):
+        for rank, (qi, ki, si) in enumerate(zip(q.tolist(), kk.tolist(), score.tolist())):
+            rows.append({"ranking": ranking, "rank": rank, "query": qi, "key": ki, "score": si,
+                         "query_desc": describe(qi), "key_desc": describe(ki)})
+    return rows
+
+
 def extract_head(
     model,
     input_sae,
@@ -224,7 +252,11 @@ def extract_head(
             circuit, g, (acts["train"], ex.train.position),
             (acts["val"], ex.val.position, ex.val.act_max), settings, describe,
         )
-        result = FeatureResult(g, name, len(ex.train), len(ex.val), rules, [p.to_dict() for p in points])
+        pairs = []
+        if settings.exhaustive_k > 0:
+            pairs = exhaustive_pairs(circuit, g, (acts["train"], ex.train.position), settings.exhaustive_k,
+                                     settings.backend, describe)
+        result = FeatureResult(g, name, len(ex.train), len(ex.val), rules, [p.to_dict() for p in points], pairs)
         if done_dir is not None:
             write_json(done_dir / f"{name}.json", {"settings": fingerprint, **result.to_dict()})
         results.append(result)

@@ -23,6 +23,10 @@ def test_extract_on_the_toy_writes_results(tmp_path, capsys):
     assert set(metrics["method"]) == {"weights", "importance"} and set(metrics["num_rules"]) == {4, 8, 16}
     rules = pd.read_csv(head_dir / "rules.csv")
     assert {"feature", "method", "query", "key", "attn_score", "value_score", "query_desc", "key_desc"} <= set(rules.columns)
+    pairs = pd.read_csv(head_dir / "pairs.csv")
+    top = pairs[(pairs.feature == "L0H0.0") & (pairs["rank"] == 0)].set_index("ranking")
+    assert top.loc["weights_all_pairs", "query_desc"] == "then" and top.loc["weights_all_pairs", "key_desc"] == "If"
+    assert top.loc["importance_all_pairs", "query_desc"] == "then" and top.loc["importance_all_pairs", "key_desc"] == "If"
     # a rerun reuses the finished features
     (head_dir / "results.json").unlink()
     assert main(["extract", "--head", "0", "--max-rules", "16", "--quiet", "--out", str(tmp_path)]) == 0
