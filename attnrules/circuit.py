@@ -116,14 +116,9 @@ class HeadCircuit:
         head = output_sae.head if head is None else head
         sources.check_head(model, layer, head)
         sources.check_processed(model)
-        if input_sae.layer != layer:
-            raise ValueError(f"input_sae reads layer {input_sae.layer} but the head is in layer {layer}")
         if (output_sae.layer, output_sae.head) != (layer, head):
             raise ValueError(f"output_sae is for L{output_sae.layer}H{output_sae.head}, not L{layer}H{head}")
-        if input_sae.d_model != model.cfg.d_model:
-            raise ValueError(f"input_sae has d_model {input_sae.d_model} but the model has {model.cfg.d_model}")
-        if output_sae.d_head != model.cfg.d_head:
-            raise ValueError(f"output_sae has d_head {output_sae.d_head} but the model has {model.cfg.d_head}")
+        sources.check_compatible(model, input_sae, output_sae)
         attn = model.blocks[layer].attn
         dtype = input_sae.W_dec.dtype
         with torch.no_grad():

@@ -66,7 +66,7 @@ def test_mismatches_are_refused(tiny):
     with pytest.raises(ValueError, match="layer"):
         HeadCircuit.from_model(tiny, sae_in, sae_out, layer=5)
     other_in, _ = random_saes(tiny, 0, 2)
-    with pytest.raises(ValueError, match="input_sae reads layer 0"):
+    with pytest.raises(ValueError, match="input_sae reads layer 0 but output_sae is for layer 1"):
         HeadCircuit.from_model(tiny, other_in, sae_out)
     with pytest.raises(ValueError, match="output_sae is for L1H2"):
         HeadCircuit.from_model(tiny, sae_in, sae_out, head=1)
