@@ -56,6 +56,11 @@ def _add_extract(sub) -> argparse.ArgumentParser:
     ref.add_argument("--loss-type", choices=("activation", "post_activation"), default="activation", help="surrogate output for the importance gradient")
     ref.add_argument("--threshold", type=float, default=0.0, help="activation threshold for truth and prediction")
     ref.add_argument("--seed", type=int, default=0, help="seed for feature and exemplar sampling")
+    beyond = p.add_argument_group("absence and counting rules")
+    beyond.add_argument("--max-distractors", type=int, default=100, help="distractor keys kept per skip-gram term")
+    beyond.add_argument("--no-counting", action="store_true", help="skip the counting detector")
+    beyond.add_argument("--counting-max", type=int, default=8, help="largest number of key copies the counting detector tries")
+    beyond.add_argument("--insertion-counts", type=_int_list, default=(0, 1, 2, 3), help="copies of the distractor inserted (REF: 0,1,2,3)")
     run = p.add_argument_group("run")
     run.add_argument("--batch-size", type=int, default=64, help="sequences per model forward pass")
     run.add_argument("--backend", choices=("auto", "torch", "cpu", "triton"), default="auto", help="engine backend")
@@ -134,6 +139,8 @@ def run_extract(args) -> int:
         max_rules=args.max_rules, negative_values=args.negative_values, absolute=not args.signed,
         loss_type=args.loss_type, threshold=args.threshold, seed=args.seed, batch_size=args.batch_size,
         backend=args.backend, show_terms=args.show_terms, exhaustive_k=args.exhaustive_k,
+        max_distractors=args.max_distractors, counting=not args.no_counting, counting_max=args.counting_max,
+        insertion_counts=args.insertion_counts,
     )
     model, input_sae, outputs, tokens = _sources(args)
     for head, output_sae in outputs.items():

@@ -25,7 +25,7 @@ class InputDescriptions:
         return self.labels[feature]
 
 
-def _token_strings(model) -> list[str]:
+def token_strings(model) -> list[str]:
     """Vocabulary strings, with GPT-2's leading-space marker removed for readability."""
     if model.tokenizer is None:
         return [f"tok{i}" for i in range(model.cfg.d_vocab)]
@@ -44,7 +44,7 @@ def describe_input_features(model, input_sae, *, k: int = 3, max_pos: int = 128,
             labels = tuple(f"L{input_sae.layer}.in{j}" for j in range(n))
             details = labels
         return InputDescriptions(labels, details)
-    names = _token_strings(model) + [f"pos{i}" for i in range(min(max_pos, model.cfg.n_ctx))]
+    names = token_strings(model) + [f"pos{i}" for i in range(min(max_pos, model.cfg.n_ctx))]
     rows = torch.cat([model.W_E.detach(), model.W_pos.detach()[:max_pos]]).to(input_sae.W_enc.dtype)
     k = min(k, rows.shape[0])
     best = engine.pair_topk(rows.contiguous(), input_sae.W_enc.T.contiguous(), k, by="key", backend=backend)

@@ -23,8 +23,10 @@ from typing import Optional
 import pandas as pd
 import torch
 
+from attnrules.absence import absence_rules, counterfactual_insertion, insertion_token, natural_prevalence, paper_distractor
 from attnrules.circuit import HeadCircuit
-from attnrules.descriptions import InputDescriptions, describe_input_features
+from attnrules.counting import detect_counting, silent_base
+from attnrules.descriptions import InputDescriptions, describe_input_features, token_strings
 from attnrules.evaluation import SweepPoint, n_terms_grid, sweep
 from attnrules.exemplars import input_activations, sample_exemplars, sample_features, scan_output_features
 from attnrules.importance import paper_importance, rank_all_pairs_by_importance
@@ -54,6 +56,10 @@ class ExtractSettings:
     backend: str = "auto"
     show_terms: int = 8
     exhaustive_k: int = 100  # also rank all n_in × n_in pairs by A×V and by importance (0: skip)
+    max_distractors: int = 100  # distractor keys kept per skip-gram term
+    counting: bool = True  # run the counting detector on each feature's top term
+    counting_max: int = 8  # copies tried by the counting detector
+    insertion_counts: tuple[int, ...] = (0, 1, 2, 3)  # REF's counterfactual insertion counts
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(plain(dataclasses.asdict(self)), sort_keys=True).encode()).hexdigest()[:16]
@@ -79,6 +85,9 @@ class FeatureResult:
     rules: dict  # method -> {"terms": [...], "text": [...]} for the top ``show_terms`` terms
     sweep: list  # SweepPoint.to_dict() rows
     pairs: list = field(default_factory=list)  # exhaustive top pairs: {"ranking", "rank", "query", "key", "score"}
+    absence: list = field(default_factory=list)  # AbsenceRule.to_dict() of the top terms that have distractors
+    paper_distractor: Optional[dict] = None  # REF's single check (reference §6.1)
+    counting: Optional[dict] = None  # CountingRule.to_dict() when the feature counts
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -94,6 +103,7 @@ class HeadResult:
     head: int
     features: list
     metadata: dict = field(default_factory=dict)
+    distractors: list = field(default_factory=list)  # distractor_evidence() rows
 
     def metrics_frame(self) -> pd.DataFrame:
         rows = [{"feature": f.name, **point} for f in self.features for point in f.sweep]
@@ -113,7 +123,7 @@ class HeadResult:
 
     def to_dict(self) -> dict:
         return {"layer": self.layer, "head": self.head, "metadata": self.metadata,
-                "features": [f.to_dict() for f in self.features]}
+                "features": [f.to_dict() for f in self.features], "distractors": self.distractors}
 
     def write(self, out_dir: Path | str) -> list[Path]:
         """results.json, rules.csv, metrics.csv and pairs.csv in ``out_dir`` (each written atomically)."""
@@ -133,6 +143,18 @@ class HeadResult:
             for method, rules in f.rules.items():
                 lines.append(f"  {method}:")
                 lines += [f"    {t}" for t in rules["text"][:n_terms]]
+            if f.absence:
+                lines.append("  absence:")
+                lines += [f"    {a['text']}" for a in f.absence]
+            if f.counting:
+                lines.append(f"  counting:\n    {f.counting['text']}")
+        for d in self.distractors:
+            line = (f"\n{d['feature']}: distractor in {d['kkq_count']} of {d['kkq_count'] + d['kq_count']} natural "
+                    f"skip-gram sequences; mean activation {d['mean_act_without']:.3f} without, {d['mean_act_with']:.3f} with")
+            lines.append(line)
+            if d["insertion"]:
+                ins = d["insertion"]
+                lines.append("  inserted n times: " + ", ".join(f"n={n}: {a:.3f}" for n, a in zip(ins["counts"], ins["mean_act"])))
         frame = self.metrics_frame()
         if not frame.empty:
             table = frame.pivot_table(index="num_rules", columns="method", values=["precision", "recall", "f1"],
@@ -163,8 +185,9 @@ def extract_feature(
     val: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     settings: ExtractSettings,
     describe: InputDescriptions,
-) -> tuple[dict, list[SweepPoint]]:
-    """Rules of both orderings for one feature and their sweep over N on the validation exemplars.
+) -> tuple[dict[str, SkipgramRuleSet], list[SweepPoint]]:
+    """Rules of both orderings for one feature (the top ``show_terms`` terms) and their sweep over N
+    on the validation exemplars.
 
     ``train`` = (acts ``[N, T, n_in]``, positions); ``val`` = (acts, positions, act_max).
     """
@@ -181,8 +204,41 @@ def extract_feature(
     points, rules = [], {}
     for method, build in builders.items():
         points += sweep(build, *val, grid, threshold=settings.threshold)
-        rules[method] = _rules_to_dict(build(settings.show_terms), describe)
+        rules[method] = build(settings.show_terms)
     return rules, points
+
+
+def beyond_skipgrams(
+    model, input_sae, output_sae, circuit: HeadCircuit, feature: int, rule_sets: dict[str, SkipgramRuleSet],
+    tokens: torch.Tensor, act_max: torch.Tensor, settings: ExtractSettings, describe: InputDescriptions,
+) -> dict:
+    """Absence rules of the feature's top terms, REF's distractor check, and a counting rule if any."""
+    firing = [r for r in rule_sets.values() if len(r)]
+    terms = {(q, k) for r in firing for q, k, a, v in zip(r.queries.tolist(), r.keys.tolist(),
+                                                          r.attn_score.tolist(), r.value_score.tolist()) if a * v > 0}
+    name = circuit.feature_name(feature)
+    top = SkipgramRuleSet(name, torch.tensor([q for q, _ in sorted(terms)], dtype=torch.long),
+                          torch.tensor([k for _, k in sorted(terms)], dtype=torch.long),
+                          torch.zeros(len(terms)), torch.zeros(len(terms)))
+    absences = absence_rules(circuit, feature, top, max_distractors=settings.max_distractors, backend=settings.backend)
+    paper = paper_distractor(circuit, feature)
+    counting = None
+    best = rule_sets["weights"]
+    first = next((i for i, (a, v) in enumerate(zip(best.attn_score.tolist(), best.value_score.tolist())) if a * v > 0), None)
+    if settings.counting and first is not None:
+        q_tok, k_tok = (insertion_token(model, input_sae, int(x)) for x in (best.queries[first], best.keys[first]))
+        if q_tok is not None and k_tok is not None:
+            avoid = [q_tok, k_tok] + [t for t in (insertion_token(model, input_sae, d) for a in absences
+                                                  for d in a.distractors[:3]) if t is not None]
+            base = silent_base(tokens, act_max, avoid)
+            counting = detect_counting(model, output_sae, feature, name, base, q_tok, k_tok,
+                                       max_count=min(settings.counting_max, tokens.shape[1] - 3), seed=settings.seed)
+    words = token_strings(model)
+    return {
+        "absence": [a.to_dict(describe) for a in absences],
+        "paper_distractor": paper.to_dict(),
+        "counting": counting.to_dict(words.__getitem__) if counting is not None else None,
+    }
 
 
 def exhaustive_pairs(
@@ -248,24 +304,55 @@ def extract_head(
         batch = max(1, settings.batch_size // 8)
         acts = {s: input_activations(model, input_sae, tokens[getattr(ex, s).sequence], batch_size=batch)
                 for s in ("train", "val")}
-        rules, points = extract_feature(
+        rule_sets, points = extract_feature(
             circuit, g, (acts["train"], ex.train.position),
             (acts["val"], ex.val.position, ex.val.act_max), settings, describe,
         )
+        rules = {method: _rules_to_dict(r, describe) for method, r in rule_sets.items()}
+        extra = beyond_skipgrams(model, input_sae, output_sae, circuit, g, rule_sets, tokens, scan.act_max[:, g],
+                                 settings, describe)
         pairs = []
         if settings.exhaustive_k > 0:
             pairs = exhaustive_pairs(circuit, g, (acts["train"], ex.train.position), settings.exhaustive_k,
                                      settings.backend, describe)
-        result = FeatureResult(g, name, len(ex.train), len(ex.val), rules, [p.to_dict() for p in points], pairs)
+        result = FeatureResult(g, name, len(ex.train), len(ex.val), rules, [p.to_dict() for p in points], pairs,
+                               **extra)
         if done_dir is not None:
             write_json(done_dir / f"{name}.json", {"settings": fingerprint, **result.to_dict()})
         results.append(result)
+    flagged = [f for f in results if f.paper_distractor and f.paper_distractor["has_distractor"]]
     metadata = {"settings": plain(dataclasses.asdict(settings)), "notes": notes, "n_sequences": scan.n_sequences,
-                "seq_len": tokens.shape[1], "n_inputs": circuit.n_inputs, "n_outputs": circuit.n_outputs}
-    result = HeadResult(circuit.layer, circuit.head, results, metadata)
+                "seq_len": tokens.shape[1], "n_inputs": circuit.n_inputs, "n_outputs": circuit.n_outputs,
+                "distractor_share": len(flagged) / len(results) if results else None}
+    evidence = distractor_evidence(model, input_sae, output_sae, tokens, flagged, settings, progress)
+    result = HeadResult(circuit.layer, circuit.head, results, metadata, evidence)
     if out_dir is not None:
         result.write(out_dir)
     return result
+
+
+def distractor_evidence(
+    model, input_sae, output_sae, tokens: torch.Tensor, flagged: list, settings: ExtractSettings, progress: bool
+) -> list[dict]:
+    """For features with a REF distractor key: natural prevalence over the corpus (one shared pass) and
+    counterfactual insertion of the distractor's token into its no-distractor examples (§6.2–6.3)."""
+    if not flagged:
+        return []
+    checks = [(f.feature, f.paper_distractor["k"], f.paper_distractor["k_"], f.paper_distractor["q"]) for f in flagged]
+    prevalences = natural_prevalence(model, input_sae, output_sae, tokens, checks, batch_size=settings.batch_size,
+                                     progress=progress)
+    evidence = []
+    for f, prevalence in zip(flagged, prevalences):
+        row = {**prevalence.to_dict(), "feature": f.name, "insertion": None}
+        token = insertion_token(model, input_sae, prevalence.distractor)
+        clean = [e for e in prevalence.examples if e["kind"] == "no_distractor" and e["act_out"] > 0]
+        if token is not None and clean:
+            rows = torch.tensor([e["idx"] for e in clean])
+            positions = torch.tensor([e["q_pos"] for e in clean])
+            row["insertion"] = counterfactual_insertion(model, output_sae, f.feature, tokens[rows], positions, token,
+                                                        counts=settings.insertion_counts).to_dict()
+        evidence.append(row)
+    return evidence
 
 
 def _load_done(done_dir: Path, name: str, fingerprint: str) -> Optional[FeatureResult]:

@@ -15,6 +15,7 @@ def test_extract_on_the_toy_writes_results(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "[If] … [then] → L0H0.0" in printed and "[http] … [com] → L0H0.1" in printed
     assert "Mean precision / recall / F1" in printed and "capped to 81" in printed
+    assert "[http] … [com] → L0H0.1 unless [twitter]" in printed
     head_dir = tmp_path / "L0H0"
     results = json.loads((head_dir / "results.json").read_text())
     names = [f["name"] for f in results["features"]]
@@ -23,6 +24,10 @@ def test_extract_on_the_toy_writes_results(tmp_path, capsys):
     assert set(metrics["method"]) == {"weights", "importance"} and set(metrics["num_rules"]) == {4, 8, 16}
     rules = pd.read_csv(head_dir / "rules.csv")
     assert {"feature", "method", "query", "key", "attn_score", "value_score", "query_desc", "key_desc"} <= set(rules.columns)
+    assert results["metadata"]["distractor_share"] == 0.25
+    (evidence,) = results["distractors"]
+    assert evidence["feature"] == "L0H0.1" and evidence["mean_act_with"] == 0.0 < evidence["mean_act_without"]
+    assert evidence["insertion"]["mean_act"][1:] == [0.0, 0.0, 0.0]
     pairs = pd.read_csv(head_dir / "pairs.csv")
     top = pairs[(pairs.feature == "L0H0.0") & (pairs["rank"] == 0)].set_index("ranking")
     assert top.loc["weights_all_pairs", "query_desc"] == "then" and top.loc["weights_all_pairs", "key_desc"] == "If"
@@ -31,6 +36,14 @@ def test_extract_on_the_toy_writes_results(tmp_path, capsys):
     (head_dir / "results.json").unlink()
     assert main(["extract", "--head", "0", "--max-rules", "16", "--quiet", "--out", str(tmp_path)]) == 0
     assert json.loads((head_dir / "results.json").read_text()) == results
+
+
+def test_counting_rule_on_the_counting_head(tmp_path, capsys):
+    assert main(["extract", "--head", "1", "--max-rules", "8", "--exhaustive-k", "0", "--quiet", "--out", str(tmp_path)]) == 0
+    assert "count([games]) ≥ 2 → L0H1.0" in capsys.readouterr().out
+    results = json.loads((tmp_path / "L0H1" / "results.json").read_text())
+    counting = {f["name"]: f["counting"] for f in results["features"]}
+    assert counting["L0H1.0"]["kind"] == "threshold" and counting["L0H1.1"] is None
 
 
 def test_help_documents_every_option():

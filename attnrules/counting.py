@@ -1,0 +1,191 @@
+"""Counting rules: features whose activation depends on how many times a key occurs.
+
+The paper shows one by hand (a feature that needs [games] at least twice: each copy competes with
+an attention sink); its code has none. Our detector builds counterfactual inputs: base sequences in
+which the feature is silent, the query token at the last position and n copies of the key token
+before it (n = 0 … 8; when query and key are the same token the query itself is one copy), runs the
+model and classifies the response:
+
+- ``threshold``: the feature is (almost) never active below a count c ≥ 2 and (almost) always from
+  c on → ``count([games]) ≥ 2 → L0H1.0``;
+- ``monotone``: active from one copy, but the activation keeps growing with the count (at least
+  ``growth`` times its one-copy value) → ``more [k] → more F``;
+- ``difference`` (for two competing keys, n1 and n2 copies): active exactly when n1 − n2 ≥ c →
+  ``count([a]) − count([b]) ≥ c → F``.
+
+A plain skip-gram (one copy is enough, more copies add little) gets no counting rule.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from attnrules.exemplars import check_tokens, hook_names, run_batches
+
+ACTIVE, SILENT = 0.9, 0.1  # shares of base sequences that count as "always" and "never" active
+
+
+@dataclass(frozen=True)
+class CountResponse:
+    """Activation at the query for each tried (count of key, count of other key)."""
+
+    counts: tuple[tuple[int, int], ...]
+    mean_act: tuple[float, ...]
+    active_share: tuple[float, ...]
+    n_base: int
+
+
+@dataclass(frozen=True)
+class CountingRule:
+    feature_name: str
+    kind: str  # "threshold" | "monotone" | "difference"
+    query_token: int
+    key_token: int
+    other_token: Optional[int]
+    threshold: Optional[int]
+    evidence: CountResponse
+
+    def render(self, token_str: Callable[[int], str]) -> str:
+        k = f"[{token_str(self.key_token)}]"
+        if self.kind == "threshold":
+            return f"count({k}) ≥ {self.threshold} → {self.feature_name}"
+        if self.kind == "difference":
+            return f"count({k}) − count([{token_str(self.other_token)}]) ≥ {self.threshold} → {self.feature_name}"
+        return f"more {k} → more {self.feature_name}"
+
+    def to_dict(self, token_str: Optional[Callable[[int], str]] = None) -> dict:
+        data = asdict(self)
+        if token_str is not None:
+            data["text"] = self.render(token_str)
+        return data
+
+
+def counterfactuals(
+    base: torch.Tensor, query_token: int, placements: Sequence[tuple[int, int]], *, seed: int = 0
+) -> torch.Tensor:
+    """``[len(placements) * N, T]``: each base sequence with the query token at the last position and
+    (token, count) copies placed at random distinct positions 1..T−2 (seeded, the same for every count)."""
+    n, t_len = base.shape
+    total = sum(c for _, c in placements)
+    if total > t_len - 2:
+        raise ValueError(f"cannot place {total} copies in sequences of length {t_len}")
+    rng = np.random.default_rng(seed)
+    slots = torch.from_numpy(np.stack([rng.permutation(np.arange(1, t_len - 1))[:total] for _ in range(n)]))
+    out = base.clone()
+    out[:, -1] = query_token
+    start = 0
+    for token, count in placements:
+        out[torch.arange(n)[:, None], slots[:, start:start + count]] = token
+        start += count
+    return out
+
+
+def count_response(
+    model,
+    output_sae,
+    feature: int,
+    base: torch.Tensor,
+    query_token: int,
+    key_token: int,
+    *,
+    counts: Sequence[int] = tuple(range(9)),
+    other_token: Optional[int] = None,
+    other_counts: Sequence[int] = (0,),
+    batch_size: int = 64,
+    seed: int = 0,
+) -> CountResponse:
+    """Mean activation and active share at the last position for every (count, other count).
+
+    Counts are totals up to and including the query position, so when ``query_token == key_token``
+    the query is one of the copies and counts start at 1.
+    """
+    base = check_tokens(base, model)
+    _, z = hook_names(output_sae.layer)
+    own = int(query_token == key_token)
+    tried, means, shares = [], [], []
+    for n1 in counts:
+        for n2 in other_counts if other_token is not None else (0,):
+            if n1 < own:
+                continue
+            placements = [(key_token, n1 - own)] + ([(other_token, n2)] if other_token is not None else [])
+            inputs = counterfactuals(base, query_token, placements, seed=seed)
+            acts = []
+            for _, cache in run_batches(model, inputs, output_sae.layer, [z], batch_size=batch_size,
+                                        desc="counting", progress=False):
+                acts.append(output_sae.encode(cache[z].to(output_sae.W_enc.dtype))[:, -1, feature].cpu())
+            a = torch.cat(acts)
+            tried.append((n1, n2))
+            means.append(float(a.mean()))
+            shares.append(float((a > 0).float().mean()))
+    return CountResponse(tuple(tried), tuple(means), tuple(shares), base.shape[0])
+
+
+def classify_counts(response: CountResponse, *, growth: float = 2.0) -> tuple[Optional[str], Optional[int]]:
+    """(kind, threshold) of a single-key response; (None, None) when it is no counting rule."""
+    counts = [c for c, _ in response.counts]
+    share = dict(zip(counts, response.active_share))
+    mean = dict(zip(counts, response.mean_act))
+    for c in counts:
+        if all(share[n] <= SILENT for n in counts if n < c) and all(share[n] >= ACTIVE for n in counts if n >= c):
+            if c >= 2:
+                return "threshold", c
+            rising = [mean[n] for n in counts if n >= c]
+            if len(rising) >= 3 and all(b >= a - 1e-6 for a, b in zip(rising, rising[1:])) and rising[-1] >= growth * rising[0]:
+                return "monotone", None
+            return None, None
+    return None, None
+
+
+def classify_difference(response: CountResponse) -> Optional[int]:
+    """c such that the feature is active exactly when n1 − n2 ≥ c over the tried grid, else None."""
+    diffs = [n1 - n2 for n1, n2 in response.counts]
+    for c in sorted(set(diffs)):
+        above = [s for d, s in zip(diffs, response.active_share) if d >= c]
+        below = [s for d, s in zip(diffs, response.active_share) if d < c]
+        if above and below and min(above) >= ACTIVE and max(below) <= SILENT:
+            return c
+    return None
+
+
+def detect_counting(
+    model,
+    output_sae,
+    feature: int,
+    feature_name: str,
+    base: torch.Tensor,
+    query_token: int,
+    key_token: int,
+    *,
+    other_token: Optional[int] = None,
+    max_count: int = 8,
+    growth: float = 2.0,
+    seed: int = 0,
+) -> Optional[CountingRule]:
+    """A counting rule for (query token, key token[, competing other token]) or None."""
+    if other_token is None:
+        response = count_response(model, output_sae, feature, base, query_token, key_token,
+                                  counts=range(max_count + 1), seed=seed)
+        kind, c = classify_counts(response, growth=growth)
+    else:
+        half = max_count // 2
+        response = count_response(model, output_sae, feature, base, query_token, key_token,
+                                  counts=range(half + 1), other_token=other_token, other_counts=range(half + 1), seed=seed)
+        c = classify_difference(response)
+        kind = "difference" if c is not None and c >= 1 and any(n2 > 0 for _, n2 in response.counts) else None
+    if kind is None:
+        return None
+    return CountingRule(feature_name, kind, query_token, key_token, other_token, c, response)
+
+
+def silent_base(tokens: torch.Tensor, act_max: torch.Tensor, avoid: Sequence[int], n: int = 64) -> torch.Tensor:
+    """Up to ``n`` corpus sequences where the feature never fires and none of ``avoid`` occurs."""
+    ok = act_max == 0
+    for token in avoid:
+        ok &= ~(tokens == token).any(dim=1)
+    rows = torch.nonzero(ok).flatten()[:n]
+    if rows.numel() == 0:
+        raise ValueError("no sequence of the corpus is free of the feature and of the tokens to place")
+    return tokens[rows]

@@ -1,0 +1,71 @@
+"""The counting detector: finds the planted counting feature and nothing in plain skip-grams."""
+import pytest
+import torch
+
+from attnrules.counting import (
+    CountResponse,
+    classify_counts,
+    classify_difference,
+    counterfactuals,
+    detect_counting,
+    silent_base,
+)
+from attnrules.exemplars import scan_output_features
+from attnrules.toy import FEATURES, build_toy
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return build_toy()
+
+
+@pytest.fixture(scope="module")
+def corpus(toy):
+    return toy.corpus(1000, seed=7)
+
+
+@pytest.mark.parametrize("feature", [f for f in FEATURES if f.kind != "dead"], ids=lambda f: f.name)
+def test_detector_finds_exactly_the_planted_counting_feature(toy, corpus, feature):
+    scan = scan_output_features(toy.model, toy.output_saes[feature.head], corpus)
+    q, k = toy.token_id(feature.query), toy.token_id(feature.key)
+    avoid = [q, k] + ([toy.token_id(feature.distractor)] if feature.distractor else [])
+    base = silent_base(corpus, scan.act_max[:, feature.index], avoid, n=32)
+    rule = detect_counting(toy.model, toy.output_saes[feature.head], feature.index, feature.name, base, q, k)
+    if feature.kind == "counting":
+        assert rule is not None and (rule.kind, rule.threshold) == ("threshold", feature.min_count)
+        assert rule.render(lambda t: toy.model.tokenizer.convert_ids_to_tokens(t)) == "count([games]) ≥ 2 → L0H1.0"
+        shares = dict(zip([c for c, _ in rule.evidence.counts], rule.evidence.active_share))
+        assert shares[1] == 0.0 and all(shares[n] == 1.0 for n in range(2, 9))
+    else:
+        assert rule is None, rule
+
+
+def test_counterfactuals_place_the_right_number_of_copies():
+    base = torch.zeros(5, 12, dtype=torch.long)
+    out = counterfactuals(base, 7, [(3, 4), (4, 2)], seed=1)
+    assert (out[:, -1] == 7).all() and ((out == 3).sum(1) == 4).all() and ((out == 4).sum(1) == 2).all()
+    assert (out[:, 0] == 0).all()
+    with pytest.raises(ValueError, match="cannot place"):
+        counterfactuals(base, 7, [(3, 11)])
+
+
+def _response(grid):
+    counts = tuple(c for c, _ in grid)
+    return CountResponse(counts, tuple(s for _, s in grid), tuple(s for _, s in grid), 10)
+
+
+def test_classification_of_responses():
+    assert classify_counts(_response([((n, 0), 1.0 if n >= 3 else 0.0) for n in range(9)])) == ("threshold", 3)
+    assert classify_counts(_response([((n, 0), 1.0 if n >= 1 else 0.0) for n in range(9)])) == (None, None)
+    rising = CountResponse(tuple((n, 0) for n in range(6)), (0, 0.1, 0.2, 0.3, 0.4, 0.5), (0, 1, 1, 1, 1, 1), 10)
+    assert classify_counts(rising) == ("monotone", None)
+    grid = [((a, b), 1.0 if a - b >= 2 else 0.0) for a in range(5) for b in range(5)]
+    assert classify_difference(_response(grid)) == 2
+    assert classify_difference(_response([((a, b), 1.0 if a >= 2 else 0.0) for a in range(5) for b in range(5)])) is None
+
+
+def test_silent_base_needs_clean_sequences():
+    tokens = torch.tensor([[0, 1, 2], [0, 3, 3]])
+    assert silent_base(tokens, torch.tensor([0.0, 0.0]), [1]).tolist() == [[0, 3, 3]]
+    with pytest.raises(ValueError, match="no sequence"):
+        silent_base(tokens, torch.tensor([0.0, 1.0]), [1])
