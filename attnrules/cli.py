@@ -65,10 +65,32 @@ def _add_extract(sub) -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=64, help="sequences per model forward pass")
     run.add_argument("--backend", choices=("auto", "torch", "cpu", "triton"), default="auto", help="engine backend")
     run.add_argument("--exhaustive-k", type=int, default=100, help="also rank all n_in x n_in pairs by A×V and by importance, keeping this many (0: skip)")
+    run.add_argument("--show-exemplars", type=int, default=5, help="top-activating validation exemplars stored per feature (with activations and DFA)")
     run.add_argument("--show-terms", type=int, default=8, help="rule terms printed and stored per feature and method")
     run.add_argument("--out", type=Path, default=Path("out/extract"), help="output directory (one subfolder per head); finished features are reused on rerun")
     run.add_argument("--quiet", action="store_true", help="no progress output")
     return p
+
+
+def _add_report(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "report",
+        help="write one self-contained HTML report of extraction results",
+        description="Read the results of `attnrules extract` (a head folder with results.json, or a folder of them) "
+        "and write one self-contained HTML file with rules, plots and highlighted exemplars.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("results_dir", type=Path, help="folder written by `attnrules extract --out` (or one of its L{l}H{h} folders)")
+    p.add_argument("--out", type=Path, default=None, help="HTML file to write (default: RESULTS_DIR/report.html)")
+    return p
+
+
+def run_report(args) -> int:
+    from attnrules.report import write_report
+
+    path = write_report(args.results_dir, args.out)
+    print(f"wrote {path}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    extract = _add_extract(sub)
-    parser.epilog = "Commands and all their options:\n\n" + extract.format_help()
+    commands = [_add_extract(sub), _add_report(sub)]
+    parser.epilog = "Commands and all their options:\n\n" + "\n".join(c.format_help() for c in commands)
     return parser
 
 
@@ -140,7 +162,7 @@ def run_extract(args) -> int:
         loss_type=args.loss_type, threshold=args.threshold, seed=args.seed, batch_size=args.batch_size,
         backend=args.backend, show_terms=args.show_terms, exhaustive_k=args.exhaustive_k,
         max_distractors=args.max_distractors, counting=not args.no_counting, counting_max=args.counting_max,
-        insertion_counts=args.insertion_counts,
+        insertion_counts=args.insertion_counts, show_exemplars=args.show_exemplars,
     )
     model, input_sae, outputs, tokens = _sources(args)
     for head, output_sae in outputs.items():
@@ -160,7 +182,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return run_extract(args)
+    return {"extract": run_extract, "report": run_report}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ call, so the sizes and the procedure are REF's but the particular random draws a
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Sequence
@@ -238,3 +239,54 @@ def sample_exemplars(
             positive=torch.cat([torch.full((p[0].numel(),), p[2]) for p in pieces]),
         )
     return Exemplars(**splits)
+
+
+@dataclass(frozen=True)
+class ExemplarView:
+    """What a reader sees of one exemplar: its tokens, the feature's activation at every position, and
+    the direct feature attribution of every key position to the scored one (paper §4.1)."""
+
+    sequence: int
+    position: int
+    tokens: tuple[str, ...]
+    acts: tuple[float, ...]
+    dfa: tuple[float, ...]  # a[t, t'] · (v[t'] · u), 0 after t
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def exemplar_views(
+    model, output_sae, feature: int, tokens: torch.Tensor, sequences: torch.Tensor, positions: torch.Tensor,
+    *, batch_size: int = 64,
+) -> list[ExemplarView]:
+    """Activations and DFA of ``feature`` on the given corpus rows, each at its scored position.
+
+    DFA follows REF: the head's attention from the scored position times each key's value vector
+    projected on the feature's encoder column u (no SAE biases).
+    """
+    layer, head = output_sae.layer, output_sae.head
+    _, z = hook_names(layer)
+    v_name, a_name = f"blocks.{layer}.attn.hook_v", f"blocks.{layer}.attn.hook_pattern"
+    u = output_sae.head_encoder[:, feature]
+    rows = tokens[sequences]
+    words = token_strings_of(model, rows)
+    views = []
+    for batch, cache in run_batches(model, rows, layer, [z, v_name, a_name], batch_size=batch_size,
+                                    desc="exemplar views", progress=False):
+        acts = output_sae.encode(cache[z].to(output_sae.W_enc.dtype))[..., feature].cpu()
+        value = (cache[v_name][:, :, head].to(u.dtype) @ u).cpu()  # [B, T]
+        pattern = cache[a_name][:, head].cpu()  # [B, Tq, Tk]
+        for i in range(acts.shape[0]):
+            n = batch.start + i
+            t = int(positions[n])
+            views.append(ExemplarView(int(sequences[n]), t, tuple(words[n]), tuple(acts[i].tolist()),
+                                      tuple((pattern[i, t].to(value.dtype) * value[i]).tolist())))
+    return views
+
+
+def token_strings_of(model, tokens: torch.Tensor) -> list[list[str]]:
+    """Token strings of each row (ids when the model has no tokenizer)."""
+    if model.tokenizer is None:
+        return [[str(t) for t in row] for row in tokens.tolist()]
+    return [model.to_str_tokens(row) for row in tokens]

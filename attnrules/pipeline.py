@@ -28,7 +28,13 @@ from attnrules.circuit import HeadCircuit
 from attnrules.counting import detect_counting, silent_base
 from attnrules.descriptions import InputDescriptions, describe_input_features, token_strings
 from attnrules.evaluation import SweepPoint, n_terms_grid, sweep
-from attnrules.exemplars import input_activations, sample_exemplars, sample_features, scan_output_features
+from attnrules.exemplars import (
+    exemplar_views,
+    input_activations,
+    sample_exemplars,
+    sample_features,
+    scan_output_features,
+)
 from attnrules.importance import paper_importance, rank_all_pairs_by_importance
 from attnrules.results import plain, write_csv, write_json
 from attnrules.rules import SkipgramRuleSet, rules_from_importance, rules_from_weights
@@ -60,6 +66,7 @@ class ExtractSettings:
     counting: bool = True  # run the counting detector on each feature's top term
     counting_max: int = 8  # copies tried by the counting detector
     insertion_counts: tuple[int, ...] = (0, 1, 2, 3)  # REF's counterfactual insertion counts
+    show_exemplars: int = 5  # top-activating validation exemplars kept with activations and DFA
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(plain(dataclasses.asdict(self)), sort_keys=True).encode()).hexdigest()[:16]
@@ -88,6 +95,7 @@ class FeatureResult:
     absence: list = field(default_factory=list)  # AbsenceRule.to_dict() of the top terms that have distractors
     paper_distractor: Optional[dict] = None  # REF's single check (reference §6.1)
     counting: Optional[dict] = None  # CountingRule.to_dict() when the feature counts
+    exemplars: list = field(default_factory=list)  # ExemplarView.to_dict() of the top validation exemplars
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -315,8 +323,10 @@ def extract_head(
         if settings.exhaustive_k > 0:
             pairs = exhaustive_pairs(circuit, g, (acts["train"], ex.train.position), settings.exhaustive_k,
                                      settings.backend, describe)
+        top = torch.sort(ex.val.act_max, descending=True, stable=True).indices[: settings.show_exemplars]
+        views = exemplar_views(model, output_sae, g, tokens, ex.val.sequence[top], ex.val.position[top])
         result = FeatureResult(g, name, len(ex.train), len(ex.val), rules, [p.to_dict() for p in points], pairs,
-                               **extra)
+                               exemplars=[v.to_dict() for v in views], **extra)
         if done_dir is not None:
             write_json(done_dir / f"{name}.json", {"settings": fingerprint, **result.to_dict()})
         results.append(result)

