@@ -6,11 +6,9 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
 
 from attnrules.pipeline import ExtractSettings, extract_head
-
-TOY = "toy"
+from attnrules.workload import TOY, Workload, pretrained_workload, toy_workload
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -20,18 +18,11 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def _add_extract(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "extract",
-        help="explain the features of attention heads as rules (embedded planted model by default)",
-        description="Run scores → candidates → importances → rules → evaluation for one or more heads; print "
-        "the top rules and the P/R/F1 table; write results.json, rules.csv and metrics.csv per head into --out. "
-        "Defaults follow the paper's code (REF); without --model it runs on the embedded planted model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+def _add_run_options(p: argparse.ArgumentParser, default_out: str) -> argparse.ArgumentParser:
+    """The options extract and sweep share: sources, corpus, method, run."""
     src = p.add_argument_group("model and SAEs")
     src.add_argument("--model", default=TOY, help=f"'{TOY}' (embedded planted model) or a transformer_lens model name, e.g. gpt2-small")
-    src.add_argument("--layer", type=int, default=0, help="layer of the head(s)")
+    src.add_argument("--layer", type=int, default=None, help="layer of the head(s) (default: 0 for the toy; all layers for sweep)")
     src.add_argument("--head", type=_int_list, default=None, help="head index or comma list (default: all planted heads of the toy; required otherwise)")
     src.add_argument("--sae-in", default="gpt2-small-res-jb", help="input SAE: sae_lens release (with blocks.{L}.hook_resid_pre) or a local sae_lens folder")
     src.add_argument("--sae-out-dir", type=Path, default=None, help="directory of per-head output-SAE checkpoints (REF's .pt + _cfg.json)")
@@ -67,9 +58,32 @@ def _add_extract(sub) -> argparse.ArgumentParser:
     run.add_argument("--exhaustive-k", type=int, default=100, help="also rank all n_in x n_in pairs by A×V and by importance, keeping this many (0: skip)")
     run.add_argument("--show-exemplars", type=int, default=5, help="top-activating validation exemplars stored per feature (with activations and DFA)")
     run.add_argument("--show-terms", type=int, default=8, help="rule terms printed and stored per feature and method")
-    run.add_argument("--out", type=Path, default=Path("out/extract"), help="output directory (one subfolder per head); finished features are reused on rerun")
+    run.add_argument("--out", type=Path, default=Path(default_out), help="output directory (one subfolder per head); finished work is reused on rerun")
     run.add_argument("--quiet", action="store_true", help="no progress output")
     return p
+
+
+def _add_extract(sub) -> argparse.ArgumentParser:
+    return _add_run_options(sub.add_parser(
+        "extract",
+        help="explain the features of attention heads as rules (embedded planted model by default)",
+        description="Run scores → candidates → importances → rules → evaluation for one or more heads; print "
+        "the top rules and the P/R/F1 table; write results.json, rules.csv, metrics.csv and pairs.csv per head "
+        "into --out. Defaults follow the paper's code (REF); without --model it runs on the embedded planted model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    ), "out/extract")
+
+
+def _add_sweep(sub) -> argparse.ArgumentParser:
+    return _add_run_options(sub.add_parser(
+        "sweep",
+        help="extract rules for many heads (a whole model by default), resumable, on torchrun",
+        description="Run extraction for every (layer, head) (all heads of the model unless --layer/--head), "
+        "sharded by head over torchrun ranks (e.g. `torchrun --nproc-per-node 2 -m attnrules.cli sweep ...`; "
+        "gloo on CPU, nccl on GPU). Finished shards are skipped on restart. Results merge into OUT/merged/*.parquet "
+        "and OUT/summary.csv (mean P/R/F1 by layer and N, share of features with distractors, counting features).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    ), "out/sweep")
 
 
 def _add_report(sub) -> argparse.ArgumentParser:
@@ -83,6 +97,17 @@ def _add_report(sub) -> argparse.ArgumentParser:
     p.add_argument("results_dir", type=Path, help="folder written by `attnrules extract --out` (or one of its L{l}H{h} folders)")
     p.add_argument("--out", type=Path, default=None, help="HTML file to write (default: RESULTS_DIR/report.html)")
     return p
+
+
+def run_sweep(args) -> int:
+    from attnrules.sweep import run_sweep as sweep
+
+    summary = sweep(workload_from_args(args, whole_model=True), args.out, settings_from_args(args),
+                    device=args.device, progress=not args.quiet)
+    if summary is not None:
+        print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        print(f"wrote {args.out}/merged/*.parquet and {args.out}/summary.csv")
+    return 0
 
 
 def run_report(args) -> int:
@@ -100,62 +125,34 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands = [_add_extract(sub), _add_report(sub)]
+    commands = [_add_extract(sub), _add_sweep(sub), _add_report(sub)]
     parser.epilog = "Commands and all their options:\n\n" + "\n".join(c.format_help() for c in commands)
     return parser
 
 
-def _load_corpus(args, model) -> torch.Tensor:
-    from attnrules.exemplars import check_tokens, tokenize_corpus
-
-    path: Path = args.corpus
-    if not path.exists():
-        raise SystemExit(f"--corpus: no such file {path}")
-    n = args.n_sequences or 50_000
-    if path.suffix == ".pt":
-        tokens = torch.load(path, map_location="cpu", weights_only=True)
-        return check_tokens(tokens, model)[:n]
-    with path.open() as f:
-        return tokenize_corpus(model, (line for line in f if line.strip()), seq_len=args.seq_len or 64, n_sequences=n)
-
-
-def _sources(args):
-    """(model, input SAE, {head: output SAE}, tokens) for the arguments."""
-    if args.model == TOY:
-        from attnrules.toy import build_toy
-
-        toy = build_toy(seq_len=args.seq_len or 32)
-        heads = args.head or tuple(toy.output_saes)
-        missing = [h for h in heads if h not in toy.output_saes]
-        if missing or args.layer != 0:
-            raise SystemExit(f"--layer/--head: the toy model has planted heads L0H{sorted(toy.output_saes)}, not L{args.layer}H{missing}")
-        tokens = toy.corpus(args.n_sequences or 3000, seed=args.seed) if args.corpus is None else _load_corpus(args, toy.model)
-        return toy.model, toy.input_sae, {h: toy.output_saes[h] for h in heads}, tokens
-    from attnrules import sources
-
-    if not args.head:
-        raise SystemExit("--head is required with a real model")
-    if args.corpus is None:
-        raise SystemExit("--corpus is required with a real model (a .txt file, one document per line, e.g. OpenWebText; or a .pt tensor of token ids)")
-    if (args.sae_out_dir is None) == (args.sae_out_z is None):
-        raise SystemExit("give exactly one of --sae-out-dir (per-head checkpoints) or --sae-out-z (layer-level hook_z SAE)")
-    model = sources.load_model(args.model, device=args.device)
-    for h in args.head:
-        sources.check_head(model, args.layer, h)
-    input_sae = sources.load_input_sae(args.sae_in, layer=args.layer, device=args.device)
-    outputs = {}
-    for h in args.head:
-        if args.sae_out_dir is not None:
-            outputs[h] = sources.load_head_sae(args.sae_out_dir, args.layer, h, device=args.device)
-        else:
-            outputs[h] = sources.load_layer_z_sae(args.sae_out_z, layer=args.layer, head=h, n_heads=model.cfg.n_heads,
-                                                  d_head=model.cfg.d_head, sae_id=args.sae_out_z_id, device=args.device)
-        sources.check_compatible(model, input_sae, outputs[h])
-    return model, input_sae, outputs, _load_corpus(args, model)
+def workload_from_args(args, *, whole_model: bool) -> Workload:
+    """The workload the source arguments describe; bad arguments end the command with their message."""
+    try:
+        if args.model == TOY:
+            return toy_workload(layer=args.layer if args.layer is not None else 0, heads=args.head,
+                                n_sequences=args.n_sequences or 3000, seq_len=args.seq_len or 32, seed=args.seed,
+                                corpus=args.corpus)
+        if not whole_model and (not args.head or args.layer is None):
+            raise ValueError("--layer and --head are required with a real model")
+        if args.corpus is None:
+            raise ValueError("--corpus is required with a real model (a .txt file, one document per line, e.g. "
+                             "OpenWebText; or a .pt tensor of token ids)")
+        layers = None if args.layer is None else (args.layer,)
+        return pretrained_workload(
+            args.model, corpus=args.corpus, layers=layers, heads=args.head, sae_in=args.sae_in,
+            sae_out_dir=args.sae_out_dir, sae_out_z=args.sae_out_z, sae_out_z_id=args.sae_out_z_id,
+            n_sequences=args.n_sequences or 50_000, seq_len=args.seq_len or 64, device=args.device)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
 
 
-def run_extract(args) -> int:
-    settings = ExtractSettings(
+def settings_from_args(args) -> ExtractSettings:
+    return ExtractSettings(
         features=args.features, num_features=args.num_features, min_count=args.min_count, max_count=args.max_count,
         examples_per_bin=args.examples_per_bin, num_values=args.num_values, num_queries=args.num_queries,
         max_rules=args.max_rules, negative_values=args.negative_values, absolute=not args.signed,
@@ -164,11 +161,15 @@ def run_extract(args) -> int:
         max_distractors=args.max_distractors, counting=not args.no_counting, counting_max=args.counting_max,
         insertion_counts=args.insertion_counts, show_exemplars=args.show_exemplars,
     )
-    model, input_sae, outputs, tokens = _sources(args)
-    for head, output_sae in outputs.items():
-        out_dir = args.out / f"L{args.layer}H{head}"
-        result = extract_head(model, input_sae, output_sae, tokens, settings=settings, out_dir=out_dir,
-                              progress=not args.quiet)
+
+
+def run_extract(args) -> int:
+    settings = settings_from_args(args)
+    work = workload_from_args(args, whole_model=False)
+    for layer, head in work.heads:
+        out_dir = args.out / f"L{layer}H{head}"
+        result = extract_head(work.model, work.input_sae(layer), work.output_sae(layer, head), work.tokens,
+                              settings=settings, out_dir=out_dir, progress=not args.quiet)
         print(result.summary())
         for note in result.metadata["notes"]:
             print(f"note: {note}")
@@ -182,7 +183,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return {"extract": run_extract, "report": run_report}[args.command](args)
+    return {"extract": run_extract, "sweep": run_sweep, "report": run_report}[args.command](args)
 
 
 if __name__ == "__main__":

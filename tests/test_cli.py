@@ -59,8 +59,8 @@ def test_help_documents_every_option():
     "argv,message",
     [
         (["extract", "--head", "5"], "the toy model has planted heads"),
-        (["extract", "--model", "gpt2-small"], "--head is required"),
-        (["extract", "--model", "gpt2-small", "--head", "0"], "--corpus is required"),
+        (["extract", "--model", "gpt2-small"], "--layer and --head are required"),
+        (["extract", "--model", "gpt2-small", "--layer", "0", "--head", "0"], "--corpus is required"),
         (["extract", "--features", "a,b"], "expected comma-separated integers"),
     ],
 )
