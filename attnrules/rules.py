@@ -44,17 +44,19 @@ class SkipgramRuleSet:
         if positions.shape != (acts.shape[0],):
             raise ValueError(f"positions must be [n_exemplars={acts.shape[0]}], got shape {tuple(positions.shape)}")
         n, t_len, _ = acts.shape
-        if len(self) == 0:
-            return torch.zeros(n, dtype=acts.dtype)
+        best = torch.full((n,), float("-inf"), dtype=acts.dtype)
         weight = (self.attn_score * self.value_score).to(acts.dtype)
         q_act = acts[torch.arange(n), positions][:, self.queries]  # [N, terms]
-        k_act = acts[:, :, self.keys]  # [N, T, terms]
-        causal = (torch.arange(t_len)[None, :] <= positions[:, None])[:, :, None]
-        match = causal & (k_act > 0) & (q_act[:, None, :] > 0)
-        if self.method == "importance":  # REF lists only the nonzero F[t,q]·F[t',k]·A terms
-            match = match & (self.attn_score != 0)
-        score = q_act[:, None, :] * k_act**self.key_power * weight
-        best = score.masked_fill(~match, float("-inf")).amax(dim=(1, 2))
+        # only (exemplar, term) pairs whose query feature is active at t can match
+        ex, term = torch.nonzero(q_act > 0, as_tuple=True)
+        if ex.numel():
+            k_act = acts[ex, :, self.keys[term]]  # [P, T]
+            match = (torch.arange(t_len)[None, :] <= positions[ex][:, None]) & (k_act > 0)
+            if self.method == "importance":  # REF lists only the nonzero F[t,q]·F[t',k]·A terms
+                match &= (self.attn_score[term] != 0)[:, None]
+            score = q_act[ex, term][:, None] * k_act**self.key_power * weight[term][:, None]
+            per_pair = score.masked_fill(~match, float("-inf")).amax(dim=1)
+            best = best.scatter_reduce(0, ex, per_pair, reduce="amax")
         return torch.where(torch.isinf(best), torch.zeros_like(best), best)
 
     def render(self, describe: Callable[[int], str], limit: Optional[int] = None) -> list[str]:

@@ -154,11 +154,11 @@ def test_extract_feature_runs_both_methods(toy, extracted):
     from attnrules.descriptions import describe_input_features
 
     settings = ExtractSettings(num_values=e["circuit"].n_inputs, num_queries=e["circuit"].n_inputs, max_rules=16)
+    describe = describe_input_features(toy.model, toy.input_sae)
     rules, points = extract_feature(
         e["circuit"], 0, (e["acts"]["train"], e["ex"].train.position),
-        (e["acts"]["val"], e["ex"].val.position, e["ex"].val.act_max), settings,
-        describe_input_features(toy.model, toy.input_sae),
+        (e["acts"]["val"], e["ex"].val.position, e["ex"].val.act_max), settings, describe,
     )
-    assert rules["weights"]["text"][0].startswith("[If] … [then] → L0H0.0")
-    assert rules["importance"]["text"][0].startswith("[If] … [then] → L0H0.0")
+    assert rules["weights"].render(describe)[0].startswith("[If] … [then] → L0H0.0")
+    assert rules["importance"].render(describe)[0].startswith("[If] … [then] → L0H0.0")
     assert [(p.method, p.n_terms) for p in points] == [(m, n) for m in ("weights", "importance") for n in (4, 8, 16)]

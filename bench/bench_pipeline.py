@@ -1,0 +1,144 @@
+"""Per-head cost of the pipeline on GPT-2-small shapes (random weights), and the projected cost of a
+whole-model run (144 heads), measured on this machine.
+
+Times, on a random GPT-2-small-shaped model (12 layers, d_model 768, 12 heads × 64) with a random
+24,576-feature input SAE (about 50 active features per token) and a random 2,048-feature output SAE:
+
+- ``forward``: tokens per second through blocks 0..L (the corpus scan and the exemplar activations);
+- per feature: input-SAE activations of 200 exemplars, REF's candidate table, the paper-mode
+  importance on 100 train exemplars, the N = 4 … 4096 sweep of both orderings on 100 val exemplars,
+  and the exhaustive top-100 pairs of all 24,576² by A×V and by importance (engine).
+
+    python bench/bench_pipeline.py                # writes bench/results/pipeline.json
+    python bench/bench_pipeline.py --quick        # small shapes, for a smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "pipeline.json"
+
+
+def timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def build(quick: bool, layer: int):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from attnrules.sources import InputSAE, OutputSAE, process_model
+
+    d_model, n_heads, d_head = (768, 12, 64) if not quick else (64, 4, 16)
+    n_in, n_out, vocab = (24_576, 2_048, 50_257) if not quick else (2_048, 256, 1_000)
+    cfg = HookedTransformerConfig(n_layers=layer + 1, d_model=d_model, n_heads=n_heads, d_head=d_head,
+                                  d_mlp=4 * d_model, n_ctx=64, d_vocab=vocab, act_fn="gelu_new",
+                                  normalization_type="LNPre", seed=0)
+    model = process_model(HookedTransformer(cfg).eval())  # centre writing weights, as from_pretrained does
+    g = torch.Generator().manual_seed(0)
+    w_enc = torch.randn(d_model, n_in, generator=g) / d_model**0.5
+    # a negative encoder bias leaves ~50 of 24,576 features active per token, as in real SAEs
+    b_enc = torch.full((n_in,), -2.9 if not quick else -2.0)
+    sae_in = InputSAE.from_tensors(w_enc, b_enc, w_enc.T.contiguous(), torch.zeros(d_model), layer=layer)
+    enc = torch.randn(d_head, n_out, generator=g) / d_head**0.5
+    sae_out = OutputSAE.from_tensors(enc, torch.zeros(n_out), enc.T.contiguous(), torch.zeros(d_head),
+                                     layer=layer, head=0, n_heads=n_heads, d_head=d_head)
+    return model, sae_in, sae_out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
+    parser.add_argument("--layer", type=int, default=5, help="layer of the measured head (cost grows with it)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args()
+
+    from attnrules.circuit import HeadCircuit
+    from attnrules.evaluation import n_terms_grid, sweep
+    from attnrules.exemplars import input_activations
+    from attnrules.importance import paper_importance
+    from attnrules.pipeline import _first_appearance, exhaustive_pairs
+    from attnrules.results import write_json
+    from attnrules.rules import rules_from_importance, rules_from_weights
+    from attnrules.scoring import candidate_table
+
+    torch.manual_seed(0)
+    model, sae_in, sae_out = build(args.quick, args.layer)
+    circuit = HeadCircuit.from_model(model, sae_in, sae_out)
+    seq_len, n_ex = 64, 100
+    tokens = torch.randint(0, model.cfg.d_vocab, (2 * n_ex, seq_len))
+    positions = torch.randint(1, seq_len, (2 * n_ex,))
+
+    with torch.no_grad():
+        forward_s = timed(lambda: model(tokens[:64], stop_at_layer=args.layer + 1), args.repeats)
+    tokens_per_s = 64 * seq_len / forward_s
+    acts_box = {}
+
+    def activations():
+        acts_box["acts"] = input_activations(model, sae_in, tokens, batch_size=8)
+
+    results = {"input_activations": timed(activations, 1)}
+    acts = acts_box["acts"]
+    train, val = (acts[:n_ex], positions[:n_ex]), (acts[n_ex:], positions[n_ex:])
+    active_per_token = float((acts > 0).sum(-1).float().mean())
+    k_cand = min(100, circuit.n_inputs)
+    box = {}
+
+    def candidates():
+        box["table"] = candidate_table(circuit, 0, num_values=k_cand, num_queries=k_cand, backend=args.backend)
+
+    results["candidate_table"] = timed(candidates, args.repeats)
+    table = box["table"]
+    keys, queries = _first_appearance(table.keys), _first_appearance(table.queries)
+
+    def importance():
+        box["imp"] = paper_importance(circuit, 0, keys, queries, *train)
+
+    results["paper_importance"] = timed(importance, args.repeats)
+    act_max = torch.rand(n_ex) * (torch.arange(n_ex) < n_ex // 2)
+    grid = n_terms_grid(4096)
+    results["sweep_both_orderings"] = timed(lambda: [
+        sweep(lambda n: rules_from_weights(table, n), *val, act_max, grid),
+        sweep(lambda n: rules_from_importance(circuit, 0, keys, queries, box["imp"], n), *val, act_max, grid),
+    ], 1)
+    results["exhaustive_top100"] = timed(
+        lambda: exhaustive_pairs(circuit, 0, train, 100, args.backend, lambda j: str(j)), 1)
+    per_feature = sum(results.values())
+    scan_tokens = 50_000 * seq_len
+    per_head = scan_tokens / tokens_per_s + 100 * per_feature
+    report = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads(),
+                    "torch": torch.__version__, "python": platform.python_version()},
+        "shapes": {"n_in": circuit.n_inputs, "n_out": circuit.n_outputs, "d_head": circuit.d_head,
+                   "layer": args.layer, "exemplars": n_ex, "seq_len": seq_len, "quick": args.quick,
+                   "active_input_features_per_token": round(active_per_token, 1)},
+        "backend": args.backend,
+        "forward_tokens_per_s": round(tokens_per_s),
+        "per_feature_seconds": {k: round(v, 4) for k, v in results.items()},
+        "per_feature_total_s": round(per_feature, 3),
+        "projection": {
+            "scan_50k_sequences_s": round(scan_tokens / tokens_per_s, 1),
+            "per_head_100_features_s": round(per_head, 1),
+            "whole_model_144_heads_hours": round(144 * per_head / 3600, 2),
+            "note": "layer-5 forward cost for every head; one scan per head (not yet shared across a layer's heads)",
+        },
+    }
+    write_json(args.out, report)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
