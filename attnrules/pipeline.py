@@ -192,7 +192,6 @@ def extract_feature(
     train: tuple[torch.Tensor, torch.Tensor],
     val: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     settings: ExtractSettings,
-    describe: InputDescriptions,
 ) -> tuple[dict[str, SkipgramRuleSet], list[SweepPoint]]:
     """Rules of both orderings for one feature (the top ``show_terms`` terms) and their sweep over N
     on the validation exemplars.
@@ -314,7 +313,7 @@ def extract_head(
                 for s in ("train", "val")}
         rule_sets, points = extract_feature(
             circuit, g, (acts["train"], ex.train.position),
-            (acts["val"], ex.val.position, ex.val.act_max), settings, describe,
+            (acts["val"], ex.val.position, ex.val.act_max), settings,
         )
         rules = {method: _rules_to_dict(r, describe) for method, r in rule_sets.items()}
         extra = beyond_skipgrams(model, input_sae, output_sae, circuit, g, rule_sets, tokens, scan.act_max[:, g],

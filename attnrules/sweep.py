@@ -5,7 +5,7 @@ A shard is one head: its results go to ``OUT/shards/L{l}H{h}/`` (features writte
 killed shard resumes where it stopped) and, when complete, a manifest entry
 ``OUT/manifest/L{l}H{h}.json`` is written atomically. A restarted sweep skips shards whose manifest
 entry has the same settings. When all ranks are done, rank 0 merges the shards into one Parquet
-dataset (``OUT/merged/{metrics,features,rules}.parquet``) and a summary table (``OUT/summary.csv``).
+dataset (``OUT/merged/{metrics,features,rules,distractors}.parquet``) and a summary table (``OUT/summary.csv``).
 """
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def run_sweep(
 
 
 def _frames(out: Path, shards: list) -> dict[str, pd.DataFrame]:
-    metrics, features, rules = [], [], []
+    metrics, features, rules, distractors = [], [], [], []
     for layer, head in shards:
         path = out / "shards" / shard_name(layer, head) / "results.json"
         if not (out / "manifest" / f"{shard_name(layer, head)}.json").exists() or not path.exists():
@@ -112,7 +112,15 @@ def _frames(out: Path, shards: list) -> dict[str, pd.DataFrame]:
                              "n_absence_rules": len(f.get("absence", [])),
                              "counting_rule": counting.get("text"), "n_train": f["n_train"], "n_val": f["n_val"]})
             rules += [{**key, "method": m, "rank": i, "text": t} for m, r in f["rules"].items() for i, t in enumerate(r["text"])]
-    return {"metrics": pd.DataFrame(metrics), "features": pd.DataFrame(features), "rules": pd.DataFrame(rules)}
+        for d in data.get("distractors", []):
+            insertion = d.get("insertion") or {}
+            row = {"layer": layer, "head": head, "feature": d["feature"], "kq_count": d["kq_count"],
+                   "kkq_count": d["kkq_count"], "mean_act_without": d["mean_act_without"],
+                   "mean_act_with": d["mean_act_with"]}
+            row.update({f"insert_{n}": a for n, a in zip(insertion.get("counts", []), insertion.get("mean_act", []))})
+            distractors.append(row)
+    return {"metrics": pd.DataFrame(metrics), "features": pd.DataFrame(features), "rules": pd.DataFrame(rules),
+            "distractors": pd.DataFrame(distractors)}
 
 
 def _write_parquet(path: Path, frame: pd.DataFrame) -> None:

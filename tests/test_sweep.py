@@ -27,8 +27,11 @@ def _torchrun(out: Path) -> subprocess.Popen:
 def _merged(out: Path) -> dict:
     keys = ["layer", "head", "feature"]
     frames = {}
-    for name in ("metrics", "features", "rules"):
+    for name in ("metrics", "features", "rules", "distractors"):
         frame = pd.read_parquet(out / "merged" / f"{name}.parquet")
+        if frame.empty:
+            frames[name] = frame
+            continue
         order = keys + [c for c in ("method", "num_rules", "rank") if c in frame.columns]
         frames[name] = frame.sort_values(order).reset_index(drop=True)
     return frames

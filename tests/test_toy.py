@@ -157,7 +157,7 @@ def test_extract_feature_runs_both_methods(toy, extracted):
     describe = describe_input_features(toy.model, toy.input_sae)
     rules, points = extract_feature(
         e["circuit"], 0, (e["acts"]["train"], e["ex"].train.position),
-        (e["acts"]["val"], e["ex"].val.position, e["ex"].val.act_max), settings, describe,
+        (e["acts"]["val"], e["ex"].val.position, e["ex"].val.act_max), settings,
     )
     assert rules["weights"].render(describe)[0].startswith("[If] … [then] → L0H0.0")
     assert rules["importance"].render(describe)[0].startswith("[If] … [then] → L0H0.0")
