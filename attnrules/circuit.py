@@ -132,3 +132,10 @@ class HeadCircuit:
                 layer=layer,
                 head=head,
             )
+
+    def reconstruct(self, model, input_sae, tokens: torch.Tensor):
+        """This head's real attention logits on ``tokens`` split into exact-mode terms
+        (:func:`attnrules.exact.reconstruct`)."""
+        from attnrules.exact import reconstruct
+
+        return reconstruct(model, input_sae, self, tokens)

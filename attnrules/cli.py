@@ -183,7 +183,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return {"extract": run_extract, "sweep": run_sweep, "report": run_report}[args.command](args)
+    from attnrules.sources import SourceUnavailableError
+
+    try:
+        return {"extract": run_extract, "sweep": run_sweep, "report": run_report}[args.command](args)
+    except (ValueError, OSError, SourceUnavailableError) as err:  # bad input: one clear line, no traceback
+        print(f"attnrules {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 import pandas as pd
 import torch
@@ -44,9 +44,9 @@ from attnrules.exemplars import check_tokens, run_batches
 COMPONENTS = ("feature", "dec_bias", "error", "bias")
 PAPER_GROUP = "feature×feature (paper)"
 SCALE_GROUP = "feature×feature scale"
-GROUPS = (PAPER_GROUP, SCALE_GROUP) + tuple(
-    f"{q}×{k}" for q in COMPONENTS for k in COMPONENTS if (q, k) != ("feature", "feature")
-)
+# (query component, key component) of every group after the two feature×feature ones.
+_PAIRS = tuple((q, k) for q in range(len(COMPONENTS)) for k in range(len(COMPONENTS)) if (q, k) != (0, 0))
+GROUPS = (PAPER_GROUP, SCALE_GROUP) + tuple(f"{COMPONENTS[q]}×{COMPONENTS[k]}" for q, k in _PAIRS)
 _NORMALIZATIONS = (None, "LNPre", "RMSPre")
 
 
@@ -61,7 +61,7 @@ class _Head:
     b_Q: Tensor  # [d_head]
     b_K: Tensor
     attn_scale: float
-    normalization: Optional[str]
+    normalization: str | None
     eps: float
 
     def scale(self, x: Tensor) -> Tensor:
@@ -224,7 +224,7 @@ class LogitDecomposition:
 
 
 def reconstruct(
-    model: Any, input_sae: sources.InputSAE, head: Union[int, HeadCircuit], tokens: Tensor
+    model: Any, input_sae: sources.InputSAE, head: int | HeadCircuit, tokens: Tensor
 ) -> LogitDecomposition:
     """Decompose head ``head`` (of ``input_sae.layer``, or a :class:`HeadCircuit`) on ``tokens [B, T]``.
 
@@ -246,7 +246,9 @@ def reconstruct(
             raise ValueError(f"circuit has {circuit.n_inputs} input features but input_sae has {input_sae.n_features}")
         for name, mine, want in (("query_proj", circuit.query_proj, paper_q), ("key_proj", circuit.key_proj, paper_k)):
             if not torch.allclose(mine.double(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max())):
-                raise ValueError(f"circuit.{name} is not input_sae.W_dec @ {name[0].upper()} of this model's head L{layer}H{index}")
+                raise ValueError(
+                    f"circuit.{name} is not input_sae.W_dec @ W_{name[0].upper()} of this model's head L{layer}H{index}"
+                )
         paper_q, paper_k = circuit.query_proj.detach().double(), circuit.key_proj.detach().double()
     tokens = _tokens(tokens, model)
     resid = f"blocks.{layer}.hook_resid_pre"
@@ -269,8 +271,7 @@ def reconstruct(
     qc, kc = components(h.W_Q, h.b_Q, query_proj), components(h.W_K, h.b_K, key_proj)
     by_pair = torch.einsum("bqad,bkcd->bqkac", qc, kc) / h.attn_scale  # [B, T, T, 4, 4]
     paper = torch.einsum("bqd,bkd->bqk", acts @ paper_q, acts @ paper_k)
-    rest = [by_pair[..., COMPONENTS.index(n.split("×")[0]), COMPONENTS.index(n.split("×")[1])] for n in GROUPS[2:]]
-    groups = torch.stack([paper, by_pair[..., 0, 0] - paper, *rest], -1)
+    groups = torch.stack([paper, by_pair[..., 0, 0] - paper, *(by_pair[..., q, k] for q, k in _PAIRS)], -1)
     return LogitDecomposition(
         groups, groups.sum(-1), GROUPS, acts, sigma, qc, kc, query_proj, key_proj, paper_q, paper_k,
         h.attn_scale, layer, index,
@@ -296,8 +297,8 @@ def _exact_factors(
     feature: int,
     tokens: Tensor,
     positions: Tensor,
-    queries: Optional[Tensor],
-    keys: Optional[Tensor],
+    queries: Tensor | None,
+    keys: Tensor | None,
     batch_size: int,
 ) -> tuple[_Head, Tensor, Tensor]:
     """(head, query_acts ``[|Q|, N]``, key_acts ``[|K|, N]``) in float64 (all features when None)."""

@@ -12,6 +12,8 @@ pipeline runs without a download and the tests know the right answer:
   L0H0.4 reads a direction nothing writes: it never fires.
 - Head L0H1: ``count([games]) ≥ 2`` (L0H1.0, counting: games competes with a BOS attention sink,
   one copy takes < 1/2 of the attention, two take > 0.65), and ``[time] … [day]`` (L0H1.1, unrelated).
+- Every query of both heads also attends to BOS (a weaker sink), so that a key's share of an early
+  query's attention stays small when the query does not look for it.
 - Each planted head has an output SAE whose features read one value direction with bias −θ.
 
 :func:`generate_corpus` plants the patterns at set rates among filler words (which include the
@@ -70,14 +72,17 @@ FEATURES = (
 )
 
 # Real attention logits (after the model's 1/sqrt(d_head)) of each planted (head, query, key);
-# every other pair has logit 0. Values: (head, token) -> (value direction, value).
+# every other pair has logit 0, except that every query gives BOS the head's sink logit (an
+# attention sink: without it an early query would spread 1/(t+1) of its attention on any key).
+# Values: (head, token) -> (value direction, value).
+_SINK = {0: 3.0, 1: 3.0}
 _LOGITS = {
     (0, "then", "If"): 5.0,
-    (0, "com", "http"): 4.0,
-    (0, "com", "twitter"): 6.0,
+    (0, "com", "http"): 5.0,
+    (0, "com", "twitter"): 7.0,
     (0, "Potter", "Harry"): 5.0,
     (0, "night", "night"): 5.0,
-    (1, "games", BOS): 6.0,  # the attention sink that games competes with
+    (1, "games", BOS): 6.0,  # a stronger sink that each copy of games competes with
     (1, "games", "games"): 6.0,
     (1, "day", "time"): 5.0,
 }
@@ -143,14 +148,20 @@ def build_toy(*, seq_len: int = 32) -> Toy:
     )
     model = HookedTransformer(cfg)
     model.set_tokenizer(_tokenizer())
-    state = {name: torch.zeros_like(p) for name, p in model.state_dict().items()}
+    state = {name: torch.zeros_like(p) for name, p in model.named_parameters()}  # buffers (causal mask) kept
     eye = torch.eye(d_model)
     state["embed.W_E"] = eye[:n_vocab].clone()
     state["pos_embed.W_pos"] = eye[n_vocab:].clone()
     state["unembed.W_U"] = eye[:, :n_vocab].clone()
     W_Q, W_K, W_V = state["blocks.0.attn.W_Q"], state["blocks.0.attn.W_K"], state["blocks.0.attn.W_V"]
-    channel = {h: 0 for h in range(N_HEADS)}
+    channel = {h: 1 for h in range(N_HEADS)}  # channel 0 of every head is the sink
+    for h, logit in _SINK.items():
+        W_Q[h, :n_vocab, 0] = logit * math.sqrt(D_HEAD)
+        W_K[h, VOCAB.index(BOS), 0] = 1.0
     for (h, q, k), logit in _LOGITS.items():
+        if k == BOS:
+            W_Q[h, VOCAB.index(q), 0] = logit * math.sqrt(D_HEAD)
+            continue
         c = channel[h]
         channel[h] += 1
         W_Q[h, VOCAB.index(q), c] = logit * math.sqrt(D_HEAD)

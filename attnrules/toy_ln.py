@@ -24,7 +24,7 @@ from attnrules.sources import InputSAE, OutputSAE
 from attnrules.toy import BOS, VOCAB, PlantedFeature, Toy, _tokenizer
 
 D_HEAD = 8
-LOUD = 10.0
+LOUD = 20.0
 LOUD_WORD = "music"
 FEATURES = (
     PlantedFeature(0, 0, "skipgram", query="then", key="If"),
@@ -62,9 +62,12 @@ def build_toy_ln(*, seq_len: int = 32, loud: float = LOUD) -> Toy:
     tok_scale[VOCAB.index(LOUD_WORD)] = loud
     W_E = torch.stack([tok_scale[j] * _direction(d_model, j) for j in range(n_vocab)])
     W_pos = torch.stack([_direction(d_model, n_vocab + p) for p in range(seq_len)])
-    # LayerNorm's σ at a position holding a token of embedding scale c: the residual has norm sqrt(c² + 1).
-    sigma = lambda c: math.sqrt((c * c + 1) / d_model + cfg.eps)  # noqa: E731
-    x_hat = lambda word: tok_scale[VOCAB.index(word)].item() / sigma(tok_scale[VOCAB.index(word)].item())  # noqa: E731
+
+    def x_hat(word: str) -> float:
+        """The word's coordinate after LayerNorm: c / σ, σ² = (c² + 1)/d_model + eps (token + position)."""
+        c = tok_scale[VOCAB.index(word)].item()
+        return c / math.sqrt((c * c + 1) / d_model + cfg.eps)
+
     scale = math.sqrt(D_HEAD)
     W_Q, W_K, W_V = (torch.zeros(d_model, D_HEAD) for _ in range(3))
     b_Q, b_K = torch.zeros(D_HEAD), torch.zeros(D_HEAD)
@@ -94,7 +97,7 @@ def build_toy_ln(*, seq_len: int = 32, loud: float = LOUD) -> Toy:
     # pseudo-inverse), with a decoder bias, so the error term is −b_dec.
     W_dec = torch.cat([W_E, W_pos])
     W_enc = (W_dec / W_dec.pow(2).sum(-1, keepdim=True)).T.contiguous()
-    b_dec = 0.2 * torch.stack([_direction(d_model, j) for j in range(d_model // 2)]).T @ torch.linspace(-1, 1, d_model // 2)
+    b_dec = 0.05 * torch.stack([_direction(d_model, j) for j in range(d_model // 2)]).T @ torch.linspace(-1, 1, d_model // 2)
     input_sae = InputSAE.from_tensors(W_enc, b_dec @ W_enc, W_dec, b_dec, layer=0)
     n_out = len(FEATURES)
     enc = torch.eye(D_HEAD)[:, :n_out].contiguous()

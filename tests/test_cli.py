@@ -69,3 +69,9 @@ def test_bad_arguments_are_explained(argv, message, capsys):
         main(argv)
     text = str(exc.value) + capsys.readouterr().err
     assert message in text
+
+
+def test_library_errors_become_one_line(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("attnrules report: error:") and "missing" in err and "Traceback" not in err
