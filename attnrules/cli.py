@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 
 from attnrules.pipeline import ExtractSettings, extract_head
-from attnrules.workload import TOY, Workload, pretrained_workload, toy_workload
+from attnrules.workload import TOY, TOY_LN, Workload, pretrained_workload, toy_workload
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -21,7 +21,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 def _add_run_options(p: argparse.ArgumentParser, default_out: str) -> argparse.ArgumentParser:
     """The options extract and sweep share: sources, corpus, method, run."""
     src = p.add_argument_group("model and SAEs")
-    src.add_argument("--model", default=TOY, help=f"'{TOY}' (embedded planted model) or a transformer_lens model name, e.g. gpt2-small")
+    src.add_argument("--model", default=TOY, help=f"'{TOY}' (embedded planted model), '{TOY_LN}' (its variant with LayerNorm and biases) or a transformer_lens model name, e.g. gpt2-small")
     src.add_argument("--layer", type=int, default=None, help="layer of the head(s) (default: 0 for the toy; all layers for sweep)")
     src.add_argument("--head", type=_int_list, default=None, help="head index or comma list (default: all planted heads of the toy; required otherwise)")
     src.add_argument("--sae-in", default="gpt2-small-res-jb", help="input SAE: sae_lens release (with blocks.{L}.hook_resid_pre) or a local sae_lens folder")
@@ -49,6 +49,7 @@ def _add_run_options(p: argparse.ArgumentParser, default_out: str) -> argparse.A
     ref.add_argument("--seed", type=int, default=0, help="seed for feature and exemplar sampling")
     beyond = p.add_argument_group("absence and counting rules")
     beyond.add_argument("--max-distractors", type=int, default=100, help="distractor keys kept per skip-gram term")
+    beyond.add_argument("--no-exact", action="store_true", help="skip exact mode (the exact-importance ordering and the logit decomposition)")
     beyond.add_argument("--no-counting", action="store_true", help="skip the counting detector")
     beyond.add_argument("--counting-max", type=int, default=8, help="largest number of key copies the counting detector tries")
     beyond.add_argument("--insertion-counts", type=_int_list, default=(0, 1, 2, 3), help="copies of the distractor inserted (REF: 0,1,2,3)")
@@ -133,10 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
 def workload_from_args(args, *, whole_model: bool) -> Workload:
     """The workload the source arguments describe; bad arguments end the command with their message."""
     try:
-        if args.model == TOY:
+        if args.model in (TOY, TOY_LN):
             return toy_workload(layer=args.layer if args.layer is not None else 0, heads=args.head,
                                 n_sequences=args.n_sequences or 3000, seq_len=args.seq_len or 32, seed=args.seed,
-                                corpus=args.corpus)
+                                corpus=args.corpus, variant=args.model)
         if not whole_model and (not args.head or args.layer is None):
             raise ValueError("--layer and --head are required with a real model")
         if args.corpus is None:
@@ -159,7 +160,7 @@ def settings_from_args(args) -> ExtractSettings:
         loss_type=args.loss_type, threshold=args.threshold, seed=args.seed, batch_size=args.batch_size,
         backend=args.backend, show_terms=args.show_terms, exhaustive_k=args.exhaustive_k,
         max_distractors=args.max_distractors, counting=not args.no_counting, counting_max=args.counting_max,
-        insertion_counts=args.insertion_counts, show_exemplars=args.show_exemplars,
+        insertion_counts=args.insertion_counts, show_exemplars=args.show_exemplars, exact=not args.no_exact,
     )
 
 

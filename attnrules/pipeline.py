@@ -18,7 +18,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import pandas as pd
 import torch
@@ -28,6 +28,7 @@ from attnrules.circuit import HeadCircuit
 from attnrules.counting import detect_counting, silent_base
 from attnrules.descriptions import InputDescriptions, describe_input_features, token_strings
 from attnrules.evaluation import SweepPoint, n_terms_grid, sweep
+from attnrules.exact import exact_importance, reconstruct
 from attnrules.exemplars import (
     exemplar_views,
     input_activations,
@@ -67,6 +68,7 @@ class ExtractSettings:
     counting_max: int = 8  # copies tried by the counting detector
     insertion_counts: tuple[int, ...] = (0, 1, 2, 3)  # REF's counterfactual insertion counts
     show_exemplars: int = 5  # top-activating validation exemplars kept with activations and DFA
+    exact: bool = True  # add the exact-mode ordering and the head's logit decomposition
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(plain(dataclasses.asdict(self)), sort_keys=True).encode()).hexdigest()[:16]
@@ -156,6 +158,11 @@ class HeadResult:
                 lines += [f"    {a['text']}" for a in f.absence]
             if f.counting:
                 lines.append(f"  counting:\n    {f.counting['text']}")
+        groups = self.metadata.get("exact_logit_groups")
+        if groups:
+            top = sorted(groups, key=lambda g: -g["share"])[:6]
+            lines.append("\nExact mode: the real attention logit by term group (share of mean |term|): "
+                         + ", ".join(f"{g['group']} {g['share']:.1%}" for g in top))
         for d in self.distractors:
             line = (f"\n{d['feature']}: distractor in {d['kkq_count']} of {d['kkq_count'] + d['kq_count']} natural "
                     f"skip-gram sequences; mean activation {d['mean_act_without']:.3f} without, {d['mean_act_with']:.3f} with")
@@ -192,11 +199,14 @@ def extract_feature(
     train: tuple[torch.Tensor, torch.Tensor],
     val: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     settings: ExtractSettings,
+    exact: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
 ) -> tuple[dict[str, SkipgramRuleSet], list[SweepPoint]]:
-    """Rules of both orderings for one feature (the top ``show_terms`` terms) and their sweep over N
+    """Rules of each ordering for one feature (the top ``show_terms`` terms) and their sweep over N
     on the validation exemplars.
 
-    ``train`` = (acts ``[N, T, n_in]``, positions); ``val`` = (acts, positions, act_max).
+    ``train`` = (acts ``[N, T, n_in]``, positions); ``val`` = (acts, positions, act_max). With
+    ``exact`` (keys, queries → exact-mode importance matrix) a third ordering, "exact", ranks the same
+    candidate cross product by the gradient through the real head.
     """
     table = candidate_table(circuit, feature, num_values=settings.num_values, num_queries=settings.num_queries,
                             negative_values=settings.negative_values, backend=settings.backend)
@@ -207,6 +217,10 @@ def extract_feature(
         "importance": lambda n: rules_from_importance(circuit, feature, keys, queries, importance, n,
                                                       absolute=settings.absolute),
     }
+    if exact is not None:
+        exact_importance_matrix = exact(keys, queries).to(importance.dtype)
+        builders["exact"] = lambda n: rules_from_importance(circuit, feature, keys, queries, exact_importance_matrix,
+                                                            n, absolute=settings.absolute, method="exact")
     grid = n_terms_grid(settings.max_rules)
     points, rules = [], {}
     for method, build in builders.items():
@@ -311,9 +325,14 @@ def extract_head(
         batch = max(1, settings.batch_size // 8)
         acts = {s: input_activations(model, input_sae, tokens[getattr(ex, s).sequence], batch_size=batch)
                 for s in ("train", "val")}
+        exact = None
+        if settings.exact:
+            train_tokens, train_pos = tokens[ex.train.sequence], ex.train.position
+            exact = lambda keys, queries: exact_importance(  # noqa: E731
+                model, input_sae, output_sae, g, keys, queries, train_tokens, train_pos, batch_size=batch)
         rule_sets, points = extract_feature(
             circuit, g, (acts["train"], ex.train.position),
-            (acts["val"], ex.val.position, ex.val.act_max), settings,
+            (acts["val"], ex.val.position, ex.val.act_max), settings, exact,
         )
         rules = {method: _rules_to_dict(r, describe) for method, r in rule_sets.items()}
         extra = beyond_skipgrams(model, input_sae, output_sae, circuit, g, rule_sets, tokens, scan.act_max[:, g],
@@ -333,6 +352,9 @@ def extract_head(
     metadata = {"settings": plain(dataclasses.asdict(settings)), "notes": notes, "n_sequences": scan.n_sequences,
                 "seq_len": tokens.shape[1], "n_inputs": circuit.n_inputs, "n_outputs": circuit.n_outputs,
                 "distractor_share": len(flagged) / len(results) if results else None}
+    if settings.exact:
+        groups = reconstruct(model, input_sae, circuit, tokens[:16]).summary()
+        metadata["exact_logit_groups"] = groups.reset_index().to_dict(orient="records")
     evidence = distractor_evidence(model, input_sae, output_sae, tokens, flagged, settings, progress)
     result = HeadResult(circuit.layer, circuit.head, results, metadata, evidence)
     if out_dir is not None:

@@ -4,8 +4,8 @@ A rule set is a disjunction of N terms ``[k] … [q] → feature``: input featur
 current position t and input feature k active at some position t' ≤ t (t itself and BOS included).
 Each match scores ``F[t,q] · F[t',k]^p · A(q,k) · V(k)`` — REF's weight rules square the key
 activation (p = 2), its importance rules do not (p = 1) — and an exemplar's predicted score is the
-maximum over matches, 0 when nothing matches (importance rules, as REF's, count only matches
-with A ≠ 0). With threshold 0 the feature is predicted active iff
+maximum over matches, 0 when nothing matches (importance rules, paper or exact, count only matches
+with A ≠ 0, as REF's do). With threshold 0 the feature is predicted active iff
 some match has A·V > 0 (REF also fires when both are negative).
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ class SkipgramRuleSet:
         if ex.numel():
             k_act = acts[ex, :, self.keys[term]]  # [P, T]
             match = (torch.arange(t_len)[None, :] <= positions[ex][:, None]) & (k_act > 0)
-            if self.method == "importance":  # REF lists only the nonzero F[t,q]·F[t',k]·A terms
+            if self.method != "weights":  # REF's importance rules list only the nonzero F[t,q]·F[t',k]·A terms
                 match &= (self.attn_score[term] != 0)[:, None]
             score = q_act[ex, term][:, None] * k_act**self.key_power * weight[term][:, None]
             per_pair = score.masked_fill(~match, float("-inf")).amax(dim=1)
@@ -100,9 +100,11 @@ def rules_from_importance(
     n: int,
     *,
     absolute: bool = True,
+    method: str = "importance",
 ) -> SkipgramRuleSet:
     """REF's gradient-based rule: the pairs of the K × Q cross product selected from the importance
-    matrix ``[len(keys), len(queries)]`` (:func:`attnrules.importance.select_terms`), ranked by it."""
+    matrix ``[len(keys), len(queries)]`` (:func:`attnrules.importance.select_terms`), ranked by it.
+    ``method`` labels where the importances came from ("importance": paper mode, "exact": exact mode)."""
     selected = select_terms(importance, n, absolute=absolute)
     ranking = importance.abs() if absolute else importance
     rows, cols = torch.nonzero(selected, as_tuple=True)
@@ -110,5 +112,5 @@ def rules_from_importance(
     rows, cols = rows[order], cols[order]
     q, k = queries[cols], keys[rows]
     return SkipgramRuleSet(
-        circuit.feature_name(feature), q, k, attn_scores(circuit, q, k), value_scores(circuit, feature)[k], 1, "importance"
+        circuit.feature_name(feature), q, k, attn_scores(circuit, q, k), value_scores(circuit, feature)[k], 1, method
     )

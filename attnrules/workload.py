@@ -15,6 +15,7 @@ import torch
 from attnrules.exemplars import check_tokens, tokenize_corpus
 
 TOY = "toy"
+TOY_LN = "toy-ln"  # the planted model's variant with LayerNorm and biases, where paper mode is misled
 
 
 @dataclass
@@ -58,18 +59,23 @@ def toy_workload(
     seq_len: int = 32,
     seed: int = 0,
     corpus: Optional[Path] = None,
+    variant: str = TOY,
 ) -> Workload:
-    """The planted model; all its planted heads unless ``heads`` says otherwise."""
+    """The planted model (``variant="toy-ln"``: with LayerNorm and biases); all its planted heads
+    unless ``heads`` says otherwise."""
     from attnrules.toy import build_toy
+    from attnrules.toy_ln import build_toy_ln
 
-    toy = build_toy(seq_len=seq_len)
+    if variant not in (TOY, TOY_LN):
+        raise ValueError(f"variant must be {TOY!r} or {TOY_LN!r}, got {variant!r}")
+    toy = (build_toy if variant == TOY else build_toy_ln)(seq_len=seq_len)
     heads = tuple(heads) if heads else tuple(toy.output_saes)
     missing = [h for h in heads if h not in toy.output_saes]
     if missing or layer != 0:
         raise ValueError(f"layer/head: the toy model has planted heads L0H{sorted(toy.output_saes)}, not L{layer}H{missing}")
     tokens = toy.corpus(n_sequences, seed=seed) if corpus is None else load_corpus(
         corpus, toy.model, n_sequences=n_sequences, seq_len=seq_len)
-    return Workload(TOY, toy.model, tokens, tuple((0, h) for h in heads),
+    return Workload(variant, toy.model, tokens, tuple((0, h) for h in heads),
                     lambda _layer: toy.input_sae, lambda _layer, h: toy.output_saes[h])
 
 
