@@ -1,7 +1,90 @@
 // attnrules._C: the CPU core, bound with nanobind.
 #include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+
+#include <optional>
+#include <stdexcept>
+#include <string>
+
+#include "topk.h"
 
 namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+// Inputs are taken as they are (no conversion, no copy): float32, C-contiguous, on the CPU.
+using Matrix = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+using Vector = nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using OutScores = nb::ndarray<float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using OutIndex = nb::ndarray<int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+attnrules::Score parse_score(const std::string& s) {
+    if (s == "signed") return attnrules::Score::Signed;
+    if (s == "absolute") return attnrules::Score::Absolute;
+    if (s == "exp") return attnrules::Score::Exp;
+    throw std::invalid_argument("score must be 'signed', 'absolute' or 'exp', got '" + s + "'");
+}
+
+void require(bool ok, const std::string& message) {
+    if (!ok) throw std::invalid_argument(message);
+}
+
+void topk(Matrix rows, Matrix cols, int64_t k, bool per_row, const std::string& score,
+          std::optional<Vector> row_weight, std::optional<Vector> col_weight, std::optional<Matrix> row_acts,
+          std::optional<Matrix> col_acts, OutScores out_scores, std::optional<OutIndex> out_rows,
+          OutIndex out_cols, int threads, const std::string& isa, int64_t block_rows, int64_t block_cols, int64_t sample_cols) {
+    attnrules::TopKCall c;
+    c.rows = rows.data();
+    c.cols = cols.data();
+    c.n_rows = static_cast<int64_t>(rows.shape(0));
+    c.n_cols = static_cast<int64_t>(cols.shape(0));
+    c.d = static_cast<int>(rows.shape(1));
+    require(c.n_rows > 0 && c.n_cols > 0 && c.d > 0, "rows and cols must not be empty");
+    require(static_cast<int64_t>(cols.shape(1)) == c.d, "rows and cols must have the same number of columns");
+    require(row_acts.has_value() == col_acts.has_value(), "row_acts and col_acts go together");
+    if (row_acts) {
+        c.n_acts = static_cast<int>(row_acts->shape(1));
+        require(static_cast<int64_t>(row_acts->shape(0)) == c.n_rows && static_cast<int64_t>(col_acts->shape(0)) == c.n_cols &&
+                    static_cast<int64_t>(col_acts->shape(1)) == c.n_acts && c.n_acts > 0,
+                "row_acts must be [n_rows, n] and col_acts [n_cols, n]");
+        require(!row_weight && !col_weight, "weights do not apply with activations (dual scores)");
+        c.row_acts = row_acts->data();
+        c.col_acts = col_acts->data();
+    }
+    require(!(row_weight && col_weight), "give row_weight or col_weight, not both");
+    if (row_weight) {
+        require(static_cast<int64_t>(row_weight->shape(0)) == c.n_rows, "row_weight must have n_rows entries");
+        c.row_weight = row_weight->data();
+    }
+    if (col_weight) {
+        require(static_cast<int64_t>(col_weight->shape(0)) == c.n_cols, "col_weight must have n_cols entries");
+        c.col_weight = col_weight->data();
+    }
+    c.score = parse_score(score);
+    require(!(c.n_acts > 0 && c.score == attnrules::Score::Exp), "score 'exp' does not apply to dual scores");
+    c.k = k;
+    c.per_row = per_row;
+    const int64_t candidates = per_row ? c.n_cols : c.n_rows * c.n_cols;
+    require(k >= 1 && k <= candidates, "k must be in [1, number of candidates]");
+    const size_t n_out = static_cast<size_t>(per_row ? c.n_rows * k : k);
+    require(out_scores.shape(0) == n_out && out_cols.shape(0) == n_out, "outputs have the wrong size");
+    require(per_row || (out_rows && out_rows->shape(0) == n_out), "global top-k needs out_rows of size k");
+    c.out_scores = out_scores.data();
+    c.out_rows = out_rows ? out_rows->data() : nullptr;
+    c.out_cols = out_cols.data();
+    c.threads = threads;
+    c.isa = isa;
+    c.block_rows = block_rows;
+    c.block_cols = block_cols;
+    c.sample_cols = sample_cols;
+    nb::gil_scoped_release release;
+    attnrules::run_topk(c);
+}
+
+}  // namespace
 
 NB_MODULE(_C, m) {
     m.doc() = "attnrules CPU core (C++17, nanobind)";
@@ -13,6 +96,24 @@ NB_MODULE(_C, m) {
         info["openmp"] = false;
 #endif
         info["cxx_standard"] = static_cast<long>(__cplusplus);
+        info["isa"] = attnrules::select_kernel("auto").isa;
+        nb::list isas;
+        for (const char* isa : {"avx512", "avx2", "generic"})
+            if (attnrules::isa_supported(isa)) isas.append(isa);
+        info["isas"] = isas;
         return info;
-    }, "Facts about how this module was built (OpenMP, C++ standard).");
+    }, "Facts about how this module was built (OpenMP, C++ standard) and the SIMD kernels this CPU runs.");
+
+    m.def("topk", &topk, "rows"_a.noconvert(), "cols"_a.noconvert(), "k"_a, "per_row"_a, "score"_a,
+          "row_weight"_a.noconvert().none() = nb::none(), "col_weight"_a.noconvert().none() = nb::none(),
+          "row_acts"_a.noconvert().none() = nb::none(), "col_acts"_a.noconvert().none() = nb::none(),
+          "out_scores"_a.noconvert(), "out_rows"_a.noconvert().none(), "out_cols"_a.noconvert(),
+          "threads"_a = 0, "isa"_a = "auto", "block_rows"_a = 0, "block_cols"_a = 0, "sample_cols"_a = -1,
+          "Fused blocked score + top-k over rows × cols (the GIL is released while it runs).\n\n"
+          "Scores are (rows[r]·cols[c]) × weight, |…| or exp(…) × weight, or with row_acts/col_acts\n"
+          "(rows[r]·cols[c]) × (row_acts[r]·col_acts[c]). per_row=False writes the k best (score, row, col)\n"
+          "to out_scores/out_rows/out_cols; per_row=True writes each row's k best (score, col), row-major.\n"
+          "Best first; ties by lower (row, col). Inputs must be float32, C-contiguous, CPU (never copied).\n"
+          "threads/block_rows/block_cols <= 0 and sample_cols < 0 mean automatic; sample_cols = 0 turns off\n"
+          "the per-row threshold guess from a sample of cols.");
 }

@@ -21,7 +21,7 @@ def test_extract_on_the_toy_writes_results(tmp_path, capsys):
     names = [f["name"] for f in results["features"]]
     assert names == ["L0H0.0", "L0H0.1", "L0H0.2", "L0H0.3"]  # the dead L0H0.4 is never sampled
     metrics = pd.read_csv(head_dir / "metrics.csv")
-    assert set(metrics["method"]) == {"weights", "importance"} and set(metrics["num_rules"]) == {4, 8, 16}
+    assert set(metrics["method"]) == {"weights", "importance", "exact"} and set(metrics["num_rules"]) == {4, 8, 16}
     rules = pd.read_csv(head_dir / "rules.csv")
     assert {"feature", "method", "query", "key", "attn_score", "value_score", "query_desc", "key_desc"} <= set(rules.columns)
     assert results["metadata"]["distractor_share"] == 0.25

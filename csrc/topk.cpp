@@ -1,0 +1,394 @@
+// Fused score + top-k driver. Scores are never stored beyond one micro-tile: the kernel filters
+// each tile against the current thresholds and hands only passing scores to a collector.
+#include "topk.h"
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace attnrules {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Candidates are integers, smaller = better: the score's bits, order-flipped, above the index bits.
+// Integer compares make selection and sorting cheap, and break ties by lower (row, col) for free.
+inline uint32_t score_bits(float s) {
+    s += 0.0f;  // -0 -> +0: equal scores must get equal bits
+    uint32_t u;
+    std::memcpy(&u, &s, sizeof u);
+    return (u & 0x80000000u) ? u : u ^ 0x7fffffffu;
+}
+
+inline float score_of(uint32_t bits) {
+    const uint32_t u = (bits & 0x80000000u) ? bits : bits ^ 0x7fffffffu;
+    float s;
+    std::memcpy(&s, &u, sizeof s);
+    return s;
+}
+
+// Per row: (score, col) in 64 bits.
+struct RowKey {
+    using type = uint64_t;
+    static type make(float s, uint32_t, uint32_t col) { return (type{score_bits(s)} << 32) | col; }
+    static float score(type k) { return score_of(static_cast<uint32_t>(k >> 32)); }
+    static uint32_t row(type) { return 0; }
+    static uint32_t col(type k) { return static_cast<uint32_t>(k); }
+};
+
+// Global: (score, row, col) in 128 bits.
+struct PairKey {
+    using type = unsigned __int128;
+    static type make(float s, uint32_t row, uint32_t col) {
+        return (type{score_bits(s)} << 64) | (type{row} << 32) | col;
+    }
+    static float score(type k) { return score_of(static_cast<uint32_t>(k >> 64)); }
+    static uint32_t row(type k) { return static_cast<uint32_t>(k >> 32); }
+    static uint32_t col(type k) { return static_cast<uint32_t>(k); }
+};
+
+// The k best candidates seen so far, kept lazily: passing candidates are appended to a buffer of
+// `cap` > k slots; when it fills, the k best are selected and the threshold rises to the k-th.
+// A score below the threshold cannot enter the top k, so the kernel rejects it with one compare.
+template <class Key>
+class Collector {
+public:
+    using key = typename Key::type;
+    // Scores below `floor` are rejected from the start (a guess of the final k-th best score).
+    Collector(key* buf, int64_t k, int64_t cap, float* threshold, float floor = kNegInf)
+        : buf_(buf), k_(k), cap_(cap), threshold_(threshold) {
+        *threshold_ = floor;
+    }
+
+    void push(float score, uint32_t row, uint32_t col) {
+        if (!(score >= *threshold_)) return;  // NaN never enters
+        buf_[n_++] = Key::make(score, row, col);
+        if (n_ == cap_) {
+            std::nth_element(buf_, buf_ + k_ - 1, buf_ + n_);
+            n_ = k_;
+            *threshold_ = Key::score(buf_[k_ - 1]);
+        }
+    }
+
+    // Sorts the best min(n, k) first; returns how many there are.
+    int64_t finish() {
+        const int64_t m = std::min(n_, k_);
+        if (n_ > m) std::nth_element(buf_, buf_ + m - 1, buf_ + n_);
+        std::sort(buf_, buf_ + m);
+        n_ = m;
+        return m;
+    }
+
+    const key* data() const { return buf_; }
+    int64_t size() const { return n_; }
+
+private:
+    key* buf_;
+    int64_t k_, cap_, n_ = 0;
+    float* threshold_;
+};
+
+int64_t capacity_for(int64_t k) { return k + std::max<int64_t>(k, 32); }
+
+// Hands passing scores to collectors: one per row of the block (stride 1, by="query"/"key") or one
+// for everything the thread sees (stride 0, by="global").
+template <class Key>
+class CollectSink final : public TileSink {
+public:
+    CollectSink(Collector<Key>* collectors, int64_t row0, int64_t stride)
+        : collectors_(collectors), row0_(row0), stride_(stride) {}
+    void take(int64_t row0, int n_rows, int64_t col0, int n_cols, const float* tile, int ld,
+              const uint32_t* masks) override {
+        const uint32_t valid = n_cols >= 32 ? ~0u : (1u << n_cols) - 1u;
+        for (int i = 0; i < n_rows; ++i) {
+            Collector<Key>& c = collectors_[(row0 + i - row0_) * stride_];
+            for (uint32_t m = masks[i] & valid; m; m &= m - 1) {
+                const int j = __builtin_ctz(m);
+                c.push(tile[i * ld + j], static_cast<uint32_t>(row0 + i), static_cast<uint32_t>(col0 + j));
+            }
+        }
+    }
+
+private:
+    Collector<Key>* collectors_;
+    int64_t row0_, stride_;
+};
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Cols [0, count * stride) with the given stride, packed as panels of nr: [panel][d + n_acts][nr],
+// zero padded past the last col (so padded scores are 0). Col weights likewise (1 where absent).
+struct Packed {
+    std::vector<float> panels, weight;
+};
+
+Packed pack_cols(const TopKCall& c, int nr, int64_t stride, int64_t count, int threads) {
+    const int len = c.d + c.n_acts;
+    const int64_t n_panels = (count + nr - 1) / nr;
+    Packed p;
+    p.panels.resize(static_cast<size_t>(n_panels * nr * len));
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t panel = 0; panel < n_panels; ++panel) {
+        float* out = p.panels.data() + panel * nr * len;
+        for (int j = 0; j < nr; ++j) {
+            const int64_t i = panel * nr + j, col = i * stride;
+            for (int q = 0; q < len; ++q) {
+                float x = 0.0f;
+                if (i < count) x = q < c.d ? c.cols[col * c.d + q] : c.col_acts[col * c.n_acts + q - c.d];
+                out[q * nr + j] = x;
+            }
+        }
+    }
+    if (c.row_weight == nullptr && c.n_acts == 0) {  // the kernel then multiplies by a col weight
+        p.weight.assign(static_cast<size_t>(n_panels * nr), 1.0f);
+        if (c.col_weight)
+            for (int64_t i = 0; i < count; ++i) p.weight[i] = c.col_weight[i * stride];
+    }
+    return p;
+}
+
+Operands operands(const TopKCall& c, const Packed& p, int64_t n_cols) {
+    return Operands{c.rows,   c.row_acts, c.row_weight, p.panels.data(), p.weight.empty() ? nullptr : p.weight.data(),
+                    c.n_rows, n_cols,     c.d,          c.n_acts,        c.score};
+}
+
+int resolve_threads(int threads) {
+#ifdef _OPENMP
+    return threads > 0 ? threads : omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+int thread_id() {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+}  // namespace
+
+bool isa_supported(const std::string& isa) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    __builtin_cpu_init();
+    if (isa == "avx512") return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+    if (isa == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+    return isa == "generic";
+}
+
+const Kernel& select_kernel(const std::string& isa) {
+    if (isa != "auto" && isa != "avx512" && isa != "avx2" && isa != "generic")
+        throw std::invalid_argument("isa must be 'auto', 'avx512', 'avx2' or 'generic', got '" + isa + "'");
+    if (isa != "auto" && !isa_supported(isa))
+        throw std::invalid_argument("isa '" + isa + "' is not supported by this CPU");
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    if (isa == "avx512" || (isa == "auto" && isa_supported("avx512"))) return kernel_avx512();
+    if (isa == "avx2" || (isa == "auto" && isa_supported("avx2"))) return kernel_avx2();
+#endif
+    return kernel_generic();
+}
+
+namespace {
+
+// by="query" / by="key": every row's k best cols, one block of rows per work item.
+//
+// Streaming a row's N scores through a running top-k inserts about k(1 + ln(N/k)) of them. So a
+// strided sample of S cols is scored first, and its j-th best, j = ceil(2kS/N), becomes the row's
+// starting threshold: about 2k of the N scores pass it. The guess is checked afterwards: a row whose
+// k-th best ends below it (unlikely with a representative sample; possible on sorted data) is scored
+// again without a guess, so the answer never depends on it.
+class PerRow {
+public:
+    PerRow(const TopKCall& c, const Kernel& kernel, int threads, int64_t block_rows, int64_t block_cols)
+        : c_(c), kernel_(kernel), block_rows_(block_rows), block_cols_(block_cols), len_(c.d + c.n_acts),
+          cap_(capacity_for(c.k)) {
+        int64_t s = c.sample_cols >= 0 ? c.sample_cols : (c.n_cols >= 8192 ? 1024 : 0);
+        if (s > 0 && s < c.n_cols) {
+            j_ = (2 * c.k * s + c.n_cols - 1) / c.n_cols;
+            if (j_ > s / 2) j_ = 0;  // the guess would save nothing
+        }
+        if (j_ > 0) {
+            sample_ = pack_cols(c, kernel.nr, c.n_cols / s, s, threads);
+            sample_cols_ = s;
+        }
+        cols_ = pack_cols(c, kernel.nr, 1, c.n_cols, threads);
+        const int64_t slots = block_rows * std::max(cap_, capacity_for(j_));
+        buffers_.resize(static_cast<size_t>(threads * slots));
+        slots_ = slots;
+        thresholds_.resize(static_cast<size_t>(threads * block_rows));
+        guesses_.resize(static_cast<size_t>(threads * block_rows));
+        scratch_.resize(static_cast<size_t>(threads * kernel.mr * (len_ + 1)));
+        redo_.resize(static_cast<size_t>(threads * block_rows * (len_ + 1)));
+        collectors_.resize(static_cast<size_t>(threads));
+        for (auto& rows : collectors_) rows.reserve(static_cast<size_t>(block_rows));
+    }
+
+    // Rows [r0, r1) on thread t; returns false if some row has fewer than k finite scores.
+    bool run_block(int64_t r0, int64_t r1, int t) {
+        const int64_t n = r1 - r0;
+        RowKey::type* buf = buffers_.data() + t * slots_;
+        float* thr = thresholds_.data() + t * block_rows_;
+        float* guess = guesses_.data() + t * block_rows_;
+        std::vector<Collector<RowKey>>& rows = collectors_[t];
+        std::fill(guess, guess + n, kNegInf);
+        if (j_ > 0) {
+            const int64_t cap_j = capacity_for(j_);
+            rows.clear();
+            for (int64_t i = 0; i < n; ++i) rows.emplace_back(buf + i * cap_j, j_, cap_j, thr + i);
+            sweep(operands(c_, sample_, sample_cols_), r0, r1, rows.data(), thr, t);
+            for (int64_t i = 0; i < n; ++i)
+                if (rows[i].finish() == j_) guess[i] = RowKey::score(rows[i].data()[j_ - 1]);
+        }
+        const Operands op = operands(c_, cols_, c_.n_cols);
+        rows.clear();
+        for (int64_t i = 0; i < n; ++i) rows.emplace_back(buf + i * cap_, c_.k, cap_, thr + i, guess[i]);
+        sweep(op, r0, r1, rows.data(), thr, t);
+
+        // Rows whose guess was too high: gather them and score them again from scratch.
+        std::vector<int64_t> redo;
+        for (int64_t i = 0; i < n; ++i) {
+            const int64_t m = rows[i].finish();
+            if (guess[i] > kNegInf && (m < c_.k || RowKey::score(rows[i].data()[c_.k - 1]) < guess[i])) redo.push_back(i);
+        }
+        if (!redo.empty()) this->redo(op, r0, redo, buf, thr, t);
+
+        bool complete = true;
+        for (int64_t i = 0; i < n; ++i) {
+            const int64_t m = rows[i].size();
+            complete = complete && m == c_.k;
+            const RowKey::type* best = rows[i].data();
+            for (int64_t j = 0; j < m; ++j) {
+                c_.out_scores[(r0 + i) * c_.k + j] = RowKey::score(best[j]);
+                c_.out_cols[(r0 + i) * c_.k + j] = RowKey::col(best[j]);
+            }
+        }
+        return complete;
+    }
+
+private:
+    // Rows [r0, r1) of op against all its cols, in L2-sized chunks of cols.
+    void sweep(const Operands& op, int64_t r0, int64_t r1, Collector<RowKey>* rows, float* thr, int t) {
+        CollectSink<RowKey> sink(rows, r0, 1);
+        float* scratch = scratch_.data() + t * kernel_.mr * (len_ + 1);
+        for (int64_t c0 = 0; c0 < op.n_cols; c0 += block_cols_)
+            kernel_.run(op, r0, r1, c0, std::min(op.n_cols, c0 + block_cols_), thr, 1, scratch, sink);
+    }
+
+    // Scores the listed rows (offsets from r0) again without a guess; their collectors restart.
+    void redo(const Operands& op, int64_t r0, const std::vector<int64_t>& list, RowKey::type* buf, float* thr,
+              int t) {
+        const int64_t n = static_cast<int64_t>(list.size());
+        float* rows = redo_.data() + t * block_rows_ * (len_ + 1);
+        float* acts = rows + n * c_.d;
+        float* weight = acts + n * c_.n_acts;
+        Operands sub = op;
+        sub.rows = rows;
+        sub.n_rows = n;
+        if (c_.n_acts > 0) sub.row_acts = acts;
+        if (c_.row_weight) sub.row_weight = weight;
+        std::vector<Collector<RowKey>>& collectors = collectors_[t];
+        std::vector<Collector<RowKey>> again;
+        again.reserve(static_cast<size_t>(n));
+        for (int64_t f = 0; f < n; ++f) {
+            const int64_t row = r0 + list[f];
+            std::copy(c_.rows + row * c_.d, c_.rows + (row + 1) * c_.d, rows + f * c_.d);
+            if (c_.n_acts > 0)
+                std::copy(c_.row_acts + row * c_.n_acts, c_.row_acts + (row + 1) * c_.n_acts, acts + f * c_.n_acts);
+            if (c_.row_weight) weight[f] = c_.row_weight[row];
+            again.emplace_back(buf + list[f] * cap_, c_.k, cap_, thr + f);
+        }
+        sweep(sub, 0, n, again.data(), thr, t);
+        for (int64_t f = 0; f < n; ++f) {
+            again[f].finish();
+            collectors[list[f]] = again[f];
+        }
+    }
+
+    const TopKCall& c_;
+    const Kernel& kernel_;
+    int64_t block_rows_, block_cols_;
+    int len_;
+    int64_t cap_, j_ = 0, sample_cols_ = 0, slots_ = 0;
+    Packed sample_, cols_;
+    std::vector<RowKey::type> buffers_;
+    std::vector<float> thresholds_, guesses_, scratch_, redo_;
+    std::vector<std::vector<Collector<RowKey>>> collectors_;
+};
+
+}  // namespace
+
+void run_topk(const TopKCall& c) {
+    const Kernel& kernel = select_kernel(c.isa);
+    const int threads = resolve_threads(c.threads);
+    const int len = c.d + c.n_acts;
+    if (c.n_rows >= (int64_t{1} << 32) || c.n_cols >= (int64_t{1} << 32))
+        throw std::invalid_argument("at most 2^32 - 1 queries and keys are supported");
+
+    // Column chunks of ~256 KiB of packed operands stay in L2 while a row block sweeps them.
+    const int64_t block_cols = round_up(
+        c.block_cols > 0 ? c.block_cols : std::max<int64_t>(kernel.nr, (256 * 1024) / (4 * len)), kernel.nr);
+    const int64_t cap = capacity_for(c.k);
+    int64_t block_rows = c.block_rows > 0 ? c.block_rows : 192;
+    if (c.per_row && c.block_rows <= 0) {  // bound the per-row collectors (~8 MiB) and feed every thread
+        block_rows = std::min(block_rows, std::max<int64_t>(1, (8 << 20) / (cap * int64_t(sizeof(RowKey::type)))));
+        block_rows = std::min(block_rows, (c.n_rows + threads - 1) / threads);
+    }
+    block_rows = round_up(std::max<int64_t>(block_rows, 1), kernel.mr);
+    const int64_t n_row_blocks = (c.n_rows + block_rows - 1) / block_rows;
+    bool complete = true;
+
+    if (c.per_row) {
+        PerRow work(c, kernel, threads, block_rows, block_cols);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) reduction(&& : complete)
+        for (int64_t rb = 0; rb < n_row_blocks; ++rb) {
+            const int64_t r0 = rb * block_rows;
+            complete = work.run_block(r0, std::min(c.n_rows, r0 + block_rows), thread_id()) && complete;
+        }
+    } else {
+        const Packed cols = pack_cols(c, kernel.nr, 1, c.n_cols, threads);
+        const Operands op = operands(c, cols, c.n_cols);
+        const int64_t n_col_blocks = (c.n_cols + block_cols - 1) / block_cols;
+        std::vector<PairKey::type> buffers(static_cast<size_t>(threads * cap));
+        std::vector<float> thresholds(static_cast<size_t>(threads));
+        std::vector<float> scratch(static_cast<size_t>(threads * kernel.mr * (len + 1)));
+        std::vector<int64_t> found(static_cast<size_t>(threads), 0);
+#pragma omp parallel num_threads(threads)
+        {
+            const int t = thread_id();
+            Collector<PairKey> best(buffers.data() + t * cap, c.k, cap, thresholds.data() + t);
+            CollectSink<PairKey> sink(&best, 0, 0);
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t item = 0; item < n_row_blocks * n_col_blocks; ++item) {
+                const int64_t r0 = (item / n_col_blocks) * block_rows, c0 = (item % n_col_blocks) * block_cols;
+                kernel.run(op, r0, std::min(c.n_rows, r0 + block_rows), c0, std::min(c.n_cols, c0 + block_cols),
+                           thresholds.data() + t, 0, scratch.data() + t * kernel.mr * (len + 1), sink);
+            }
+            found[t] = best.finish();
+        }
+        // Merge: each thread's k best are in its buffer's head; the k best of their union win.
+        std::vector<PairKey::type> merged;
+        for (int t = 0; t < threads; ++t)
+            merged.insert(merged.end(), buffers.begin() + t * cap, buffers.begin() + t * cap + found[t]);
+        complete = static_cast<int64_t>(merged.size()) >= c.k;
+        const int64_t m = std::min<int64_t>(c.k, merged.size());
+        std::partial_sort(merged.begin(), merged.begin() + m, merged.end());
+        for (int64_t j = 0; j < m; ++j) {
+            c.out_scores[j] = PairKey::score(merged[j]);
+            c.out_rows[j] = PairKey::row(merged[j]);
+            c.out_cols[j] = PairKey::col(merged[j]);
+        }
+    }
+    if (!complete)
+        throw std::runtime_error("fewer than k scores are finite numbers (NaN from overflow?): cannot rank them");
+}
+
+}  // namespace attnrules

@@ -1,0 +1,45 @@
+// Driver of the fused score + top-k engine: packing, blocking, threads, selection, output.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "engine.h"
+
+namespace attnrules {
+
+// One call, phrased as rows × cols (see engine.h). Outputs are written in place:
+// global (per_row = false): out_scores/out_rows/out_cols hold k entries;
+// per row: out_scores/out_cols hold n_rows × k entries and out_rows is unused (may be null).
+struct TopKCall {
+    const float* rows = nullptr;
+    const float* cols = nullptr;
+    int64_t n_rows = 0, n_cols = 0;
+    int d = 0;
+    const float* row_acts = nullptr;
+    const float* col_acts = nullptr;
+    int n_acts = 0;
+    const float* row_weight = nullptr;
+    const float* col_weight = nullptr;
+    Score score = Score::Signed;
+    int64_t k = 1;
+    bool per_row = false;
+    int threads = 0;           // <= 0: all
+    std::string isa = "auto";  // "auto" | "avx512" | "avx2" | "generic"
+    int64_t block_rows = 0;    // <= 0: automatic
+    int64_t block_cols = 0;    // <= 0: automatic
+    int64_t sample_cols = -1;  // per row: cols sampled to guess the threshold; < 0: automatic, 0: never
+    float* out_scores = nullptr;
+    int64_t* out_rows = nullptr;
+    int64_t* out_cols = nullptr;
+};
+
+// Runs the call (throws std::invalid_argument on bad options, std::runtime_error when scores are
+// NaN so that fewer than k candidates exist).
+void run_topk(const TopKCall& call);
+
+// The kernel "auto" picks on this CPU, and whether each ISA can run here.
+const Kernel& select_kernel(const std::string& isa);
+bool isa_supported(const std::string& isa);
+
+}  // namespace attnrules
