@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 
 from attnrules.results import write_atomic
 
-METHODS = ("weights", "importance")
+METHODS = ("weights", "importance", "exact")  # orderings; "exact" only when exact mode ran
 METRICS = ("precision", "recall", "f1")
 DEFAULT_MODEL = "gpt2-small"  # Neuronpedia model id when the results do not name one
 # A Neuronpedia input description above layer 0: "{sae id}/{feature index}", e.g. "3-res-jb/1234".
@@ -184,11 +184,12 @@ def _head_curves(head: dict) -> str:
     ax = fig.add_subplot()
     colours = [f"C{i % 10}" for i in range(len(head["features"]))]
     for f, colour in zip(head["features"], colours):
-        for method, style in zip(METHODS, ("-", "--")):
+        for method, style in zip(METHODS, ("-", "--", ":")):
             xs, ys = _series(f["sweep"], method, "f1")
-            ax.plot(xs, ys, style, color=colour, marker=".", label=f"{f['name']} {method}")
+            if xs:
+                ax.plot(xs, ys, style, color=colour, marker=".", label=f"{f['name']} {method}")
     _log2_axes(ax, "F1")
-    ax.set_title(f"{_head_name(head)}: F1 vs N (solid: weights, dashed: importance)", fontsize=10)
+    ax.set_title(f"{_head_name(head)}: F1 vs N (solid: weights, dashed: importance, dotted: exact)", fontsize=10)
     if len(head["features"]) <= 8:
         fig.legend(fontsize=7, ncol=2, loc="outside right center")
     return _img(fig, f"F1 vs number of terms N for every feature of {_head_name(head)}", "f1-curves")
@@ -249,9 +250,10 @@ def _feature_curves(feature: dict) -> str:
     fig = Figure(figsize=(9, 2.5), dpi=90, layout="constrained")
     axes = fig.subplots(1, len(METRICS), sharey=True)
     for ax, metric in zip(axes, METRICS):
-        for method, style in zip(METHODS, ("-o", "--s")):
+        for method, style in zip(METHODS, ("-o", "--s", ":^")):
             xs, ys = _series(feature["sweep"], method, metric)
-            ax.plot(xs, ys, style, markersize=3, label=method)
+            if xs:
+                ax.plot(xs, ys, style, markersize=3, label=method)
         _log2_axes(ax, metric)
         ax.set_title(metric, fontsize=10)
     axes[0].legend(fontsize=7)

@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # tests/test_report.py opens the HTML report in headless Chromium (Debian's package); install it if missing.
+export DEBIAN_FRONTEND=noninteractive
 command -v chromium >/dev/null || (apt-get install -y chromium || (apt-get update && apt-get install -y chromium)) \
     || echo "warning: could not install chromium with apt-get; tests/test_report.py will skip its browser check" >&2
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
