@@ -42,7 +42,7 @@ def _stable_top(values: torch.Tensor, k: int) -> torch.Tensor:
 class CandidateTable:
     """REF's candidate (key, query) pairs for one output feature, key-major (§3.1).
 
-    ``score = exp(attn_score) · value_score`` is REF's weight ordering; ``value_score`` is |V| when
+    ``score = exp(attn_score + 1e-10) · value_score`` is REF's weight ordering; ``value_score`` is |V| when
     the table was built with ``negative_values=True``.
     """
 
@@ -125,7 +125,7 @@ def candidate_table(
         queries=best.query_idx.reshape(n_rows),
         attn_score=attn,
         value_score=value,
-        score=torch.exp(attn) * value,
+        score=torch.exp(attn + 1e-10) * value,  # REF adds 1e-10 inside exp; kept for last-digit equality
     )
 
 

@@ -36,7 +36,7 @@ def test_candidate_table_follows_ref(negative_values):
     assert table.queries.tolist() == queries.ravel().tolist()
     np.testing.assert_allclose(table.attn_score.numpy(), np.take_along_axis(a, queries, 1).ravel())
     np.testing.assert_allclose(table.value_score.numpy(), np.repeat(ranked[keys], 5))
-    np.testing.assert_allclose(table.score.numpy(), np.exp(table.attn_score.numpy()) * table.value_score.numpy())
+    np.testing.assert_allclose(table.score.numpy(), np.exp(table.attn_score.numpy() + 1e-10) * table.value_score.numpy())
     assert table.feature_name == "L3H7.1" and len(table.to_frame()) == 35
 
 
