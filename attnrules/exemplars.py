@@ -116,16 +116,30 @@ def scan_output_features(
     model, output_sae, tokens: torch.Tensor, *, batch_size: int = 64, progress: bool = False
 ) -> FeatureScan:
     """One pass over the corpus with the output SAE on ``hook_z`` of ``output_sae.layer``."""
-    _, z_name = hook_names(output_sae.layer)
-    maxima, argmaxima = [], []
-    for _, acts in run_batches(model, tokens, output_sae.layer, [z_name], batch_size=batch_size,
+    return scan_heads(model, [output_sae], tokens, batch_size=batch_size, progress=progress)[0]
+
+
+def scan_heads(
+    model, output_saes: Sequence, tokens: torch.Tensor, *, batch_size: int = 64, progress: bool = False
+) -> list[FeatureScan]:
+    """:func:`scan_output_features` for several output SAEs of one layer, sharing one forward pass."""
+    layers = {sae.layer for sae in output_saes}
+    if len(layers) != 1:
+        raise ValueError(f"output_saes must all read one layer, got layers {sorted(layers)}")
+    _, z_name = hook_names(layers.pop())
+    maxima = [[] for _ in output_saes]
+    argmaxima = [[] for _ in output_saes]
+    for _, acts in run_batches(model, tokens, output_saes[0].layer, [z_name], batch_size=batch_size,
                                desc="output features", progress=progress):
-        out = output_sae.encode(acts[z_name].to(output_sae.W_enc.dtype))  # [B, T, n_out]
-        m, a = out.max(dim=1)
-        maxima.append(m.cpu())
-        argmaxima.append(a.cpu())
-    act_max = torch.cat(maxima)
-    return FeatureScan((act_max > 0).sum(0), act_max, torch.cat(argmaxima))
+        for i, sae in enumerate(output_saes):
+            m, a = sae.encode(acts[z_name].to(sae.W_enc.dtype)).max(dim=1)  # over positions
+            maxima[i].append(m.cpu())
+            argmaxima[i].append(a.cpu())
+    scans = []
+    for m, a in zip(maxima, argmaxima):
+        act_max = torch.cat(m)
+        scans.append(FeatureScan((act_max > 0).sum(0), act_max, torch.cat(a)))
+    return scans
 
 
 def input_activations(

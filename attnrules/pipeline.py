@@ -30,6 +30,7 @@ from attnrules.descriptions import InputDescriptions, describe_input_features, t
 from attnrules.evaluation import SweepPoint, n_terms_grid, sweep
 from attnrules.exact import exact_importance, reconstruct
 from attnrules.exemplars import (
+    FeatureScan,
     exemplar_views,
     input_activations,
     sample_exemplars,
@@ -290,8 +291,12 @@ def extract_head(
     settings: ExtractSettings = ExtractSettings(),
     out_dir: Optional[Path | str] = None,
     progress: bool = True,
+    scan: Optional[FeatureScan] = None,
 ) -> HeadResult:
-    """Run the pipeline on one head (the output SAE's layer and head) over a token corpus."""
+    """Run the pipeline on one head (the output SAE's layer and head) over a token corpus.
+
+    ``scan``: this head's :func:`~attnrules.exemplars.scan_output_features` of ``tokens`` when already
+    computed (a sweep scans all heads of a layer in one pass)."""
     circuit = HeadCircuit.from_model(model, input_sae, output_sae)
     notes: list[str] = []
     fingerprint = settings.fingerprint()
@@ -300,7 +305,8 @@ def extract_head(
         num_values=_capped("num_values", settings.num_values, circuit.n_inputs, notes),
         num_queries=_capped("num_queries", settings.num_queries, circuit.n_inputs, notes),
     )
-    scan = scan_output_features(model, output_sae, tokens, batch_size=settings.batch_size, progress=progress)
+    if scan is None:
+        scan = scan_output_features(model, output_sae, tokens, batch_size=settings.batch_size, progress=progress)
     if settings.features is not None:
         features = [circuit.check_feature(f) for f in settings.features]
     else:

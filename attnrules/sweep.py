@@ -20,6 +20,7 @@ from typing import Optional
 import pandas as pd
 import torch
 
+from attnrules.exemplars import scan_heads
 from attnrules.pipeline import ExtractSettings, extract_head
 from attnrules.results import write_csv, write_json
 from attnrules.workload import Workload
@@ -68,15 +69,21 @@ def run_sweep(
     shards = list(work.heads)
     mine = shards[rank.rank:: rank.world_size]
     fingerprint = settings.fingerprint()
-    start, finished_here = time.time(), 0
+    start, finished_here, scans = time.time(), 0, {}
     for i, (layer, head) in enumerate(mine):
         name = shard_name(layer, head)
         if _is_done(out, name, fingerprint):
             _log(rank, f"{name}: already done, skipped")
             continue
         t0 = time.time()
+        if (layer, head) not in scans:  # one corpus pass for all of this rank's unfinished heads of the layer
+            todo = [h for l, h in mine if l == layer and not _is_done(out, shard_name(l, h), fingerprint)]
+            found = scan_heads(work.model, [work.output_sae(layer, h) for h in todo], work.tokens,
+                               batch_size=settings.batch_size, progress=progress)
+            scans = {(layer, h): s for h, s in zip(todo, found)}
         result = extract_head(work.model, work.input_sae(layer), work.output_sae(layer, head), work.tokens,
-                              settings=settings, out_dir=out / "shards" / name, progress=progress)
+                              settings=settings, out_dir=out / "shards" / name, progress=progress,
+                              scan=scans.pop((layer, head)))
         write_json(out / "manifest" / f"{name}.json", {
             "shard": name, "layer": layer, "head": head, "settings": fingerprint, "rank": rank.rank,
             "seconds": round(time.time() - t0, 3), "n_features": len(result.features),

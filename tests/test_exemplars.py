@@ -113,3 +113,13 @@ def test_exemplar_views_give_acts_and_dfa(toy):
     u = toy.output_saes[0].head_encoder[:, 0]
     expected = cache["blocks.0.attn.hook_pattern"][0, 0, 4] * (cache["blocks.0.attn.hook_v"][0, :, 0] @ u)
     torch.testing.assert_close(torch.tensor(v.dfa), expected)
+
+
+def test_scan_heads_shares_one_pass_and_equals_single_scans(toy):
+    from attnrules.exemplars import scan_heads
+
+    tokens = toy.corpus(40, seed=3)
+    both = scan_heads(toy.model, [toy.output_saes[0], toy.output_saes[1]], tokens, batch_size=16)
+    for scan, head in zip(both, (0, 1)):
+        single = scan_output_features(toy.model, toy.output_saes[head], tokens)
+        assert torch.equal(scan.act_max, single.act_max) and torch.equal(scan.counts, single.counts)
