@@ -18,5 +18,6 @@ if [ "${ATTNRULES_EDITABLE:-0}" = "1" ]; then
 else
   $PIP install --no-build-isolation --no-deps . 2>&1 | grep -v "^WARNING: Location" || true
 fi
-.venv/bin/python -c "import attnrules._C, attnrules.kernels" \
+# Check the installed package (from another folder, so that the source tree does not shadow it).
+(cd / && "$OLDPWD/.venv/bin/python" -c "import attnrules._C, attnrules.kernels") \
   || { echo "setup failed: attnrules did not install (see the pip output above)" >&2; exit 1; }

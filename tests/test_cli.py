@@ -46,8 +46,9 @@ def test_counting_rule_on_the_counting_head(tmp_path, capsys):
     assert counting["L0H1.0"]["kind"] == "threshold" and counting["L0H1.1"] is None
 
 
-def test_help_documents_every_option():
-    out = subprocess.run([sys.executable, "-m", "attnrules.cli", "--help"], capture_output=True, text=True, check=True).stdout
+def test_help_documents_every_option(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "attnrules.cli", "--help"], capture_output=True, text=True, check=True,
+                         cwd=tmp_path).stdout
     parser = build_parser()
     for command in parser._subparsers._group_actions[0].choices.values():
         for action in command._actions:

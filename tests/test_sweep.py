@@ -21,6 +21,7 @@ def _torchrun(out: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "attnrules.cli", "sweep", *ARGS, "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env,
+        cwd=out.parent,  # not the repository root, whose source tree would shadow the installed package
     )
 
 
@@ -46,6 +47,7 @@ def test_killed_torchrun_sweep_resumes_and_equals_single_process(tmp_path, monke
     assert "layer" in capsys.readouterr().out
 
     multi = tmp_path / "multi"
+    multi.mkdir()
     proc = _torchrun(multi)
     first = multi / "shards" / "L0H0" / "features"
     deadline = time.time() + 240
