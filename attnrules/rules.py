@@ -19,7 +19,7 @@ import torch
 from attnrules.circuit import HeadCircuit
 from attnrules.importance import select_terms
 from attnrules.results import plain
-from attnrules.scoring import CandidateTable, attn_scores, value_scores
+from attnrules.scoring import PairTable, attn_scores, value_scores
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class SkipgramRuleSet:
         return frame
 
 
-def rules_from_weights(table: CandidateTable, n: int) -> SkipgramRuleSet:
+def rules_from_weights(table: PairTable, n: int) -> SkipgramRuleSet:
     """REF's weight-based rule: the top-N rows of the candidate table by exp(A)·V."""
     top = table.top(min(n, len(table)))
     return SkipgramRuleSet(table.feature_name, top.queries, top.keys, top.attn_score, top.value_score, 2, "weights")

@@ -39,12 +39,10 @@ def _stable_top(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class CandidateTable:
-    """REF's candidate (key, query) pairs for one output feature, key-major (§3.1).
-
-    ``score = exp(attn_score + 1e-10) · value_score`` is REF's weight ordering; ``value_score`` is |V| when
-    the table was built with ``negative_values=True``.
-    """
+class PairTable:
+    """Scored (key, query) pairs of one output feature: REF's candidate table (key-major, §3.1,
+    ``score = exp(attn_score + 1e-10) · value_score``, ``value_score`` = |V| with
+    ``negative_values=True``) or an exhaustive ranking (best first, ``score`` as asked for)."""
 
     feature: int
     feature_name: str
@@ -57,15 +55,15 @@ class CandidateTable:
     def __len__(self) -> int:
         return self.keys.numel()
 
-    def top(self, n: int) -> "CandidateTable":
+    def top(self, n: int) -> "PairTable":
         """The first n rows by ``score`` (REF: ``nlargest(n, "score", keep="first")``)."""
         if not 1 <= n:
             raise ValueError(f"n must be a positive number of terms, got {n}")
         order = _stable_top(self.score, n)
         return self._rows(order)
 
-    def _rows(self, index: torch.Tensor) -> "CandidateTable":
-        return CandidateTable(
+    def _rows(self, index: torch.Tensor) -> "PairTable":
+        return PairTable(
             self.feature,
             self.feature_name,
             self.keys[index],
@@ -99,7 +97,7 @@ def candidate_table(
     num_queries: int = 100,
     negative_values: bool = False,
     backend: str = "auto",
-) -> CandidateTable:
+) -> PairTable:
     """REF's candidates: the top ``num_values`` keys by value score, and for each the top
     ``num_queries`` queries by signed attn-score (``num_values × num_queries`` rows, key-major).
 
@@ -118,7 +116,7 @@ def candidate_table(
     key_col = keys.repeat_interleave(num_queries)
     attn = best.scores.reshape(n_rows)
     value = ranked[keys].repeat_interleave(num_queries)
-    return CandidateTable(
+    return PairTable(
         feature=feature,
         feature_name=circuit.feature_name(feature),
         keys=key_col,
@@ -129,30 +127,6 @@ def candidate_table(
     )
 
 
-@dataclass(frozen=True)
-class PairRanking:
-    """The best (query, key) pairs of one output feature over all Nq × Nk pairs."""
-
-    feature_name: str
-    queries: torch.Tensor
-    keys: torch.Tensor
-    attn_score: torch.Tensor
-    value_score: torch.Tensor
-    score: torch.Tensor
-
-    def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame(
-            {
-                "feature": self.feature_name,
-                "query": plain(self.queries),
-                "key": plain(self.keys),
-                "attn_score": plain(self.attn_score),
-                "value_score": plain(self.value_score),
-                "score": plain(self.score),
-            }
-        )
-
-
 def rank_all_pairs(
     circuit: HeadCircuit,
     feature: int,
@@ -161,12 +135,13 @@ def rank_all_pairs(
     score: str = "signed",
     backend: str = "auto",
     **engine_options,
-) -> PairRanking:
+) -> "PairTable":
     """Exhaustive ranking of all n_in × n_in pairs by attn-score × value-score (the paper's A×V;
-    ``score="exp"`` gives REF's exp(A)·V, ``"absolute"`` ranks by |A×V|)."""
+    ``score="exp"`` gives REF's exp(A)·V, ``"absolute"`` ranks by |A×V|): the k best, best first."""
     v = value_scores(circuit, feature)
     best = engine.pair_topk(
         circuit.query_proj, circuit.key_proj, k, by="global", key_weight=v, score=score, backend=backend, **engine_options
     )
     attn = attn_scores(circuit, best.query_idx, best.key_idx)
-    return PairRanking(circuit.feature_name(feature), best.query_idx, best.key_idx, attn, v[best.key_idx], best.scores)
+    return PairTable(feature, circuit.feature_name(feature), best.key_idx, best.query_idx, attn, v[best.key_idx],
+                     best.scores)
