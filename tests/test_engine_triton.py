@@ -111,7 +111,7 @@ def test_kernels_upcast_bf16_after_loading():
 
 
 def test_clear_errors(monkeypatch):
-    q, k, w, _, _ = random_inputs(20, 1100, 4, seed=0)
+    q, k, _, _, _ = random_inputs(20, 1100, 4, seed=0)
     with pytest.raises(ValueError, match="per-row limit of 1024"):
         engine.pair_topk(q, k, 1025, by="query", backend="triton")
     with pytest.raises(ValueError, match="block_c must be a power of two"):
@@ -129,3 +129,11 @@ def test_clear_errors(monkeypatch):
     monkeypatch.setattr(topk_stream, "INTERPRETED", False)  # as if imported without TRITON_INTERPRET=1
     with pytest.raises(RuntimeError, match="needs CUDA tensors, got queries on cpu"):
         triton_backend.pair_topk(Request(q, k, 3, "global", "signed"))
+
+
+def test_large_per_row_k_compacts_rows_in_groups():
+    # k = 300 → K = 512: a compaction sorts 8 of the 16 rows at a time (SUB < block_r); 12 live rows.
+    q, k, w, _, _ = random_inputs(12, 1100, 4, seed=8)  # 9 column blocks: one compaction
+    s = score_matrix(q, k, key_weight=w)
+    res = engine.pair_topk(q, k, 300, by="query", key_weight=w, backend="triton", block_r=16, block_c=128)
+    assert_matches(res, s, 300, "query", tol=tolerance(s, 4))

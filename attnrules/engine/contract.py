@@ -149,8 +149,8 @@ def _resolve_backend(backend: str, request: Request):
         preferred = ("triton",) if request.queries.is_cuda else ("cpu",)
         usable = available_backends()
         chosen = next((b for b in preferred if b in usable), "torch")
-        if chosen == "cpu" and request.queries.dtype != torch.float32:
-            chosen = "torch"  # the C++ core computes in float32 only
+        if request.queries.dtype != torch.float32:
+            chosen = "torch"  # the C++ core and the Triton kernels take float32 only
     elif backend in BACKENDS:
         chosen = backend
     else:

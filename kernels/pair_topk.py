@@ -1,0 +1,42 @@
+"""pair_topk: top-k of (queries[q]·keys[k]) × key_weight[k] (signed, absolute, or exp(q·k) × w)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .topk_stream import Result, dot_tile, run
+
+
+@triton.jit
+def pair_tile(a_ptr, b_ptr, xa_ptr, xb_ptr, offs_r, offs_c, mask_r, mask_c,
+              stride_a, stride_b, stride_xa, stride_xb, d, n_x,
+              SCORE: tl.constexpr, HAS_XA: tl.constexpr, HAS_XB: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_X: tl.constexpr, PRECISION: tl.constexpr):
+    """Scores of one tile; the key weight is the extra operand of whichever side holds the keys."""
+    s = dot_tile(a_ptr, b_ptr, offs_r, offs_c, mask_r, mask_c, stride_a, stride_b, d, BLOCK_D, PRECISION)
+    if SCORE == 2:
+        s = tl.exp(s)
+    if HAS_XA:
+        s = s * tl.load(xa_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)[:, None]
+    if HAS_XB:
+        s = s * tl.load(xb_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    if SCORE == 1:
+        s = tl.abs(s)
+    return s
+
+
+def pair_topk(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    k: int,
+    *,
+    by: str = "global",
+    key_weight: Optional[torch.Tensor] = None,
+    score: str = "signed",
+    **options,
+) -> Result:
+    """The k best pairs by (queries[q]·keys[k]) × key_weight[k]; ``options``: see topk_stream.run."""
+    return run(pair_tile, queries, keys, None, key_weight, k, by=by, score=score, **options)
