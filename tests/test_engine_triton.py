@@ -128,7 +128,7 @@ def test_clear_errors(monkeypatch):
         engine.pair_topk(q.double(), k.double(), 3, backend="triton")
     monkeypatch.setattr(topk_stream, "INTERPRETED", False)  # as if imported without TRITON_INTERPRET=1
     with pytest.raises(RuntimeError, match="needs CUDA tensors, got queries on cpu"):
-        triton_backend.pair_topk(Request(q, k, 3, "global", "signed"))
+        triton_backend.topk(Request(q, k, 3, "global", "signed"))
 
 
 def test_large_per_row_k_compacts_rows_in_groups():

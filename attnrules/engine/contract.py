@@ -12,7 +12,8 @@ Score = Literal["signed", "absolute", "exp"]
 BY_CHOICES = ("global", "query", "key")
 SCORE_CHOICES = ("signed", "absolute", "exp")
 BACKENDS = ("torch", "cpu", "triton")
-# Backend name -> module implementing ``pair_topk(request)`` and ``dual_topk(request)``.
+# Backend name -> module implementing ``topk(request, **options)`` (both operations; the request says
+# which) and ``is_available()``.
 _BACKEND_MODULES = {
     "torch": "attnrules.engine.torch_backend",
     "cpu": "attnrules.engine.cpu_backend",
@@ -182,7 +183,7 @@ def pair_topk(
     ``options`` are passed to the backend (e.g. block sizes).
     """
     request = _check_request(queries, keys, k, by, score, key_weight, None, None)
-    return _resolve_backend(backend, request).pair_topk(request, **options)
+    return _resolve_backend(backend, request).topk(request, **options)
 
 
 def dual_topk(
@@ -207,4 +208,4 @@ def dual_topk(
     if query_acts is None or key_acts is None:
         raise ValueError("dual_topk needs both query_acts [Nq, n] and key_acts [Nk, n]")
     request = _check_request(queries, keys, k, by, score, None, query_acts, key_acts)
-    return _resolve_backend(backend, request).dual_topk(request, **options)
+    return _resolve_backend(backend, request).topk(request, **options)

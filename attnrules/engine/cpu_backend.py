@@ -106,7 +106,7 @@ def _run(
     return TopK(scores, out_cols, fixed, by) if per_key else TopK(scores, fixed, out_cols, by)
 
 
-def pair_topk(
+def topk(
     request: Request,
     *,
     threads: Optional[int] = None,
@@ -115,24 +115,11 @@ def pair_topk(
     isa: str = "auto",
     sample_cols: Optional[int] = None,
 ) -> TopK:
-    """``engine.pair_topk`` on the CPU core.
+    """``engine.pair_topk`` or ``engine.dual_topk`` (the request says which) on the CPU core.
 
     threads: OpenMP threads (None = all cores); block_q / block_k: queries / keys per cache block
     (None = sized for L2); isa: "auto" or force "avx512" / "avx2" / "generic" (for tests);
     sample_cols (by="query"/"key"): cols sampled to guess each row's threshold (None = automatic,
     0 = never; the guess only saves work, it never changes the answer).
     """
-    return _run(request, threads, block_q, block_k, isa, sample_cols)
-
-
-def dual_topk(
-    request: Request,
-    *,
-    threads: Optional[int] = None,
-    block_q: Optional[int] = None,
-    block_k: Optional[int] = None,
-    isa: str = "auto",
-    sample_cols: Optional[int] = None,
-) -> TopK:
-    """``engine.dual_topk`` on the CPU core; options as for :func:`pair_topk`."""
     return _run(request, threads, block_q, block_k, isa, sample_cols)

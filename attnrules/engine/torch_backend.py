@@ -100,18 +100,12 @@ def _row_topk(request: Request, tile: Tile, block_q: int, block_k: int) -> TopK:
     return TopK(scores, rows.clone(), cols, "query")
 
 
-def _run(request: Request, block_q: int, block_k: int) -> TopK:
+def topk(request: Request, *, block_q: int = 1024, block_k: int = 1024) -> TopK:
+    """``engine.pair_topk`` or ``engine.dual_topk`` (the request says which), ``block_q`` queries ×
+    ``block_k`` keys per tile."""
     if block_q < 1 or block_k < 1:
         raise ValueError(f"block_q and block_k must be positive, got {block_q}, {block_k}")
     tile = _tile_function(request)
     if request.by == "global":
         return _global_topk(request, tile, block_q, block_k)
     return _row_topk(request, tile, block_q, block_k)
-
-
-def pair_topk(request: Request, *, block_q: int = 1024, block_k: int = 1024) -> TopK:
-    return _run(request, block_q, block_k)
-
-
-def dual_topk(request: Request, *, block_q: int = 1024, block_k: int = 1024) -> TopK:
-    return _run(request, block_q, block_k)

@@ -78,7 +78,7 @@ def _result(request: Request, found: topk_stream.Result) -> TopK:
     return TopK(found.scores, found.query_idx, found.key_idx, request.by)
 
 
-def pair_topk(
+def topk(
     request: Request,
     *,
     precision: str = "ieee",
@@ -87,30 +87,13 @@ def pair_topk(
     n_splits: Optional[int] = None,
     program_k: Optional[int] = None,
 ) -> TopK:
-    """Fused top-k of (q·k) × key_weight (signed / absolute / exp) on the GPU."""
+    """``engine.pair_topk`` — fused top-k of (q·k) × key_weight (signed / absolute / exp) — or
+    ``engine.dual_topk`` — of (q·k) × (query_acts[q]·key_acts[k]) — on the GPU (the request says which)."""
     _check_inputs(request)
-    found = _pair_kernel(
-        request.queries, request.keys, request.k, by=request.by, key_weight=request.key_weight,
-        score=request.score, precision=precision, block_r=block_r, block_c=block_c, n_splits=n_splits,
-        program_k=program_k,
-    )
-    return _result(request, _repair(request, found, torch_backend.pair_topk))
-
-
-def dual_topk(
-    request: Request,
-    *,
-    precision: str = "ieee",
-    block_r: Optional[int] = None,
-    block_c: Optional[int] = None,
-    n_splits: Optional[int] = None,
-    program_k: Optional[int] = None,
-) -> TopK:
-    """Fused top-k of (q·k) × (query_acts[q]·key_acts[k]) on the GPU."""
-    _check_inputs(request)
-    found = _dual_kernel(
-        request.queries, request.keys, request.query_acts, request.key_acts, request.k, by=request.by,
-        score=request.score, precision=precision, block_r=block_r, block_c=block_c, n_splits=n_splits,
-        program_k=program_k,
-    )
-    return _result(request, _repair(request, found, torch_backend.dual_topk))
+    options = dict(by=request.by, score=request.score, precision=precision, block_r=block_r, block_c=block_c,
+                   n_splits=n_splits, program_k=program_k)
+    if request.query_acts is None:
+        found = _pair_kernel(request.queries, request.keys, request.k, key_weight=request.key_weight, **options)
+    else:
+        found = _dual_kernel(request.queries, request.keys, request.query_acts, request.key_acts, request.k, **options)
+    return _result(request, _repair(request, found, torch_backend.topk))
