@@ -109,9 +109,11 @@ class HeadCircuit:
     @classmethod
     def from_model(cls, model, input_sae, output_sae, *, layer: Optional[int] = None, head: Optional[int] = None) -> "HeadCircuit":
         """From a processed HookedTransformer, an :class:`~attnrules.sources.InputSAE` and an
-        :class:`~attnrules.sources.OutputSAE` (layer and head default to the output SAE's)."""
+        :class:`~attnrules.sources.OutputSAE` — or sae_lens SAEs of matching shapes — (layer and head
+        default to the output SAE's)."""
         from attnrules import sources
 
+        input_sae, output_sae = sources.as_sources(model, input_sae, output_sae, layer=layer, head=head)
         layer = output_sae.layer if layer is None else layer
         head = output_sae.head if head is None else head
         sources.check_head(model, layer, head)

@@ -174,7 +174,7 @@ def run_extract(args) -> int:
         print(result.summary())
         for note in result.metadata["notes"]:
             print(f"note: {note}")
-        print(f"wrote {out_dir}/results.json, rules.csv, metrics.csv, pairs.csv\n")
+        print(f"wrote {out_dir}/results.json and rules, metrics, pairs, absence, counting .csv\n")
     return 0
 
 

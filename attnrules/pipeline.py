@@ -41,6 +41,7 @@ from attnrules.importance import paper_importance, rank_all_pairs_by_importance
 from attnrules.results import plain, write_csv, write_json
 from attnrules.rules import SkipgramRuleSet, rules_from_importance, rules_from_weights
 from attnrules.scoring import candidate_table, rank_all_pairs
+from attnrules.sources import as_sources
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,17 @@ class HeadResult:
         ]
         return pd.DataFrame(rows)
 
+    def absence_frame(self) -> pd.DataFrame:
+        rows = [{"feature": f.name, "query": a["query"], "key": a["key"], "distractors": list(a["distractors"]),
+                 "text": a["text"]} for f in self.features for a in f.absence]
+        return pd.DataFrame(rows, columns=["feature", "query", "key", "distractors", "text"])
+
+    def counting_frame(self) -> pd.DataFrame:
+        rows = [{"feature": f.name, "kind": f.counting["kind"], "threshold": f.counting["threshold"],
+                 "text": f.counting["text"], "counts": f.counting["evidence"]["counts"],
+                 "mean_act": f.counting["evidence"]["mean_act"]} for f in self.features if f.counting]
+        return pd.DataFrame(rows, columns=["feature", "kind", "threshold", "text", "counts", "mean_act"])
+
     def pairs_frame(self) -> pd.DataFrame:
         return pd.DataFrame([{"feature": f.name, **row} for f in self.features for row in f.pairs])
 
@@ -137,13 +149,16 @@ class HeadResult:
                 "features": [f.to_dict() for f in self.features], "distractors": self.distractors}
 
     def write(self, out_dir: Path | str) -> list[Path]:
-        """results.json, rules.csv, metrics.csv and pairs.csv in ``out_dir`` (each written atomically)."""
+        """results.json and rules, metrics, pairs, absence and counting CSVs in ``out_dir`` (each
+        written atomically)."""
         out = Path(out_dir)
         return [
             write_json(out / "results.json", self.to_dict()),
             write_csv(out / "rules.csv", self.rules_frame()),
             write_csv(out / "metrics.csv", self.metrics_frame()),
             write_csv(out / "pairs.csv", self.pairs_frame()),
+            write_csv(out / "absence.csv", self.absence_frame()),
+            write_csv(out / "counting.csv", self.counting_frame()),
         ]
 
     def summary(self, n_terms: Optional[int] = None) -> str:
@@ -293,10 +308,12 @@ def extract_head(
     progress: bool = True,
     scan: Optional[FeatureScan] = None,
 ) -> HeadResult:
-    """Run the pipeline on one head (the output SAE's layer and head) over a token corpus.
+    """Run the pipeline on one head (the output SAE's layer and head) over a token corpus. The SAEs
+    may be attnrules' containers or sae_lens SAEs (see :func:`attnrules.sources.as_sources`).
 
     ``scan``: this head's :func:`~attnrules.exemplars.scan_output_features` of ``tokens`` when already
     computed (a sweep scans all heads of a layer in one pass)."""
+    input_sae, output_sae = as_sources(model, input_sae, output_sae)
     circuit = HeadCircuit.from_model(model, input_sae, output_sae)
     notes: list[str] = []
     fingerprint = settings.fingerprint()

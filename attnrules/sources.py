@@ -579,6 +579,37 @@ def load_layer_z_sae(
     return OutputSAE(*weights, layer, head, n_heads, d_head, per_head=False)
 
 
+def as_sources(
+    model: Any, input_sae: Any, output_sae: Any, *, layer: int | None = None, head: int | None = None
+) -> tuple[InputSAE, OutputSAE]:
+    """(InputSAE, OutputSAE) from our containers or from sae_lens SAEs, so that any sae_lens SAE of
+    matching shapes can be passed where attnrules expects its own.
+
+    A sae_lens output SAE is per-head when its ``d_in`` is the model's ``d_head`` (the head from
+    ``head`` or its ``hook_head_index``) and layer-level when ``d_in = n_heads * d_head`` (then
+    ``head`` is required); its layer comes from ``layer`` or its ``blocks.{L}.attn.hook_z`` hook name.
+    """
+    if not isinstance(input_sae, InputSAE):
+        input_sae = InputSAE.from_sae_lens(input_sae, layer)
+    if isinstance(output_sae, OutputSAE):
+        return input_sae, output_sae
+    if not all(hasattr(output_sae, a) for a in ("W_enc", "b_enc", "W_dec", "b_dec", "cfg")):
+        raise TypeError(f"output_sae must be an OutputSAE or a sae_lens SAE, got {type(output_sae).__name__}")
+    meta = output_sae.cfg.metadata
+    match = _HOOK_Z.fullmatch(getattr(meta, "hook_name", None) or "")
+    if layer is None:
+        if match is None:
+            raise ValueError(f"output_sae's hook_name {getattr(meta, 'hook_name', None)!r} is not "
+                             "'blocks.<L>.attn.hook_z': pass layer=")
+        layer = int(match.group(1))
+    head = getattr(meta, "hook_head_index", None) if head is None else head
+    if head is None:
+        raise ValueError("output_sae does not say which head it reads (no hook_head_index): pass head=")
+    weights = [getattr(output_sae, a).detach() for a in ("W_enc", "b_enc", "W_dec", "b_dec")]
+    return input_sae, OutputSAE.from_tensors(*weights, layer=layer, head=head, n_heads=model.cfg.n_heads,
+                                             d_head=model.cfg.d_head)
+
+
 # --------------------------------------------------------------------------------------------------
 # Per-head SAE checkpoints (Kissane format, as used by the reference code)
 

@@ -89,3 +89,29 @@ def test_from_tensors_checks_shapes_and_values():
         c.feature_name(2)
     with pytest.raises(ValueError, match="key_proj must have shape"):
         dataclasses.replace(c, key_proj=torch.zeros(5, 2))
+
+
+def test_sae_lens_saes_are_accepted_directly(tiny):
+    """Any sae_lens SAE of matching shapes works where attnrules' own containers are expected."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    def sae(d_in, d_sae, hook, head=None):
+        cfg = StandardSAEConfig(d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=True, reshape_activations="none",
+                                metadata=SAEMetadata(hook_name=hook, hook_head_index=head))
+        s = StandardSAE(cfg)
+        with torch.no_grad():
+            for p in s.parameters():
+                p.normal_(0, 0.3)
+        return s
+
+    sae_in = sae(48, 40, "blocks.1.hook_resid_pre")
+    per_head = sae(16, 12, "blocks.1.attn.hook_z", head=2)
+    c = HeadCircuit.from_model(tiny, sae_in, per_head)
+    assert (c.layer, c.head, c.n_inputs, c.n_outputs) == (1, 2, 40, 12)
+    torch.testing.assert_close(c.query_proj, sae_in.W_dec.detach() @ tiny.blocks[1].attn.W_Q[2])
+    layer_level = sae(48, 12, "blocks.1.attn.hook_z")
+    c = HeadCircuit.from_model(tiny, sae_in, layer_level, head=1)
+    torch.testing.assert_close(c.out_encoder, layer_level.W_enc.detach()[16:32])
+    with pytest.raises(ValueError, match="pass head="):
+        HeadCircuit.from_model(tiny, sae_in, layer_level)

@@ -28,6 +28,7 @@ def test_extract_on_the_toy_writes_results(tmp_path, capsys):
     (evidence,) = results["distractors"]
     assert evidence["feature"] == "L0H0.1" and evidence["mean_act_with"] == 0.0 < evidence["mean_act_without"]
     assert evidence["insertion"]["mean_act"][1:] == [0.0, 0.0, 0.0]
+    assert pd.read_csv(head_dir / "absence.csv")["text"].tolist() == ["[http] … [com] → L0H0.1 unless [twitter]"]
     pairs = pd.read_csv(head_dir / "pairs.csv")
     top = pairs[(pairs.feature == "L0H0.0") & (pairs["rank"] == 0)].set_index("ranking")
     assert top.loc["weights_all_pairs", "query_desc"] == "then" and top.loc["weights_all_pairs", "key_desc"] == "If"
@@ -41,6 +42,8 @@ def test_extract_on_the_toy_writes_results(tmp_path, capsys):
 def test_counting_rule_on_the_counting_head(tmp_path, capsys):
     assert main(["extract", "--head", "1", "--max-rules", "8", "--exhaustive-k", "0", "--quiet", "--out", str(tmp_path)]) == 0
     assert "count([games]) ≥ 2 → L0H1.0" in capsys.readouterr().out
+    counting_csv = pd.read_csv(tmp_path / "L0H1" / "counting.csv")
+    assert counting_csv["text"].tolist() == ["count([games]) ≥ 2 → L0H1.0"]
     results = json.loads((tmp_path / "L0H1" / "results.json").read_text())
     counting = {f["name"]: f["counting"] for f in results["features"]}
     assert counting["L0H1.0"]["kind"] == "threshold" and counting["L0H1.1"] is None
