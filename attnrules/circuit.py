@@ -12,6 +12,7 @@ biases, no LayerNorm scale and no 1/sqrt(d_head): the paper's ("paper" mode) def
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -64,6 +65,11 @@ class HeadCircuit:
     @property
     def d_head(self) -> int:
         return self.query_proj.shape[1]
+
+    def to(self, device: str | torch.device) -> "HeadCircuit":
+        """The same circuit with its tensors on ``device``."""
+        fields = ("query_proj", "key_proj", "value_proj", "out_encoder", "out_bias")
+        return dataclasses.replace(self, **{f: getattr(self, f).to(device) for f in fields})
 
     def check_feature(self, feature: int) -> int:
         """``feature`` as an int, or a ValueError naming the valid range."""

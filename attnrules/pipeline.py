@@ -234,7 +234,7 @@ def extract_feature(
                                                       absolute=settings.absolute),
     }
     if exact is not None:
-        exact_importance_matrix = exact(keys, queries).to(importance.dtype)
+        exact_importance_matrix = exact(keys, queries).to("cpu", importance.dtype)
         builders["exact"] = lambda n: rules_from_importance(circuit, feature, keys, queries, exact_importance_matrix,
                                                             n, absolute=settings.absolute, method="exact")
     grid = n_terms_grid(settings.max_rules)
@@ -314,7 +314,9 @@ def extract_head(
     ``scan``: this head's :func:`~attnrules.exemplars.scan_output_features` of ``tokens`` when already
     computed (a sweep scans all heads of a layer in one pass)."""
     input_sae, output_sae = as_sources(model, input_sae, output_sae)
-    circuit = HeadCircuit.from_model(model, input_sae, output_sae)
+    # The model runs where it lives (e.g. CUDA); the circuit, exemplar activations, rules and
+    # evaluation live on the CPU, where the exemplar activations are gathered.
+    circuit = HeadCircuit.from_model(model, input_sae, output_sae).to("cpu")
     notes: list[str] = []
     fingerprint = settings.fingerprint()
     settings = dataclasses.replace(
@@ -376,7 +378,7 @@ def extract_head(
                 "seq_len": tokens.shape[1], "n_inputs": circuit.n_inputs, "n_outputs": circuit.n_outputs,
                 "distractor_share": len(flagged) / len(results) if results else None}
     if settings.exact:
-        groups = reconstruct(model, input_sae, circuit, tokens[:16]).summary()
+        groups = reconstruct(model, input_sae, circuit.head, tokens[:16]).summary()
         metadata["exact_logit_groups"] = groups.reset_index().to_dict(orient="records")
     evidence = distractor_evidence(model, input_sae, output_sae, tokens, flagged, settings, progress)
     result = HeadResult(circuit.layer, circuit.head, results, metadata, evidence)

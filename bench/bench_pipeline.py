@@ -36,7 +36,7 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def build(quick: bool, layer: int):
+def build(quick: bool, layer: int, device: str):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     from attnrules.sources import InputSAE, OutputSAE, process_model
@@ -46,20 +46,22 @@ def build(quick: bool, layer: int):
     cfg = HookedTransformerConfig(n_layers=layer + 1, d_model=d_model, n_heads=n_heads, d_head=d_head,
                                   d_mlp=4 * d_model, n_ctx=64, d_vocab=vocab, act_fn="gelu_new",
                                   normalization_type="LNPre", seed=0)
-    model = process_model(HookedTransformer(cfg).eval())  # centre writing weights, as from_pretrained does
+    model = process_model(HookedTransformer(cfg).eval()).to(device)  # centre writing weights, as from_pretrained does
     g = torch.Generator().manual_seed(0)
     w_enc = torch.randn(d_model, n_in, generator=g) / d_model**0.5
     # an encoder bias calibrated on a sample of the residual stream leaves ~50 features active per
     # token, as in real SAEs (res-jb: L0 of a few tens)
     with torch.no_grad():
-        _, cache = model.run_with_cache(torch.randint(0, vocab, (8, 64), generator=g), stop_at_layer=layer + 1,
+        _, cache = model.run_with_cache(torch.randint(0, vocab, (8, 64), generator=g).to(device), stop_at_layer=layer + 1,
                                         names_filter=f"blocks.{layer}.hook_resid_pre")
-        pre = (cache[f"blocks.{layer}.hook_resid_pre"].reshape(-1, d_model) @ w_enc).flatten()
+        pre = (cache[f"blocks.{layer}.hook_resid_pre"].reshape(-1, d_model).cpu() @ w_enc).flatten()
     cut = torch.sort(pre[torch.randperm(pre.numel(), generator=g)[:1_000_000]]).values
     b_enc = torch.full((n_in,), -float(cut[int(len(cut) * (1 - 50 / n_in))]))
-    sae_in = InputSAE.from_tensors(w_enc, b_enc, w_enc.T.contiguous(), torch.zeros(d_model), layer=layer)
-    enc = torch.randn(d_head, n_out, generator=g) / d_head**0.5
-    sae_out = OutputSAE.from_tensors(enc, torch.zeros(n_out), enc.T.contiguous(), torch.zeros(d_head),
+    w_enc, b_enc = w_enc.to(device), b_enc.to(device)
+    sae_in = InputSAE.from_tensors(w_enc, b_enc, w_enc.T.contiguous(), torch.zeros(d_model, device=device), layer=layer)
+    enc = (torch.randn(d_head, n_out, generator=g) / d_head**0.5).to(device)
+    sae_out = OutputSAE.from_tensors(enc, torch.zeros(n_out, device=device), enc.T.contiguous(),
+                                     torch.zeros(d_head, device=device),
                                      layer=layer, head=0, n_heads=n_heads, d_head=d_head)
     return model, sae_in, sae_out
 
@@ -70,6 +72,7 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=5, help="layer of the measured head (cost grows with it)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backend", default="auto")
+    parser.add_argument("--device", default="cpu", help="where the model and SAEs run (cpu or cuda)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
 
@@ -85,14 +88,14 @@ def main() -> None:
     from attnrules.scoring import candidate_table
 
     torch.manual_seed(0)
-    model, sae_in, sae_out = build(args.quick, args.layer)
-    circuit = HeadCircuit.from_model(model, sae_in, sae_out)
+    model, sae_in, sae_out = build(args.quick, args.layer, args.device)
+    circuit = HeadCircuit.from_model(model, sae_in, sae_out).to("cpu")  # as the pipeline does
     seq_len, n_ex = 64, 100
     tokens = torch.randint(0, model.cfg.d_vocab, (2 * n_ex, seq_len))
     positions = torch.randint(1, seq_len, (2 * n_ex,))
 
     with torch.no_grad():
-        forward_s = timed(lambda: model(tokens[:64], stop_at_layer=args.layer + 1), args.repeats)
+        forward_s = timed(lambda: model(tokens[:64].to(args.device), stop_at_layer=args.layer + 1), args.repeats)
     tokens_per_s = 64 * seq_len / forward_s
     acts_box = {}
 
@@ -135,6 +138,7 @@ def main() -> None:
     per_head = 100 * per_feature
     report = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads(),
+                "device": args.device,
                     "torch": torch.__version__, "python": platform.python_version()},
         "shapes": {"n_in": circuit.n_inputs, "n_out": circuit.n_outputs, "d_head": circuit.d_head,
                    "layer": args.layer, "exemplars": n_ex, "seq_len": seq_len, "quick": args.quick,
