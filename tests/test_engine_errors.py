@@ -27,7 +27,7 @@ def _qk():
         (dict(by="row"), "by must be one of"),
         (dict(score="square"), "score must be one of"),
         (dict(backend="gpu"), "backend must be 'auto' or one of"),
-        (dict(queries=[[1.0]]), "queries must be a torch.Tensor"),
+        (dict(queries=[[1.0]]), "queries must be a torch.Tensor or numpy array"),
     ],
 )
 def test_pair_topk_rejects(kwargs, match):
@@ -52,3 +52,13 @@ def test_dual_topk_rejects_mismatched_devices():
     q, k = _qk()
     with pytest.raises(ValueError, match="is on meta but queries are on cpu"):
         engine.pair_topk(q, torch.empty(5, 4, device="meta"), 2, backend="torch")
+
+
+def test_numpy_arrays_are_taken_without_a_copy():
+    import numpy as np
+
+    q = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
+    k = np.random.default_rng(1).standard_normal((5, 4)).astype(np.float32)
+    got = engine.pair_topk(q, k, 3, key_weight=np.ones(5, dtype=np.float32), backend="torch")
+    want = engine.pair_topk(torch.from_numpy(q), torch.from_numpy(k), 3, backend="torch")
+    assert torch.equal(got.query_idx, want.query_idx) and torch.equal(got.key_idx, want.key_idx)

@@ -5,6 +5,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+import numpy as np
 import torch
 
 By = Literal["global", "query", "key"]
@@ -65,9 +66,15 @@ class Request:
         return {"global": nq * nk, "query": nk, "key": nq}[self.by]
 
 
+def _as_tensor(x: object) -> object:
+    """numpy arrays become torch tensors sharing their memory (no copy); anything else is left as is."""
+    return torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+
+
 def _check_matrix(name: str, x: object, n_cols: Optional[int] = None) -> torch.Tensor:
+    x = _as_tensor(x)
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D [n, d], got shape {tuple(x.shape)}")
     if n_cols is not None and x.shape[1] != n_cols:
@@ -102,6 +109,7 @@ def _check_request(
     if score not in SCORE_CHOICES:
         raise ValueError(f"score must be one of {SCORE_CHOICES}, got {score!r}")
     if key_weight is not None:
+        key_weight = _as_tensor(key_weight)
         if not isinstance(key_weight, torch.Tensor) or key_weight.shape != (keys.shape[0],):
             shape = tuple(key_weight.shape) if isinstance(key_weight, torch.Tensor) else type(key_weight).__name__
             raise ValueError(f"key_weight must have shape [{keys.shape[0]}] (one weight per key), got {shape}")
