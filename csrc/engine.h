@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__GNUC__)
 #define ATTNRULES_INLINE inline __attribute__((always_inline))
@@ -41,6 +42,26 @@ protected:
     ~TileSink() = default;
 };
 
+// Per row (by="query"/"key"): the kernel appends each passing (score, col) of a row straight to
+// that row's buffer (SIMD compress, no per-score call) and calls full() once n > limit. Buffers hold
+// limit + 2 * nr slots: room for one more tile row plus a vector of store overhang, so appends never
+// bound-check.
+struct RowBuffer {
+    float* scores;
+    uint32_t* cols;
+    int64_t n, limit;
+};
+
+class RowSink {
+public:
+    RowBuffer* rows;  // rows[row - r0] for the kernel's r0, like its thresholds
+    // Called when rows[i].n > rows[i].limit: shrink the buffer (and usually raise the threshold).
+    virtual void full(int64_t i) = 0;
+
+protected:
+    ~RowSink() = default;
+};
+
 // One SIMD implementation of the blocked score kernel.
 struct Kernel {
     const char* isa;
@@ -49,6 +70,9 @@ struct Kernel {
     // threshold(row) = thresholds[(row - r0) * thr_stride]; scratch holds mr * (d + n_acts + 1) floats.
     void (*run)(const Operands& op, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
                 const float* thresholds, std::ptrdiff_t thr_stride, float* scratch, TileSink& sink);
+    // The same for per-row buffers (thresholds are per row: stride 1).
+    void (*run_rows)(const Operands& op, int64_t r0, int64_t r1, int64_t c0, int64_t c1, const float* thresholds,
+                     float* scratch, RowSink& sink);
 };
 
 const Kernel& kernel_avx512();

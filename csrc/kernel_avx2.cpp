@@ -47,7 +47,7 @@ constexpr int MR = 6, NV = 2;
 }  // namespace avx2
 
 const Kernel& kernel_avx2() {
-    static const Kernel k{"avx2", avx2::MR, avx2::NR, &avx2::run};
+    static const Kernel k{"avx2", avx2::MR, avx2::NR, &avx2::run, &avx2::run_rows};
     return k;
 }
 

@@ -28,6 +28,13 @@ struct V {
     }
     ATTNRULES_TARGET ATTNRULES_INLINE static reg scale2(reg a, reg n) { return _mm512_scalef_ps(a, n); }
     ATTNRULES_TARGET ATTNRULES_INLINE static uint32_t ge_bits(reg a, reg t) { return _mm512_cmp_ps_mask(a, t, _CMP_GE_OQ); }
+    // Compress in registers, then plain full-width stores (memory-destination compress is slow on some CPUs).
+    ATTNRULES_TARGET ATTNRULES_INLINE static void compress(float* s, uint32_t* c, reg a, uint32_t m, uint32_t col) {
+        const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        const __m512i cols = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(col)), iota);
+        _mm512_storeu_ps(s, _mm512_maskz_compress_ps(static_cast<__mmask16>(m), a));
+        _mm512_storeu_si512(c, _mm512_maskz_compress_epi32(static_cast<__mmask16>(m), cols));
+    }
 };
 constexpr int MR = 12, NV = 2;
 
@@ -37,7 +44,7 @@ constexpr int MR = 12, NV = 2;
 }  // namespace avx512
 
 const Kernel& kernel_avx512() {
-    static const Kernel k{"avx512", avx512::MR, avx512::NR, &avx512::run};
+    static const Kernel k{"avx512", avx512::MR, avx512::NR, &avx512::run, &avx512::run_rows};
     return k;
 }
 

@@ -46,7 +46,7 @@ constexpr int MR = 4, NV = 2;
 }  // namespace generic
 
 const Kernel& kernel_generic() {
-    static const Kernel k{"generic", generic::MR, generic::NR, &generic::run};
+    static const Kernel k{"generic", generic::MR, generic::NR, &generic::run, &generic::run_rows};
     return k;
 }
 

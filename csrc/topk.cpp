@@ -96,29 +96,28 @@ private:
 
 int64_t capacity_for(int64_t k) { return k + std::max<int64_t>(k, 32); }
 
-// Hands passing scores to collectors: one per row of the block (stride 1, by="query"/"key") or one
-// for everything the thread sees (stride 0, by="global").
+// by="global": hands the passing scores of every tile the thread sees to its one collector.
 template <class Key>
 class CollectSink final : public TileSink {
 public:
-    CollectSink(Collector<Key>* collectors, int64_t row0, int64_t stride)
-        : collectors_(collectors), row0_(row0), stride_(stride) {}
+    explicit CollectSink(Collector<Key>& best) : best_(best) {}
     void take(int64_t row0, int n_rows, int64_t col0, int n_cols, const float* tile, int ld,
               const uint32_t* masks) override {
         const uint32_t valid = n_cols >= 32 ? ~0u : (1u << n_cols) - 1u;
-        for (int i = 0; i < n_rows; ++i) {
-            Collector<Key>& c = collectors_[(row0 + i - row0_) * stride_];
+        for (int i = 0; i < n_rows; ++i)
             for (uint32_t m = masks[i] & valid; m; m &= m - 1) {
                 const int j = __builtin_ctz(m);
-                c.push(tile[i * ld + j], static_cast<uint32_t>(row0 + i), static_cast<uint32_t>(col0 + j));
+                best_.push(tile[i * ld + j], static_cast<uint32_t>(row0 + i), static_cast<uint32_t>(col0 + j));
             }
-        }
     }
 
 private:
-    Collector<Key>* collectors_;
-    int64_t row0_, stride_;
+    Collector<Key>& best_;
 };
+
+// Per row: entries a row's buffer holds before it is cut back to its k best. The sampled guess lets
+// about 2k scores of a row pass, so with this limit a row usually gets one selection, at the end.
+int64_t row_limit(int64_t k) { return 4 * k + 32; }
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -206,11 +205,105 @@ namespace {
 // starting threshold: about 2k of the N scores pass it. The guess is checked afterwards: a row whose
 // k-th best ends below it (unlikely with a representative sample; possible on sorted data) is scored
 // again without a guess, so the answer never depends on it.
+//
+// The kernel appends passing (score, col) pairs to each row's buffer itself; when a buffer passes
+// its limit, its k best are selected (on integer keys) and the threshold rises to the k-th.
+
+// Selection and sorting of a row's candidates. They arrive in random order, so branchy std::
+// partitions mispredict on about every other key; these partition with no branch on the keys.
+// Keys of a row are distinct (one per col).
+
+// Partitions [lo, hi) (hi - lo >= 3) around the median of three keys: returns i, lo < i < hi, with
+// [lo, i) < pivot <= [i, hi) (both sides non-empty, so callers always make progress).
+int64_t partition(RowKey::type* a, int64_t lo, int64_t hi) {
+    const RowKey::type x = a[lo], y = a[lo + (hi - lo) / 2], z = a[hi - 1];
+    const RowKey::type p = std::max(std::min(x, y), std::min(std::max(x, y), z));
+    int64_t i = lo;  // [lo, i) < p <= [i, j)
+    for (int64_t j = lo; j < hi; ++j) {
+        const RowKey::type v = a[j];
+        a[j] = a[i];
+        a[i] = v;
+        i += v < p;
+    }
+    return i;
+}
+
+void insertion_sort(RowKey::type* a, int64_t lo, int64_t hi) {
+    for (int64_t i = lo + 1; i < hi; ++i) {
+        const RowKey::type v = a[i];
+        int64_t j = i;
+        for (; j > lo && a[j - 1] > v; --j) a[j] = a[j - 1];
+        a[j] = v;
+    }
+}
+
+// std::sort(a + lo, a + hi); `depth` rounds of bad pivots fall back to the library's bound.
+void sort_keys(RowKey::type* a, int64_t lo, int64_t hi, int depth = 64) {
+    while (hi - lo > 16) {
+        if (--depth < 0) return std::sort(a + lo, a + hi);
+        const int64_t i = partition(a, lo, hi);
+        if (i - lo < hi - i) {  // recurse into the smaller side: stack depth O(log n)
+            sort_keys(a, lo, i, depth);
+            lo = i;
+        } else {
+            sort_keys(a, i, hi, depth);
+            hi = i;
+        }
+    }
+    insertion_sort(a, lo, hi);
+}
+
+// std::nth_element(a, a + m - 1, a + n).
+void select_smallest(RowKey::type* a, int64_t n, int64_t m) {
+    int64_t lo = 0, hi = n;
+    for (int rounds = 0; hi - lo > 16; ++rounds) {
+        if (rounds == 64) return std::nth_element(a + lo, a + m - 1, a + hi);
+        const int64_t i = partition(a, lo, hi);
+        if (m - 1 < i) hi = i;
+        else lo = i;
+    }
+    insertion_sort(a, lo, hi);
+}
+
+// Selects the best m = min(n, k) of b as keys into keys[0, m), keys[m - 1] the m-th best (all sorted
+// if asked), and keeps only them in b.
+int64_t select_row(RowBuffer& b, int64_t k, RowKey::type* keys, bool sort) {
+    for (int64_t j = 0; j < b.n; ++j) keys[j] = RowKey::make(b.scores[j], 0, b.cols[j]);
+    const int64_t m = std::min(b.n, k);
+    if (m > 0) select_smallest(keys, b.n, m);
+    if (sort) sort_keys(keys, 0, m);
+    if (b.n > m) {
+        for (int64_t j = 0; j < m; ++j) {
+            b.scores[j] = RowKey::score(keys[j]);
+            b.cols[j] = RowKey::col(keys[j]);
+        }
+        b.n = m;
+    }
+    return m;
+}
+
+// The rows of one sweep: on overflow a row keeps its k best and its threshold rises to the k-th.
+class RowCollectors final : public RowSink {
+public:
+    RowCollectors(RowBuffer* buffers, float* thresholds, int64_t k, RowKey::type* keys)
+        : thr_(thresholds), k_(k), keys_(keys) {
+        rows = buffers;
+    }
+    void full(int64_t i) override {
+        select_row(rows[i], k_, keys_, false);
+        thr_[i] = RowKey::score(keys_[k_ - 1]);
+    }
+
+private:
+    float* thr_;
+    int64_t k_;
+    RowKey::type* keys_;
+};
+
 class PerRow {
 public:
     PerRow(const TopKCall& c, const Kernel& kernel, int threads, int64_t block_rows, int64_t block_cols)
-        : c_(c), kernel_(kernel), block_rows_(block_rows), block_cols_(block_cols), len_(c.d + c.n_acts),
-          cap_(capacity_for(c.k)) {
+        : c_(c), kernel_(kernel), block_rows_(block_rows), block_cols_(block_cols), len_(c.d + c.n_acts) {
         int64_t s = c.sample_cols >= 0 ? c.sample_cols : (c.n_cols >= 8192 ? 1024 : 0);
         if (s > 0 && s < c.n_cols) {
             j_ = (2 * c.k * s + c.n_cols - 1) / c.n_cols;
@@ -221,71 +314,82 @@ public:
             sample_cols_ = s;
         }
         cols_ = pack_cols(c, kernel.nr, 1, c.n_cols, threads);
-        const int64_t slots = block_rows * std::max(cap_, capacity_for(j_));
-        buffers_.resize(static_cast<size_t>(threads * slots));
-        slots_ = slots;
+        // Past the limit, room for one more tile row (nr) and the kernel's full-vector store overhang.
+        slot_ = std::max(row_limit(c.k), row_limit(j_)) + 2 * kernel.nr;
+        scores_.resize(static_cast<size_t>(threads * block_rows * slot_));
+        cols_idx_.resize(static_cast<size_t>(threads * block_rows * slot_));
+        keys_.resize(static_cast<size_t>(threads * slot_));
+        buffers_.resize(static_cast<size_t>(threads * block_rows));
+        redo_buffers_.resize(static_cast<size_t>(threads * block_rows));
         thresholds_.resize(static_cast<size_t>(threads * block_rows));
         guesses_.resize(static_cast<size_t>(threads * block_rows));
         scratch_.resize(static_cast<size_t>(threads * kernel.mr * (len_ + 1)));
         redo_.resize(static_cast<size_t>(threads * block_rows * (len_ + 1)));
-        collectors_.resize(static_cast<size_t>(threads));
-        for (auto& rows : collectors_) rows.reserve(static_cast<size_t>(block_rows));
     }
 
     // Rows [r0, r1) on thread t; returns false if some row has fewer than k finite scores.
     bool run_block(int64_t r0, int64_t r1, int t) {
         const int64_t n = r1 - r0;
-        RowKey::type* buf = buffers_.data() + t * slots_;
+        RowBuffer* rows = buffers_.data() + t * block_rows_;
         float* thr = thresholds_.data() + t * block_rows_;
         float* guess = guesses_.data() + t * block_rows_;
-        std::vector<Collector<RowKey>>& rows = collectors_[t];
+        RowKey::type* keys = keys_.data() + t * slot_;
         std::fill(guess, guess + n, kNegInf);
         if (j_ > 0) {
-            const int64_t cap_j = capacity_for(j_);
-            rows.clear();
-            for (int64_t i = 0; i < n; ++i) rows.emplace_back(buf + i * cap_j, j_, cap_j, thr + i);
-            sweep(operands(c_, sample_, sample_cols_), r0, r1, rows.data(), thr, t);
+            reset(rows, thr, t, n, j_, nullptr);
+            RowCollectors sink(rows, thr, j_, keys);
+            sweep(operands(c_, sample_, sample_cols_), r0, r1, sink, thr, t);
             for (int64_t i = 0; i < n; ++i)
-                if (rows[i].finish() == j_) guess[i] = RowKey::score(rows[i].data()[j_ - 1]);
+                if (select_row(rows[i], j_, keys, false) == j_) guess[i] = RowKey::score(keys[j_ - 1]);
         }
         const Operands op = operands(c_, cols_, c_.n_cols);
-        rows.clear();
-        for (int64_t i = 0; i < n; ++i) rows.emplace_back(buf + i * cap_, c_.k, cap_, thr + i, guess[i]);
-        sweep(op, r0, r1, rows.data(), thr, t);
+        reset(rows, thr, t, n, c_.k, guess);
+        RowCollectors sink(rows, thr, c_.k, keys);
+        sweep(op, r0, r1, sink, thr, t);
 
-        // Rows whose guess was too high: gather them and score them again from scratch.
+        // Rows whose guess was too high are gathered and scored again from scratch; the others are done.
+        bool complete = true;
         std::vector<int64_t> redo;
         for (int64_t i = 0; i < n; ++i) {
-            const int64_t m = rows[i].finish();
-            if (guess[i] > kNegInf && (m < c_.k || RowKey::score(rows[i].data()[c_.k - 1]) < guess[i])) redo.push_back(i);
+            const int64_t m = select_row(rows[i], c_.k, keys, true);
+            if (guess[i] > kNegInf && (m < c_.k || RowKey::score(keys[c_.k - 1]) < guess[i])) redo.push_back(i);
+            else complete = output(r0 + i, keys, m) && complete;
         }
-        if (!redo.empty()) this->redo(op, r0, redo, buf, thr, t);
-
-        bool complete = true;
-        for (int64_t i = 0; i < n; ++i) {
-            const int64_t m = rows[i].size();
-            complete = complete && m == c_.k;
-            const RowKey::type* best = rows[i].data();
-            for (int64_t j = 0; j < m; ++j) {
-                c_.out_scores[(r0 + i) * c_.k + j] = RowKey::score(best[j]);
-                c_.out_cols[(r0 + i) * c_.k + j] = RowKey::col(best[j]);
-            }
-        }
+        if (!redo.empty()) complete = this->redo(op, r0, redo, t) && complete;
         return complete;
     }
 
 private:
-    // Rows [r0, r1) of op against all its cols, in L2-sized chunks of cols.
-    void sweep(const Operands& op, int64_t r0, int64_t r1, Collector<RowKey>* rows, float* thr, int t) {
-        CollectSink<RowKey> sink(rows, r0, 1);
-        float* scratch = scratch_.data() + t * kernel_.mr * (len_ + 1);
-        for (int64_t c0 = 0; c0 < op.n_cols; c0 += block_cols_)
-            kernel_.run(op, r0, r1, c0, std::min(op.n_cols, c0 + block_cols_), thr, 1, scratch, sink);
+    // Empties out[0, count), the buffers of thread t's rows list[f] (or f), for a sweep keeping k;
+    // thresholds start at floor[row] (or -inf).
+    void reset(RowBuffer* out, float* thr, int t, int64_t count, int64_t k, const float* floor,
+               const int64_t* list = nullptr) {
+        for (int64_t f = 0; f < count; ++f) {
+            const int64_t i = list ? list[f] : f;
+            const int64_t at = (t * block_rows_ + i) * slot_;
+            out[f] = RowBuffer{scores_.data() + at, cols_idx_.data() + at, 0, row_limit(k)};
+            thr[f] = floor ? floor[i] : kNegInf;
+        }
     }
 
-    // Scores the listed rows (offsets from r0) again without a guess; their collectors restart.
-    void redo(const Operands& op, int64_t r0, const std::vector<int64_t>& list, RowKey::type* buf, float* thr,
-              int t) {
+    // Writes row's m best (sorted keys); false if it has fewer than k.
+    bool output(int64_t row, const RowKey::type* best, int64_t m) {
+        for (int64_t j = 0; j < m; ++j) {
+            c_.out_scores[row * c_.k + j] = RowKey::score(best[j]);
+            c_.out_cols[row * c_.k + j] = RowKey::col(best[j]);
+        }
+        return m == c_.k;
+    }
+
+    // Rows [r0, r1) of op against all its cols, in L2-sized chunks of cols.
+    void sweep(const Operands& op, int64_t r0, int64_t r1, RowSink& sink, const float* thr, int t) {
+        float* scratch = scratch_.data() + t * kernel_.mr * (len_ + 1);
+        for (int64_t c0 = 0; c0 < op.n_cols; c0 += block_cols_)
+            kernel_.run_rows(op, r0, r1, c0, std::min(op.n_cols, c0 + block_cols_), thr, scratch, sink);
+    }
+
+    // Scores the listed rows (offsets from r0) again without a guess and writes them out.
+    bool redo(const Operands& op, int64_t r0, const std::vector<int64_t>& list, int t) {
         const int64_t n = static_cast<int64_t>(list.size());
         float* rows = redo_.data() + t * block_rows_ * (len_ + 1);
         float* acts = rows + n * c_.d;
@@ -295,35 +399,37 @@ private:
         sub.n_rows = n;
         if (c_.n_acts > 0) sub.row_acts = acts;
         if (c_.row_weight) sub.row_weight = weight;
-        std::vector<Collector<RowKey>>& collectors = collectors_[t];
-        std::vector<Collector<RowKey>> again;
-        again.reserve(static_cast<size_t>(n));
         for (int64_t f = 0; f < n; ++f) {
             const int64_t row = r0 + list[f];
             std::copy(c_.rows + row * c_.d, c_.rows + (row + 1) * c_.d, rows + f * c_.d);
             if (c_.n_acts > 0)
                 std::copy(c_.row_acts + row * c_.n_acts, c_.row_acts + (row + 1) * c_.n_acts, acts + f * c_.n_acts);
             if (c_.row_weight) weight[f] = c_.row_weight[row];
-            again.emplace_back(buf + list[f] * cap_, c_.k, cap_, thr + f);
         }
-        sweep(sub, 0, n, again.data(), thr, t);
-        for (int64_t f = 0; f < n; ++f) {
-            again[f].finish();
-            collectors[list[f]] = again[f];
-        }
+        RowBuffer* buffers = redo_buffers_.data() + t * block_rows_;
+        float* thr = thresholds_.data() + t * block_rows_;
+        RowKey::type* keys = keys_.data() + t * slot_;
+        reset(buffers, thr, t, n, c_.k, nullptr, list.data());
+        RowCollectors sink(buffers, thr, c_.k, keys);
+        sweep(sub, 0, n, sink, thr, t);
+        bool complete = true;
+        for (int64_t f = 0; f < n; ++f)
+            complete = output(r0 + list[f], keys, select_row(buffers[f], c_.k, keys, true)) && complete;
+        return complete;
     }
 
     const TopKCall& c_;
     const Kernel& kernel_;
     int64_t block_rows_, block_cols_;
     int len_;
-    int64_t cap_, j_ = 0, sample_cols_ = 0, slots_ = 0;
+    int64_t j_ = 0, sample_cols_ = 0, slot_ = 0;
     Packed sample_, cols_;
-    std::vector<RowKey::type> buffers_;
+    std::vector<float> scores_;
+    std::vector<uint32_t> cols_idx_;
+    std::vector<RowKey::type> keys_;
+    std::vector<RowBuffer> buffers_, redo_buffers_;
     std::vector<float> thresholds_, guesses_, scratch_, redo_;
-    std::vector<std::vector<Collector<RowKey>>> collectors_;
 };
-
 }  // namespace
 
 void run_topk(const TopKCall& c) {
@@ -339,7 +445,8 @@ void run_topk(const TopKCall& c) {
     const int64_t cap = capacity_for(c.k);
     int64_t block_rows = c.block_rows > 0 ? c.block_rows : 192;
     if (c.per_row && c.block_rows <= 0) {  // bound the per-row collectors (~8 MiB) and feed every thread
-        block_rows = std::min(block_rows, std::max<int64_t>(1, (8 << 20) / (cap * int64_t(sizeof(RowKey::type)))));
+        const int64_t row_bytes = (row_limit(c.k) + 2 * kernel.nr) * int64_t(sizeof(float) + sizeof(uint32_t));
+        block_rows = std::min(block_rows, std::max<int64_t>(1, (8 << 20) / row_bytes));
         block_rows = std::min(block_rows, (c.n_rows + threads - 1) / threads);
     }
     block_rows = round_up(std::max<int64_t>(block_rows, 1), kernel.mr);
@@ -365,7 +472,7 @@ void run_topk(const TopKCall& c) {
         {
             const int t = thread_id();
             Collector<PairKey> best(buffers.data() + t * cap, c.k, cap, thresholds.data() + t);
-            CollectSink<PairKey> sink(&best, 0, 0);
+            CollectSink<PairKey> sink(best);
 #pragma omp for schedule(dynamic, 1)
             for (int64_t item = 0; item < n_row_blocks * n_col_blocks; ++item) {
                 const int64_t r0 = (item / n_col_blocks) * block_rows, c0 = (item % n_col_blocks) * block_cols;
