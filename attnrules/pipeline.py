@@ -12,6 +12,7 @@ features), it is capped, with a warning kept in the result's metadata.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import sys
@@ -352,9 +353,8 @@ def extract_head(
                 for s in ("train", "val")}
         exact = None
         if settings.exact:
-            train_tokens, train_pos = tokens[ex.train.sequence], ex.train.position
-            exact = lambda keys, queries: exact_importance(  # noqa: E731
-                model, input_sae, output_sae, g, keys, queries, train_tokens, train_pos, batch_size=batch)
+            exact = functools.partial(exact_importance, model, input_sae, output_sae, g,
+                                      tokens=tokens[ex.train.sequence], positions=ex.train.position, batch_size=batch)
         rule_sets, points = extract_feature(
             circuit, g, (acts["train"], ex.train.position),
             (acts["val"], ex.val.position, ex.val.act_max), settings, exact,
