@@ -332,6 +332,9 @@ def extract_head(
     else:
         features = sample_features(scan.counts, scan.n_sequences, num_features=settings.num_features,
                                    min_count=settings.min_count, max_count=settings.max_count, seed=settings.seed)
+        if not features:
+            notes.append(f"no output feature is active in at least {settings.min_count} and at most "
+                         f"{settings.max_count or scan.n_sequences - settings.min_count} of the {scan.n_sequences} sequences")
     describe = describe_input_features(model, input_sae, backend=settings.backend)
     done_dir = Path(out_dir) / "features" if out_dir is not None else None
     results = []

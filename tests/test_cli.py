@@ -79,3 +79,9 @@ def test_library_errors_become_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("attnrules report: error:") and "missing" in err and "Traceback" not in err
+
+
+def test_no_eligible_feature_is_said(tmp_path, capsys):
+    assert main(["extract", "--head", "1", "--min-count", "100000", "--quiet", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "0 features" in out and "note: no output feature is active in at least 100000" in out
