@@ -15,6 +15,7 @@ where both occur, q attends to k' instead of k and k' writes against the feature
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Sequence
 
@@ -28,9 +29,55 @@ from attnrules.rules import SkipgramRuleSet
 from attnrules.scoring import value_scores
 
 
+# A distractor must matter (scale-free criteria, relative to its own term):
+VALUE_RATIO = 0.1  # |V(k')| ≥ VALUE_RATIO · |V(k)|
+PULL_RATIO = 0.05  # A(q, k') ≥ A(q, k) + PULL_RATIO · |A(q, k)|
+NOISE_COSINE = 1e-4  # |V(k)| below this share of |value_proj[k]|·|u| is float noise, never a rule's value
+MIN_DROP = 0.1  # inserting a confirmed distractor lowers the mean activation by at least this share
+
+
+def significant_values(circuit: HeadCircuit, feature: int) -> torch.Tensor:
+    """``[n_in]`` bool: value scores above float noise, |V(k)| > NOISE_COSINE·|value_proj[k]|·|u|
+    (a scale-free test: the cosine of the key's value vector with the feature's encoder)."""
+    v = value_scores(circuit, feature)
+    norms = circuit.value_proj.norm(dim=-1) * circuit.encoder_vector(feature).norm()
+    return v.abs() > NOISE_COSINE * norms
+
+
+@dataclass(frozen=True)
+class DistractorCheck:
+    """Insertion evidence for one distractor of a term: the distractor's token inserted once after
+    BOS into the exemplars where the term matches and the feature fires, read at the moved query.
+
+    ``logit_*`` are the head's real attention logits (``hook_attn_scores``) from the query to the
+    term's key and to the inserted distractor; ``value_*`` the real value vectors projected on u.
+    ``status``: "confirmed" (the mean activation drops by ≥ MIN_DROP), "unconfirmed" (it does not),
+    "cleared" (exact mode: the real logits do not prefer the distractor or its real value is not
+    significantly negative), "untested" (no token for the distractor, or no exemplar to insert into).
+    """
+
+    distractor: int
+    token: Optional[int]
+    n_examples: int
+    mean_act_without: float
+    mean_act_with: float
+    logit_key: float
+    logit_distractor: float
+    value_key: float
+    value_distractor: float
+    status: str
+
+    @property
+    def kept(self) -> bool:
+        return self.status in ("confirmed", "untested")
+
+
 @dataclass(frozen=True)
 class AbsenceRule:
-    """A skip-gram term and the distractor keys that suppress it, strongest pull first."""
+    """A skip-gram term and the distractor keys that suppress it, strongest pull first.
+
+    ``checks`` (one per tested distractor, from :func:`check_distractors`) decide which distractors
+    the rule keeps: untested ones stay, unconfirmed and cleared ones are reported but not rendered."""
 
     feature_name: str
     query: int
@@ -40,16 +87,28 @@ class AbsenceRule:
     distractors: tuple[int, ...]
     distractor_attn: tuple[float, ...]
     distractor_value: tuple[float, ...]
+    checks: tuple[DistractorCheck, ...] = ()
+
+    def status(self, distractor: int) -> str:
+        return next((c.status for c in self.checks if c.distractor == distractor), "untested")
+
+    @property
+    def kept(self) -> tuple[int, ...]:
+        """The distractors this rule claims: those not unconfirmed or cleared by the evidence."""
+        return tuple(d for d in self.distractors if self.status(d) in ("confirmed", "untested"))
 
     def render(self, describe: Callable[[int], str], limit: int = 3) -> str:
-        names = " or ".join(f"[{describe(d)}]" for d in self.distractors[:limit])
-        more = f" (+{len(self.distractors) - limit} more)" if len(self.distractors) > limit else ""
+        kept = self.kept
+        names = " or ".join(f"[{describe(d)}]" for d in kept[:limit])
+        more = f" (+{len(kept) - limit} more)" if len(kept) > limit else ""
         return f"[{describe(self.key)}] … [{describe(self.query)}] → {self.feature_name} unless {names}{more}"
 
     def to_dict(self, describe: Optional[Callable[[int], str]] = None) -> dict:
         data = asdict(self)
+        data["kept"] = list(self.kept)
+        data["status"] = [self.status(d) for d in self.distractors]
         if describe is not None:
-            data["text"] = self.render(describe)
+            data["text"] = self.render(describe) if self.kept else ""
         return data
 
 
@@ -59,37 +118,138 @@ def absence_rules(
     rules: SkipgramRuleSet,
     *,
     max_distractors: Optional[int] = None,
+    value_ratio: float = VALUE_RATIO,
+    pull_ratio: float = PULL_RATIO,
     backend: str = "auto",
 ) -> list[AbsenceRule]:
-    """Distractors of every term of ``rules`` (terms without one are left out).
+    """Distractors of every term of ``rules`` that promotes the feature (terms without one are left out).
 
+    k' is a distractor of (q, k) when it pulls q's attention harder, A(q, k') ≥ A(q, k) +
+    ``pull_ratio``·|A(q, k)| (and strictly more), and writes against the feature with a value that
+    matters, V(k') < 0 and |V(k')| ≥ ``value_ratio``·|V(k)|, above float noise
+    (:func:`significant_values`). Terms whose own value is float noise, or with A·V ≤ 0, get none.
     All distractors of a term lie among the keys that q attends to more than k, so one per-query
     top-k over all keys (k = the largest such count, capped by ``max_distractors``) finds them.
     """
     v = value_scores(circuit, feature)
-    queries = torch.unique(rules.queries)
-    a_terms = (circuit.query_proj[rules.queries] * circuit.key_proj[rules.keys]).sum(-1)
-    # how many keys outrank each term's key in its query's attention
-    outranking = torch.stack(
-        [((circuit.key_proj @ circuit.query_proj[q]) > a).sum() for q, a in zip(rules.queries, a_terms)]
-    ) if len(rules) else torch.zeros(0, dtype=torch.long)
-    depth = int(outranking.max()) if len(rules) else 0
+    significant = significant_values(circuit, feature)
+    a_all = (circuit.query_proj[rules.queries] * circuit.key_proj[rules.keys]).sum(-1)
+    live = [i for i, (k, a) in enumerate(zip(rules.keys.tolist(), a_all.tolist()))
+            if bool(significant[k]) and a * float(v[k]) > 0]
+    if not live:
+        return []
+    terms = [(int(rules.queries[i]), int(rules.keys[i]), float(a_all[i])) for i in live]
+    floor = {i: a + pull_ratio * abs(a) for i, (_, _, a) in enumerate(terms)}
+    # how many keys pull each term's query at least that hard
+    depth = max(int(((circuit.key_proj @ circuit.query_proj[q]) > floor[i]).sum()) for i, (q, _, _) in enumerate(terms))
     if max_distractors is not None:
         depth = min(depth, max_distractors)
     if depth == 0:
         return []
+    queries = torch.unique(torch.tensor([q for q, _, _ in terms]))
     best = engine.pair_topk(circuit.query_proj[queries], circuit.key_proj, depth, by="query", backend=backend)
     row_of = {int(q): i for i, q in enumerate(queries)}
     out = []
-    for q, k, a in zip(rules.queries.tolist(), rules.keys.tolist(), a_terms.tolist()):
-        row = row_of[q]
-        keys, attn = best.key_idx[row], best.scores[row]
-        keep = (attn > a) & (v[keys] < 0)
+    for i, (q, k, a) in enumerate(terms):
+        keys, attn = best.key_idx[row_of[q]], best.scores[row_of[q]]
+        keep = (attn > floor[i]) & (v[keys] < 0) & (v[keys].abs() >= value_ratio * abs(float(v[k]))) & significant[keys]
         if keep.any():
             d = keys[keep]
             out.append(AbsenceRule(rules.feature_name, q, k, a, float(v[k]), tuple(d.tolist()),
                                    tuple(attn[keep].tolist()), tuple(v[d].tolist())))
     return out
+
+
+def check_distractors(
+    model,
+    output_sae,
+    feature: int,
+    rules: Sequence[AbsenceRule],
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    acts: torch.Tensor,
+    token_of: Callable[[int], Optional[int]],
+    *,
+    per_term: int = 3,
+    exact: bool = True,
+    min_drop: float = MIN_DROP,
+    value_ratio: float = VALUE_RATIO,
+    batch_size: int = 64,
+) -> list[AbsenceRule]:
+    """``rules`` with insertion evidence for the first ``per_term`` distractors of each term.
+
+    Exemplars: ``tokens [N, T]`` scored at ``positions``, with input-SAE activations ``acts [N, T, n_in]``;
+    a term's examples are those where its query feature is active at the scored position, its key
+    at or before it, and the output feature fires. ``token_of`` maps an input feature to the token
+    to insert (None: untested). With ``exact``, a distractor whose real logit does not exceed the
+    key's, or whose real value is not negative with |value| ≥ ``value_ratio``·|key's|, is "cleared"
+    whatever the activation does; otherwise the activation decides (see :class:`DistractorCheck`).
+    """
+    tokens = check_tokens(tokens, model)
+    n, t_len = tokens.shape
+    plans = []  # (rule index, distractor, token, rows, key positions)
+    for r, rule in enumerate(rules):
+        q_on = acts[torch.arange(n), positions, rule.query] > 0
+        k_on = (acts[:, :, rule.key] > 0) & (torch.arange(t_len)[None] <= positions[:, None])
+        rows = torch.nonzero(q_on & k_on.any(1) & (positions + 1 < t_len)).flatten()
+        key_pos = (k_on[rows] * torch.arange(1, t_len + 1)).argmax(1)  # the last key position ≤ t
+        for d in rule.distractors[:per_term]:
+            plans.append((r, d, token_of(d), rows, key_pos))
+    runs = [(rows, key_pos, None) for _, _, _, rows, key_pos in plans]
+    runs += [(rows, key_pos, tok) for _, _, tok, rows, key_pos in plans]
+    measured = _probe(model, output_sae, feature, tokens, positions, runs, batch_size)
+    checks: list[list[DistractorCheck]] = [[] for _ in rules]
+    for i, (r, d, tok, rows, _) in enumerate(plans):
+        before, after = measured[i], measured[len(plans) + i]
+        fires = before["act"] > 0
+        if tok is None or not bool(fires.any()):
+            checks[r].append(DistractorCheck(d, tok, 0, *(float("nan"),) * 6, "untested"))
+            continue
+        mean = {name: float(after[name][fires].mean()) for name in after}
+        without = float(before["act"][fires].mean())
+        status = "confirmed" if mean["act"] <= (1 - min_drop) * without else "unconfirmed"
+        real_distractor = (mean["logit_distractor"] > mean["logit_key"] and mean["value_distractor"] < 0
+                           and abs(mean["value_distractor"]) >= value_ratio * abs(mean["value_key"]))
+        if exact and not real_distractor:
+            status = "cleared"
+        checks[r].append(DistractorCheck(d, tok, int(fires.sum()), without, mean["act"], mean["logit_key"],
+                                         mean["logit_distractor"], mean["value_key"], mean["value_distractor"], status))
+    return [dataclasses.replace(rule, checks=tuple(c)) for rule, c in zip(rules, checks)]
+
+
+def _probe(model, output_sae, feature: int, tokens: torch.Tensor, positions: torch.Tensor, runs, batch_size: int):
+    """For each (rows, key positions, token) run: the exemplars (token None) or the exemplars with
+    ``token`` inserted once after BOS; per exemplar the activation at the (moved) query, the real
+    logits query → key and query → inserted token (position 1), and their values projected on u."""
+    layer, head = output_sae.layer, output_sae.head
+    names = [f"blocks.{layer}.attn.hook_{x}" for x in ("z", "attn_scores", "v")]
+    u = output_sae.head_encoder[:, feature]
+    seqs, qpos, kpos = [], [], []
+    for rows, key_pos, tok in runs:
+        shift = 0 if tok is None else 1
+        new, pos, _ = insert_copies(tokens[rows], positions[rows], 0 if tok is None else tok, shift)
+        seqs.append(new)
+        qpos.append(pos)
+        kpos.append(key_pos + shift * (key_pos >= 1))  # BOS stays at 0
+    sizes = [len(s) for s in seqs]
+    if sum(sizes) == 0:
+        return [{x: torch.zeros(0) for x in ("act", "logit_key", "logit_distractor", "value_key", "value_distractor")}
+                for _ in runs]
+    seqs, qpos, kpos = torch.cat(seqs), torch.cat(qpos), torch.cat(kpos)
+    out = {x: [] for x in ("act", "logit_key", "logit_distractor", "value_key", "value_distractor")}
+    for rows, cache in run_batches(model, seqs, layer, names, batch_size=batch_size, desc="", progress=False):
+        z, scores, v = (cache[name] for name in names)
+        b = torch.arange(z.shape[0])
+        t, k = qpos[rows].to(z.device), kpos[rows].to(z.device)
+        values = v[:, :, head].to(u.dtype) @ u  # [B, T]
+        out["act"].append(output_sae.encode(z.to(output_sae.W_enc.dtype))[b, t, feature].cpu())
+        out["logit_key"].append(scores[b, head, t, k].cpu().double())
+        out["logit_distractor"].append(scores[b, head, t, 1].cpu().double())
+        out["value_key"].append(values[b, k].cpu().double())
+        out["value_distractor"].append(values[b, 1].cpu().double())
+    merged = {x: torch.cat(parts).double() for x, parts in out.items()}
+    splits = {x: torch.split(m, sizes) for x, m in merged.items()}
+    return [{x: splits[x][i] for x in splits} for i in range(len(runs))]
 
 
 @dataclass(frozen=True)
@@ -217,30 +377,48 @@ def natural_prevalence(
 
 def insertion_token(model, input_sae, feature: int, *, mode: str = "paper", max_pos: int = 64,
                     batch_size: int = 512) -> Optional[int]:
-    """The token to insert for input feature ``feature``; None when REF's choice is a position.
+    """The token to insert for input feature ``feature``; None when there is none (see :func:`feature_tokens`)."""
+    return feature_tokens(model, input_sae, [feature], mode=mode, max_pos=max_pos, batch_size=batch_size)[feature]
 
-    ``mode="paper"`` (REF): argmax over the raw rows of ``concat(W_E, W_pos[:max_pos]) @ W_enc[:, feature]``.
-    ``mode="activation"``: the token t maximising the feature's real activation at position 1 of
-    [BOS, t] (meaningful at any layer).
+
+def feature_tokens(model, input_sae, features: Sequence[int], *, mode: str = "paper", max_pos: int = 64,
+                   batch_size: int = 512) -> dict[int, Optional[int]]:
+    """The token that stands for each input feature in ``features`` (to insert or place), or None.
+
+    ``mode="paper"`` (REF): argmax over the raw rows of ``concat(W_E, W_pos[:max_pos]) @ W_enc[:, j]``,
+    None when the best row is a position. ``mode="activation"``: the token t maximising the feature's
+    real activation at position 1 of [BOS, t] (meaningful at any layer), None when it never fires
+    there. One streaming pass over the vocabulary serves all ``features``.
     """
+    if mode not in ("paper", "activation"):
+        raise ValueError(f"mode must be 'paper' or 'activation', got {mode!r}")
+    cols = torch.tensor(sorted(set(int(f) for f in features)), dtype=torch.long)
+    if cols.numel() == 0:
+        return {}
+    if int(cols.min()) < 0 or int(cols.max()) >= input_sae.n_features:
+        raise ValueError(f"features must be input-feature indices in [0, {input_sae.n_features}), got {cols.tolist()}")
+    best = torch.full((cols.numel(),), -float("inf"), dtype=torch.float64)
+    arg = torch.full((cols.numel(),), -1, dtype=torch.long)
+
+    def update(start: int, scores: torch.Tensor) -> None:
+        value, index = scores.double().max(dim=0)
+        better = value > best
+        best[better], arg[better] = value[better], index[better] + start
+
     if mode == "paper":
         rows = torch.cat([model.W_E.detach(), model.W_pos.detach()[:max_pos]]).to(input_sae.W_enc.dtype)
-        best = int(torch.argmax(rows @ input_sae.W_enc[:, feature]))
-        return best if best < model.cfg.d_vocab else None
-    if mode != "activation":
-        raise ValueError(f"mode must be 'paper' or 'activation', got {mode!r}")
+        w = input_sae.W_enc[:, cols.to(input_sae.W_enc.device)].detach()
+        for start in range(0, rows.shape[0], batch_size):
+            update(start, (rows[start:start + batch_size].to(w.device) @ w).cpu())
+        return {int(c): (int(a) if 0 <= a < model.cfg.d_vocab else None) for c, a in zip(cols, arg)}
     bos = model.tokenizer.bos_token_id if model.tokenizer is not None else 0
     vocab = torch.arange(model.cfg.d_vocab)
     pairs = torch.stack([torch.full_like(vocab, bos), vocab], dim=1)
     resid, _ = hook_names(input_sae.layer)
-    best_act, best_tok = -float("inf"), None
     for rows, acts in run_batches(model, pairs, input_sae.layer, [resid], batch_size=batch_size,
-                                  desc="insertion token", progress=False):
-        a = input_sae.encode(acts[resid][:, 1].to(input_sae.W_dec.dtype))[:, feature]
-        i = int(torch.argmax(a))
-        if float(a[i]) > best_act:
-            best_act, best_tok = float(a[i]), rows.start + i
-    return best_tok
+                                  desc="feature tokens", progress=False):
+        update(rows.start, input_sae.encode(acts[resid][:, 1].to(input_sae.W_dec.dtype))[:, cols.to(acts[resid].device)].cpu())
+    return {int(c): (int(a) if v > 0 else None) for c, a, v in zip(cols, arg, best)}
 
 
 def insert_copies(tokens: torch.Tensor, positions: torch.Tensor, token_id: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -17,6 +17,7 @@ A plain skip-gram (one copy is enough, more copies add little) gets no counting 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Sequence
 
@@ -180,12 +181,100 @@ def detect_counting(
     return CountingRule(feature_name, kind, query_token, key_token, other_token, c, response)
 
 
+MIN_BASE = 16  # fewer base sequences than this cannot support a counting claim
+
+
+@dataclass(frozen=True)
+class CountingCheck:
+    """What the counting detector did for one feature: ``status`` is "rule", "no rule",
+    "undetermined" (with the reason) or "not run"; ``n_base`` base sequences were used
+    (``n_synthetic`` of them built from frequent tokens), at least ``min_base`` were required."""
+
+    status: str
+    reason: str = ""
+    n_base: int = 0
+    n_synthetic: int = 0
+    min_base: int = MIN_BASE
+    query_token: Optional[int] = None
+    key_token: Optional[int] = None
+    avoided: tuple[int, ...] = ()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 def silent_base(tokens: torch.Tensor, act_max: torch.Tensor, avoid: Sequence[int], n: int = 64) -> torch.Tensor:
-    """Up to ``n`` corpus sequences where the feature never fires and none of ``avoid`` occurs."""
+    """Up to ``n`` corpus sequences where the feature never fires and none of ``avoid`` occurs
+    (possibly none: ``[0, T]``)."""
     ok = act_max == 0
     for token in avoid:
         ok &= ~(tokens == token).any(dim=1)
-    rows = torch.nonzero(ok).flatten()[:n]
-    if rows.numel() == 0:
-        raise ValueError("no sequence of the corpus is free of the feature and of the tokens to place")
-    return tokens[rows]
+    return tokens[torch.nonzero(ok).flatten()[:n]]
+
+
+def filler_base(
+    model, output_sae, feature: int, tokens: torch.Tensor, avoid: Sequence[int], n: int, *, bos: int,
+    seed: int = 0, batch_size: int = 64,
+) -> torch.Tensor:
+    """Up to ``n`` built base sequences: BOS, then tokens drawn by their corpus frequency (BOS and
+    ``avoid`` excluded), kept only where the feature stays silent at every position."""
+    counts = torch.bincount(tokens[:, 1:].flatten(), minlength=model.cfg.d_vocab).double()
+    counts[[bos, *avoid]] = 0
+    if counts.sum() == 0:
+        return tokens[:0]
+    rng = np.random.default_rng(seed)
+    p = (counts / counts.sum()).numpy()
+    draws = rng.choice(len(p), size=(2 * n, tokens.shape[1] - 1), p=p)
+    built = torch.cat([torch.full((2 * n, 1), bos), torch.from_numpy(draws)], dim=1).long()
+    _, z = hook_names(output_sae.layer)
+    silent = []
+    for _, cache in run_batches(model, built, output_sae.layer, [z], batch_size=batch_size, desc="filler", progress=False):
+        silent.append((output_sae.encode(cache[z].to(output_sae.W_enc.dtype))[..., feature] <= 0).all(dim=1).cpu())
+    return built[torch.cat(silent)][:n]
+
+
+def check_counting(
+    model,
+    output_sae,
+    feature: int,
+    feature_name: str,
+    tokens: torch.Tensor,
+    act_max: torch.Tensor,
+    query_token: Optional[int],
+    key_token: Optional[int],
+    *,
+    avoid: Sequence[int] = (),
+    bos: int,
+    n_base: int = 64,
+    min_base: int = MIN_BASE,
+    max_count: int = 8,
+    seed: int = 0,
+) -> tuple[CountingCheck, Optional[CountingRule]]:
+    """Run :func:`detect_counting` for one (query token, key token) term and say what was done.
+
+    Base sequences: corpus sequences where the feature is silent and none of the query token, the
+    key token and ``avoid`` (e.g. the term's distractors) occurs — BOS is never avoided; when fewer
+    than ``n_base`` exist, filler sequences built from the corpus's frequent tokens make up the rest
+    (:func:`filler_base`). With fewer than ``min_base`` the result is "undetermined".
+    """
+    if query_token is None or key_token is None:
+        side = "query" if query_token is None else "key"
+        return CountingCheck("undetermined", f"the term's {side} feature has no token to place", min_base=min_base), None
+    if bos in (query_token, key_token):
+        return CountingCheck("undetermined", "the term's query or key token is BOS, which every sequence holds",
+                             min_base=min_base, query_token=query_token, key_token=key_token), None
+    avoided = tuple(dict.fromkeys(t for t in (query_token, key_token, *avoid) if t is not None and t != bos))
+    base = silent_base(tokens, act_max, avoided, n=n_base)
+    n_corpus = base.shape[0]
+    if n_corpus < n_base:
+        base = torch.cat([base, filler_base(model, output_sae, feature, tokens, avoided, n_base - n_corpus, bos=bos,
+                                            seed=seed)])
+    check = CountingCheck("no rule", n_base=base.shape[0], n_synthetic=base.shape[0] - n_corpus, min_base=min_base,
+                          query_token=query_token, key_token=key_token, avoided=avoided)
+    if base.shape[0] < min_base:
+        reason = (f"only {base.shape[0]} base sequences where the feature is silent and none of the tokens "
+                  f"{list(avoided)} occurs (corpus and filler); at least {min_base} are needed")
+        return dataclasses.replace(check, status="undetermined", reason=reason), None
+    rule = detect_counting(model, output_sae, feature, feature_name, base, query_token, key_token,
+                           max_count=min(max_count, tokens.shape[1] - 3), seed=seed)
+    return (dataclasses.replace(check, status="rule") if rule is not None else check), rule

@@ -26,6 +26,13 @@ A(q, k) × (query_acts[q] · key_acts[k]), summed over exemplars n (scored at po
 
 (α is read from the model's own ``hook_pattern``, so its mask is honoured whatever it is), the dual
 form that ``engine.dual_topk`` ranks over all pairs without materialising them.
+
+The pseudo-features (:data:`PSEUDO`: dec_bias, error, bias) are terms too: a head whose key
+preference comes from b_Q · k involves no query feature. :func:`exact_importance_terms` gives, from
+the same pass, the importance of (pseudo query component × key feature k), Σ_n key_acts[k, n]
+(qc_{n,t}·d_k W̄_K), and of (query feature q × pseudo key component), Σ_n query_acts[q, n]
+(d_q W̄_Q·Σ_i g_{n,i} kc_{n,i}) with g_{n,i} = gate_n c_{n,i} / attn_scale; the key bias one is 0
+(Σ_i g_{n,i} = 0).
 """
 from __future__ import annotations
 
@@ -42,6 +49,13 @@ from attnrules.circuit import HeadCircuit
 from attnrules.exemplars import check_tokens, run_batches
 
 COMPONENTS = ("feature", "dec_bias", "error", "bias")
+# The pseudo-features: every component but the input-SAE features, ranked as terms by exact_importance_terms.
+PSEUDO = COMPONENTS[1:]
+_PSEUDO_NAMES = {
+    side: {"dec_bias": f"any {side}, via decoder bias", "error": f"any {side}, via SAE error",
+           "bias": f"any {side}, via {b}"}
+    for side, b in (("query", "b_Q"), ("key", "b_K"))
+}
 PAPER_GROUP = "feature×feature (paper)"
 SCALE_GROUP = "feature×feature scale"
 # (query component, key component) of every group after the two feature×feature ones.
@@ -290,7 +304,33 @@ def _check_index(name: str, index: Tensor, size: int) -> Tensor:
     return index.long()
 
 
-def _exact_factors(
+@dataclass(frozen=True)
+class _PseudoSums:
+    """Per-exemplar sums over key positions that the pseudo-feature terms need, float64.
+
+    ``query_components[n, c]`` is qc_{n,t} (component ``PSEUDO[c]`` of the query at t_n);
+    ``key_gradient[n, c]`` is Σ_i g_{n,i} kc_{n,i}, with g recentred so that Σ_i g_{n,i} = 0 holds in
+    float64 (α, read in the model's dtype, sums to 1 only to its rounding: uncorrected, the key-bias
+    row would keep ŝ (1 − Σ_i α_i), ~1e-8 relative; the recentring is the same g at that level);
+    ``key_sum[n, c]`` is Σ_{i ≤ t} kc_{n,i};
+    ``key_feature_sum[k, n]`` is Σ_{i ≤ t} f_{n,i,k} / σ_{n,i} over present (f > 0) entries; and
+    ``key_present[k]`` counts the (n, i ≤ t_n) with f_{n,i,k} > 0.
+    """
+
+    query_components: Tensor  # [N, len(PSEUDO), d_head]
+    key_gradient: Tensor  # [N, len(PSEUDO), d_head]
+    key_sum: Tensor  # [N, len(PSEUDO), d_head]
+    key_feature_sum: Tensor  # [|K|, N]
+    key_present: Tensor  # [|K|]
+
+
+def _pseudo_components(W: Tensor, bias: Tensor, b_dec: Tensor, error: Tensor, sigma: Tensor) -> Tensor:
+    """``[..., len(PSEUDO), d_head]``: b_dec W̄ / σ, e W̄ / σ, then the bias (``error [..., d_model]``)."""
+    scaled = torch.stack([(b_dec @ W).expand(*sigma.shape, -1), error @ W], -2) / sigma[..., None, None]
+    return torch.cat([scaled, bias.expand(*sigma.shape, 1, -1)], -2)
+
+
+def _exact_pass(
     model: Any,
     input_sae: sources.InputSAE,
     output_sae: sources.OutputSAE,
@@ -300,8 +340,11 @@ def _exact_factors(
     queries: Tensor | None,
     keys: Tensor | None,
     batch_size: int,
-) -> tuple[_Head, Tensor, Tensor]:
-    """(head, query_acts ``[|Q|, N]``, key_acts ``[|K|, N]``) in float64 (all features when None)."""
+    *,
+    pseudo: bool = False,
+) -> tuple[_Head, Tensor, Tensor, _PseudoSums | None]:
+    """The one pass over the exemplars behind every exact importance: (head, query_acts ``[|Q|, N]``,
+    key_acts ``[|K|, N]``, and with ``pseudo`` the :class:`_PseudoSums`, else None), float64."""
     layer, index = output_sae.layer, output_sae.head
     sources.check_compatible(model, input_sae, output_sae)
     h = _head(model, input_sae, layer, index)
@@ -316,13 +359,16 @@ def _exact_factors(
     queries = slice(None) if queries is None else _check_index("queries", queries, input_sae.n_features)
     keys = slice(None) if keys is None else _check_index("keys", keys, input_sae.n_features)
     u = output_sae.head_encoder[:, feature].detach().double()
+    D, b_dec = input_sae.W_dec.detach().double(), input_sae.b_dec.detach().double()
     names = [f"blocks.{layer}.hook_resid_pre"] + [f"blocks.{layer}.attn.hook_{x}" for x in ("v", "pattern", "z")]
-    query_acts, key_acts = [], []
+    query_acts, key_acts, sums = [], [], []
     for rows, cache in run_batches(model, tokens, layer, names, batch_size=batch_size, desc="", progress=False):
         x, v, pattern, z = (cache[name] for name in names)
         t = positions[rows].to(x.device)
         b = torch.arange(len(t), device=x.device)
-        scaled = input_sae.encode(x.to(input_sae.W_dec.dtype)).double() / h.scale(x.double())[..., None]
+        acts = input_sae.encode(x.to(input_sae.W_dec.dtype)).double()
+        sigma = h.scale(x.double())
+        scaled = acts / sigma[..., None]
         alpha = pattern[b, index, t].double()  # [b, T] the real attention from t_n
         s = v[:, :, index].double() @ u
         s_hat = (alpha * s).sum(-1, keepdim=True)
@@ -331,7 +377,42 @@ def _exact_factors(
         c = alpha * (s - s_hat) * (causal & gate[:, None]) / h.attn_scale
         query_acts.append(scaled[b, t][:, queries].T)
         key_acts.append(torch.einsum("btj,bt->jb", scaled[:, :, keys], c))
-    return h, torch.cat(query_acts, 1), torch.cat(key_acts, 1)
+        if pseudo:
+            error = x.double() - acts @ D - b_dec
+            qc = _pseudo_components(h.W_Q, h.b_Q, b_dec, error[b, t], sigma[b, t])  # [b, P, d_head]
+            kc = _pseudo_components(h.W_K, h.b_K, b_dec, error, sigma)  # [b, T, P, d_head]
+            within = causal.double()
+            present = acts[:, :, keys] > 0
+            sums.append((
+                qc,
+                torch.einsum("bi,bipd->bpd", c - alpha * c.sum(-1, keepdim=True) / alpha.sum(-1, keepdim=True), kc),
+                torch.einsum("bi,bipd->bpd", within, kc),
+                torch.einsum("btj,bt->jb", scaled[:, :, keys] * present, within),
+                torch.einsum("btj,bt->j", present.double(), within),
+            ))
+    pseudo_sums = None
+    if pseudo:
+        qc, kg, ks, kfs, kp = zip(*sums)
+        pseudo_sums = _PseudoSums(torch.cat(qc), torch.cat(kg), torch.cat(ks), torch.cat(kfs, 1), sum(kp))
+    return h, torch.cat(query_acts, 1), torch.cat(key_acts, 1), pseudo_sums
+
+
+def _exact_factors(
+    model: Any,
+    input_sae: sources.InputSAE,
+    output_sae: sources.OutputSAE,
+    feature: int,
+    tokens: Tensor,
+    positions: Tensor,
+    queries: Tensor | None,
+    keys: Tensor | None,
+    batch_size: int,
+) -> tuple[_Head, Tensor, Tensor]:
+    """(head, query_acts ``[|Q|, N]``, key_acts ``[|K|, N]``) in float64 (all features when None)."""
+    h, query_acts, key_acts, _ = _exact_pass(
+        model, input_sae, output_sae, feature, tokens, positions, queries, keys, batch_size
+    )
+    return h, query_acts, key_acts
 
 
 def exact_importance(
@@ -358,6 +439,95 @@ def exact_importance(
     query_proj, _ = h.projections(input_sae.W_dec[queries])
     _, key_proj = h.projections(input_sae.W_dec[keys])
     return (key_proj @ query_proj.T) * (key_acts @ query_acts.T)
+
+
+def pseudo_name(component: str, side: str) -> str:
+    """Readable name of a pseudo-feature for rule text, e.g. ``pseudo_name("bias", "query")`` is
+    ``"any query, via b_Q"``; ``component`` one of :data:`PSEUDO`, ``side`` "query" or "key"."""
+    if side not in _PSEUDO_NAMES:
+        raise ValueError(f"side must be 'query' or 'key', got {side!r}")
+    if component not in PSEUDO:
+        raise ValueError(f"component must be one of {PSEUDO}, got {component!r}")
+    return _PSEUDO_NAMES[side][component]
+
+
+@dataclass(frozen=True)
+class ExactTerms:
+    """Exact importances of every term kind over candidate keys and queries (float64).
+
+    Rows of the pseudo fields follow :data:`PSEUDO` (dec_bias, error, bias). With
+    g_{n,i} = gate_n α_{t i} (s_i − ŝ) / attn_scale (i ≤ t_n, t = t_n), qc / kc the query / key
+    component vectors (b_dec W̄/σ, e W̄/σ, b) and P_Q, P_K = d W̄_Q, d W̄_K:
+
+    - ``features[k, q]`` = Σ_n Σ_i g_{n,i} (f_{n,t,q} P_Q[q]/σ_{n,t})·(f_{n,i,k} P_K[k]/σ_{n,i}),
+      the same as :func:`exact_importance`;
+    - ``query_pseudo[c, k]`` = Σ_n Σ_i g_{n,i} qc_{n,t}·(f_{n,i,k} P_K[k]/σ_{n,i}): the importance
+      of (query component c at t_n) × (key feature k at every i ≤ t_n);
+    - ``key_pseudo[c, q]`` = Σ_n Σ_i g_{n,i} (f_{n,t,q} P_Q[q]/σ_{n,t})·kc_{n,i}: (query feature q)
+      × (key component c). For the key bias kc_{n,i} = b_K for every i and Σ_i g_{n,i} = 0 (softmax
+      ignores a constant per query), so that row is 0 up to rounding.
+
+    The scores are a readable strength, the mean real logit contribution of the term where its
+    feature side is present, over the scored exemplars (whatever their activation):
+
+    - ``query_pseudo_score[c, k]`` = mean over (n, i ≤ t_n) with f_{n,i,k} > 0 of
+      qc_{n,t}·(f_{n,i,k} P_K[k]/σ_{n,i}) / attn_scale;
+    - ``key_pseudo_score[c, q]`` = mean over (n, i ≤ t_n) with f_{n,t,q} > 0 of
+      (f_{n,t,q} P_Q[q]/σ_{n,t})·kc_{n,i} / attn_scale;
+
+    NaN where the feature is never present.
+    """
+
+    features: Tensor  # [|K|, |Q|]
+    query_pseudo: Tensor  # [len(PSEUDO), |K|]
+    key_pseudo: Tensor  # [len(PSEUDO), |Q|]
+    query_pseudo_score: Tensor  # [len(PSEUDO), |K|]
+    key_pseudo_score: Tensor  # [len(PSEUDO), |Q|]
+
+
+def exact_importance_terms(
+    model: Any,
+    input_sae: sources.InputSAE,
+    output_sae: sources.OutputSAE,
+    feature: int,
+    keys: Tensor,
+    queries: Tensor,
+    tokens: Tensor,
+    positions: Tensor,
+    *,
+    batch_size: int = 8,
+) -> ExactTerms:
+    """:func:`exact_importance` of the (query, key) feature pairs and of every pseudo-feature term:
+    (pseudo query component × key feature) and (query feature × pseudo key component); see
+    :class:`ExactTerms`. One pass over the exemplars, float64, never [T, T, n_in, n_in].
+
+    Each factors over exemplars like the pairs do: query_pseudo[c, k] = Σ_n key_acts[k, n]
+    (qc_{n,t}·P_K[k]) and key_pseudo[c, q] = Σ_n query_acts[q, n] (P_Q[q]·Σ_i g_{n,i} kc_{n,i}).
+    """
+    h, query_acts, key_acts, sums = _exact_pass(
+        model, input_sae, output_sae, feature, tokens, positions, queries, keys, batch_size, pseudo=True
+    )
+    query_proj, _ = h.projections(input_sae.W_dec[queries])
+    _, key_proj = h.projections(input_sae.W_dec[keys])
+    features = (key_proj @ query_proj.T) * (key_acts @ query_acts.T)
+
+    def against(weights: Tensor, vectors: Tensor, proj: Tensor) -> Tensor:
+        """``[P, F]``: Σ_n weights[f, n] (vectors[n, p]·proj[f]), without an [N, P, F] intermediate."""
+        summed = (weights @ vectors.flatten(1)).view(len(weights), *vectors.shape[1:])  # [F, P, d_head]
+        return torch.einsum("fpd,fd->pf", summed, proj)
+
+    def mean(total: Tensor, count: Tensor) -> Tensor:
+        return torch.where(count > 0, total / (h.attn_scale * count.clamp(min=1)), math.nan)
+
+    t_count = positions.to(query_acts.device).double() + 1  # keys i ≤ t_n
+    query_count = (query_acts > 0).double() @ t_count
+    return ExactTerms(
+        features,
+        against(key_acts, sums.query_components, key_proj),
+        against(query_acts, sums.key_gradient, query_proj),
+        mean(against(sums.key_feature_sum, sums.query_components, key_proj), sums.key_present),
+        mean(against(query_acts * (query_acts > 0), sums.key_sum, query_proj), query_count),
+    )
 
 
 def exact_factors_all_pairs(

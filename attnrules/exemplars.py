@@ -213,11 +213,14 @@ def sample_exemplars(
     examples_per_bin: int = 150,
     min_bin: int = 6,
     seed: int = 0,
+    positives: str = "top",
 ) -> Optional[Exemplars]:
     """REF's two-bin sampling and split for one feature; None when a bin has fewer than ``min_bin``.
 
-    Positives: the ``examples_per_bin`` sequences with the highest max activation (> 0), scored at
-    their argmax. Negatives: ``examples_per_bin`` random sequences where the feature never fires,
+    Positives (``positives="top"``, REF): the ``examples_per_bin`` sequences with the highest max
+    activation (> 0), scored at their argmax. ``positives="quantiles"``: as many active sequences
+    spread evenly over the ranks of their max activation (the strongest, the weakest and evenly
+    between), so that a weaker way to fire (e.g. a second key of a disjunction) is seen too. Negatives: ``examples_per_bin`` random sequences where the feature never fires,
     scored at a random position in 1..seq_len−1. Each class is split 1/3 test, then the rest in
     half, train and val (REF: 50/50/50 per class).
     """
@@ -225,8 +228,14 @@ def sample_exemplars(
         raise ValueError(f"feature must be in [0, {scan.act_max.shape[1]}), got {feature}")
     rng = np.random.default_rng(seed)
     act = scan.act_max[:, feature]
+    if positives not in ("top", "quantiles"):
+        raise ValueError(f"positives must be 'top' or 'quantiles', got {positives!r}")
     active = torch.nonzero(act > 0).flatten()
-    top = active[torch.sort(act[active], descending=True, stable=True).indices[:examples_per_bin]]
+    ranked = active[torch.sort(act[active], descending=True, stable=True).indices]
+    if positives == "top" or ranked.numel() <= examples_per_bin:
+        top = ranked[:examples_per_bin]
+    else:
+        top = ranked[torch.from_numpy(np.unique(np.linspace(0, ranked.numel() - 1, examples_per_bin).round().astype(np.int64)))]
     inactive = torch.nonzero(act == 0).flatten().numpy()
     if top.numel() < min_bin or len(inactive) < min_bin:
         return None

@@ -24,12 +24,21 @@ from typing import Callable, Optional
 import pandas as pd
 import torch
 
-from attnrules.absence import absence_rules, counterfactual_insertion, insertion_token, natural_prevalence, paper_distractor
+from attnrules.absence import (
+    absence_rules,
+    check_distractors,
+    counterfactual_insertion,
+    feature_tokens,
+    insertion_token,
+    natural_prevalence,
+    paper_distractor,
+    significant_values,
+)
 from attnrules.circuit import HeadCircuit
-from attnrules.counting import detect_counting, silent_base
+from attnrules.counting import CountingCheck, check_counting
 from attnrules.descriptions import InputDescriptions, describe_input_features, token_strings
 from attnrules.evaluation import SweepPoint, n_terms_grid, sweep
-from attnrules.exact import exact_importance, reconstruct
+from attnrules.exact import ExactTerms, exact_importance_terms, reconstruct
 from attnrules.exemplars import (
     FeatureScan,
     exemplar_views,
@@ -40,8 +49,8 @@ from attnrules.exemplars import (
 )
 from attnrules.importance import paper_importance, rank_all_pairs_by_importance
 from attnrules.results import plain, write_csv, write_json
-from attnrules.rules import SkipgramRuleSet, rules_from_importance, rules_from_weights
-from attnrules.scoring import candidate_table, rank_all_pairs
+from attnrules.rules import SkipgramRuleSet, rules_from_exact, rules_from_importance, rules_from_weights
+from attnrules.scoring import PairTable, candidate_table, rank_all_pairs, value_scores
 from attnrules.sources import as_sources
 
 
@@ -54,6 +63,7 @@ class ExtractSettings:
     min_count: int = 150
     max_count: Optional[int] = None  # None: n_sequences - min_count
     examples_per_bin: int = 150
+    positives: str = "top"  # REF: the top-activating sequences; "quantiles": spread over activation ranks
     num_values: int = 100
     num_queries: int = 100
     max_rules: int = 4096
@@ -67,8 +77,11 @@ class ExtractSettings:
     show_terms: int = 8
     exhaustive_k: int = 100  # also rank all n_in × n_in pairs by A×V and by importance (0: skip)
     max_distractors: int = 100  # distractor keys kept per skip-gram term
+    distractor_checks: int = 3  # distractors per term tested by insertion (confirmed / unconfirmed / cleared)
     counting: bool = True  # run the counting detector on each feature's top term
     counting_max: int = 8  # copies tried by the counting detector
+    counting_bases: int = 64  # base sequences the counting detector uses (corpus first, then filler)
+    counting_min_bases: int = 16  # fewer than this: "undetermined"
     insertion_counts: tuple[int, ...] = (0, 1, 2, 3)  # REF's counterfactual insertion counts
     show_exemplars: int = 5  # top-activating validation exemplars kept with activations and DFA
     exact: bool = True  # add the exact-mode ordering and the head's logit decomposition
@@ -101,6 +114,12 @@ class FeatureResult:
     paper_distractor: Optional[dict] = None  # REF's single check (reference §6.1)
     counting: Optional[dict] = None  # CountingRule.to_dict() when the feature counts
     exemplars: list = field(default_factory=list)  # ExemplarView.to_dict() of the top validation exemplars
+    absence_dropped: list = field(default_factory=list)  # absence terms whose every tested distractor was
+    # unconfirmed by insertion or cleared by exact mode (AbsenceRule.to_dict() with the evidence)
+    counting_check: Optional[dict] = None  # CountingCheck.to_dict(): what the counting detector did, and why
+    unseen_keys: list = field(default_factory=list)  # candidate keys with V > 0 never present in a train positive
+    notes: list = field(default_factory=list)  # e.g. "no key's value score rises above float noise"
+    errors: list = field(default_factory=list)  # {"step", "error"} of each step that failed for this feature
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -173,8 +192,21 @@ class HeadResult:
             if f.absence:
                 lines.append("  absence:")
                 lines += [f"    {a['text']}" for a in f.absence]
+            cleared = [(a, d) for a in f.absence + f.absence_dropped for d, st in zip(a["distractors"], a["status"])
+                       if st in ("cleared", "unconfirmed")]
+            if cleared:
+                lines.append(f"  distractors paper mode claims but the evidence drops: {len(cleared)} "
+                             f"({sum(st == 'cleared' for a in f.absence + f.absence_dropped for st in a['status'])} cleared by exact mode)")
             if f.counting:
                 lines.append(f"  counting:\n    {f.counting['text']}")
+            elif f.counting_check and f.counting_check["status"] == "undetermined":
+                lines.append(f"  counting: undetermined ({f.counting_check['reason']})")
+            lines += [f"  note: {n}" for n in f.notes]
+            lines += [f"  failed step {e['step']}: {e['error']}" for e in f.errors]
+        failed = [e for f in self.features for e in f.errors]
+        if failed:
+            lines.append(f"\n{len(failed)} failed steps in {sum(bool(f.errors) for f in self.features)} features "
+                         f"(recorded in their results; the run went on)")
         groups = self.metadata.get("exact_logit_groups")
         if groups:
             top = sorted(groups, key=lambda g: -g["share"])[:6]
@@ -216,14 +248,14 @@ def extract_feature(
     train: tuple[torch.Tensor, torch.Tensor],
     val: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     settings: ExtractSettings,
-    exact: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
-) -> tuple[dict[str, SkipgramRuleSet], list[SweepPoint]]:
-    """Rules of each ordering for one feature (the top ``show_terms`` terms) and their sweep over N
-    on the validation exemplars.
+    exact: Optional[Callable[[torch.Tensor, torch.Tensor], ExactTerms]] = None,
+) -> tuple[dict[str, SkipgramRuleSet], list[SweepPoint], PairTable]:
+    """Rules of each ordering for one feature (the top ``show_terms`` terms), their sweep over N
+    on the validation exemplars, and the candidate table.
 
     ``train`` = (acts ``[N, T, n_in]``, positions); ``val`` = (acts, positions, act_max). With
-    ``exact`` (keys, queries → exact-mode importance matrix) a third ordering, "exact", ranks the same
-    candidate cross product by the gradient through the real head.
+    ``exact`` (keys, queries → :class:`~attnrules.exact.ExactTerms`) a third ordering, "exact", ranks
+    the same candidate cross product and the pseudo-feature terms by the gradient through the real head.
     """
     table = candidate_table(circuit, feature, num_values=settings.num_values, num_queries=settings.num_queries,
                             negative_values=settings.negative_values, backend=settings.backend)
@@ -235,48 +267,141 @@ def extract_feature(
                                                       absolute=settings.absolute),
     }
     if exact is not None:
-        exact_importance_matrix = exact(keys, queries).to("cpu", importance.dtype)
-        builders["exact"] = lambda n: rules_from_importance(circuit, feature, keys, queries, exact_importance_matrix,
-                                                            n, absolute=settings.absolute, method="exact")
+        terms = exact(keys, queries)
+        builders["exact"] = lambda n: rules_from_exact(circuit, feature, keys, queries, terms, n,
+                                                       absolute=settings.absolute)
     grid = n_terms_grid(settings.max_rules)
     points, rules = [], {}
     for method, build in builders.items():
         points += sweep(build, *val, grid, threshold=settings.threshold)
         rules[method] = build(settings.show_terms)
-    return rules, points
+    return rules, points, table
+
+
+@dataclass(frozen=True)
+class TrainExemplars:
+    """A feature's train split as the beyond-skip-gram steps need it: corpus rows, scored positions,
+    input-SAE activations ``[N, T, n_in]`` and whether each was sampled as a positive."""
+
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    acts: torch.Tensor
+    positive: torch.Tensor
+
+
+class TokenLookup:
+    """The token that stands for each input feature (to insert or place), computed once per feature
+    for a run: REF's embedding argmax at layer 0, the feature's real activation on [BOS, t] above it
+    (:func:`attnrules.absence.feature_tokens`)."""
+
+    def __init__(self, model, input_sae) -> None:
+        self.model, self.input_sae = model, input_sae
+        self.mode = "paper" if input_sae.layer == 0 else "activation"
+        self.known: dict[int, Optional[int]] = {}
+
+    def prepare(self, features) -> None:
+        missing = sorted({int(f) for f in features if f >= 0} - set(self.known))
+        if missing:
+            self.known.update(feature_tokens(self.model, self.input_sae, missing, mode=self.mode))
+
+    def __call__(self, feature: int) -> Optional[int]:
+        if feature < 0:
+            return None
+        self.prepare([feature])
+        return self.known[feature]
+
+
+def bos_token(model, tokens: torch.Tensor) -> int:
+    """The BOS id: the tokenizer's, else the most common first token of the corpus."""
+    bos = getattr(model.tokenizer, "bos_token_id", None) if model.tokenizer is not None else None
+    return int(bos) if bos is not None else int(torch.mode(tokens[:, 0]).values)
 
 
 def beyond_skipgrams(
     model, input_sae, output_sae, circuit: HeadCircuit, feature: int, rule_sets: dict[str, SkipgramRuleSet],
-    tokens: torch.Tensor, act_max: torch.Tensor, settings: ExtractSettings, describe: InputDescriptions,
+    tokens: torch.Tensor, act_max: torch.Tensor, train: TrainExemplars, settings: ExtractSettings,
+    describe: InputDescriptions, token_of: TokenLookup, steps: "FeatureSteps",
 ) -> dict:
-    """Absence rules of the feature's top terms, REF's distractor check, and a counting rule if any."""
-    firing = [r for r in rule_sets.values() if len(r)]
-    terms = {(q, k) for r in firing for q, k, a, v in zip(r.queries.tolist(), r.keys.tolist(),
-                                                          r.attn_score.tolist(), r.value_score.tolist()) if a * v > 0}
+    """Absence rules of the feature's top terms (tested by insertion; exact mode clears those the real
+    logits reject), REF's distractor check, and the counting detector on the top term."""
     name = circuit.feature_name(feature)
-    top = SkipgramRuleSet(name, torch.tensor([q for q, _ in sorted(terms)], dtype=torch.long),
-                          torch.tensor([k for _, k in sorted(terms)], dtype=torch.long),
-                          torch.zeros(len(terms)), torch.zeros(len(terms)))
-    absences = absence_rules(circuit, feature, top, max_distractors=settings.max_distractors, backend=settings.backend)
-    paper = paper_distractor(circuit, feature)
-    counting = None
-    best = rule_sets["weights"]
-    first = next((i for i, (a, v) in enumerate(zip(best.attn_score.tolist(), best.value_score.tolist())) if a * v > 0), None)
-    if settings.counting and first is not None:
-        q_tok, k_tok = (insertion_token(model, input_sae, int(x)) for x in (best.queries[first], best.keys[first]))
-        if q_tok is not None and k_tok is not None:
-            avoid = [q_tok, k_tok] + [t for t in (insertion_token(model, input_sae, d) for a in absences
-                                                  for d in a.distractors[:3]) if t is not None]
-            base = silent_base(tokens, act_max, avoid)
-            counting = detect_counting(model, output_sae, feature, name, base, q_tok, k_tok,
-                                       max_count=min(settings.counting_max, tokens.shape[1] - 3), seed=settings.seed)
-    words = token_strings(model)
-    return {
-        "absence": [a.to_dict(describe) for a in absences],
-        "paper_distractor": paper.to_dict(),
-        "counting": counting.to_dict(words.__getitem__) if counting is not None else None,
-    }
+    significant = significant_values(circuit, feature)
+    out = {"absence": [], "absence_dropped": [], "paper_distractor": None, "counting": None, "counting_check": None}
+    paper = steps.run("paper_distractor", lambda: paper_distractor(circuit, feature))
+    out["paper_distractor"] = paper.to_dict() if paper is not None else None
+    if not bool(significant.any()):
+        steps.notes.append("no key's value score rises above float noise (|V| ≤ 1e-4·|value vector|·|u|): "
+                           "no absence or counting rule is sought")
+        out["counting_check"] = CountingCheck("not run", "value scores are float noise").to_dict()
+        return out
+    firing = [(q, k) for r in rule_sets.values() for q, k, a, v in zip(r.queries.tolist(), r.keys.tolist(),
+                                                                    r.attn_score.tolist(), r.value_score.tolist())
+              if q >= 0 and k >= 0 and a * v > 0 and bool(significant[k])]
+    terms = sorted(set(firing))
+    top = SkipgramRuleSet(name, torch.tensor([q for q, _ in terms], dtype=torch.long),
+                          torch.tensor([k for _, k in terms], dtype=torch.long), torch.zeros(len(terms)),
+                          torch.zeros(len(terms)))
+
+    def absences():
+        found = absence_rules(circuit, feature, top, max_distractors=settings.max_distractors, backend=settings.backend)
+        token_of.prepare([j for a in found for j in a.distractors[: settings.distractor_checks]])
+        return check_distractors(model, output_sae, feature, found, train.tokens, train.positions, train.acts, token_of,
+                                 per_term=settings.distractor_checks, exact=settings.exact,
+                                 batch_size=settings.batch_size)
+
+    rules = steps.run("absence", absences) or []
+    out["absence"] = [a.to_dict(describe) for a in rules if a.kept]
+    out["absence_dropped"] = [a.to_dict(describe) for a in rules if not a.kept]
+    if settings.counting and firing:
+        q, k = firing[0]  # the top firing term of the first ordering (weights)
+        kept = next((a.kept for a in rules if (a.query, a.key) == (q, k)), ())
+
+        def counting():
+            token_of.prepare([q, k, *kept[:3]])
+            return check_counting(
+                model, output_sae, feature, name, tokens, act_max, token_of(q), token_of(k),
+                avoid=[t for t in map(token_of, kept[:3]) if t is not None], bos=bos_token(model, tokens),
+                n_base=settings.counting_bases, min_base=settings.counting_min_bases,
+                max_count=settings.counting_max, seed=settings.seed)
+
+        check, rule = steps.run("counting", counting) or (None, None)
+        words = token_strings(model)
+        out["counting"] = rule.to_dict(words.__getitem__) if rule is not None else None
+        out["counting_check"] = check.to_dict() if check is not None else None
+    elif settings.counting:
+        out["counting_check"] = CountingCheck("not run", "no top term promotes the feature").to_dict()
+    return out
+
+
+def unseen_keys(circuit: HeadCircuit, feature: int, table: PairTable, train: TrainExemplars,
+                describe: InputDescriptions) -> list[dict]:
+    """Candidate keys with a significant positive value that no train positive holds at or before its
+    scored position: their pairs get no importance, whatever their weight (e.g. the weaker key of a
+    disjunction under REF's top-activating positives)."""
+    v = value_scores(circuit, feature)
+    significant = significant_values(circuit, feature)
+    keys = _first_appearance(table.keys)
+    keys = keys[(v[keys] > 0) & significant[keys]]
+    acts = train.acts[train.positive][:, :, keys]
+    upto = torch.arange(acts.shape[1])[None, :] <= train.positions[train.positive][:, None]
+    seen = ((acts > 0) & upto[:, :, None]).any(dim=(0, 1))
+    return [{"key": int(k), "key_desc": describe(int(k)), "value_score": float(v[k])} for k in keys[~seen].tolist()]
+
+
+class FeatureSteps:
+    """Runs one feature's steps: a step that raises is recorded as {"step", "error"} and gives None,
+    so one feature's failure never aborts the head."""
+
+    def __init__(self) -> None:
+        self.errors: list[dict] = []
+        self.notes: list[str] = []
+
+    def run(self, step: str, fn: Callable[[], object]):
+        try:
+            return fn()
+        except Exception as error:  # noqa: BLE001 - recorded in the feature's results, the run goes on
+            self.errors.append({"step": step, "error": f"{type(error).__name__}: {error}"})
+            return None
 
 
 def exhaustive_pairs(
@@ -336,6 +461,7 @@ def extract_head(
             notes.append(f"no output feature is active in at least {settings.min_count} and at most "
                          f"{settings.max_count or scan.n_sequences - settings.min_count} of the {scan.n_sequences} sequences")
     describe = describe_input_features(model, input_sae, backend=settings.backend)
+    token_of = TokenLookup(model, input_sae)
     done_dir = Path(out_dir) / "features" if out_dir is not None else None
     results = []
     for i, g in enumerate(features):
@@ -347,47 +473,70 @@ def extract_head(
         if progress:
             print(f"[{i + 1}/{len(features)}] {name}", file=sys.stderr)
         ex = sample_exemplars(scan, g, seq_len=tokens.shape[1], examples_per_bin=settings.examples_per_bin,
-                              seed=settings.seed + g)
+                              seed=settings.seed + g, positives=settings.positives)
         if ex is None:
             notes.append(f"{name} skipped: too few active or inactive sequences")
             continue
-        batch = max(1, settings.batch_size // 8)
-        acts = {s: input_activations(model, input_sae, tokens[getattr(ex, s).sequence], batch_size=batch)
-                for s in ("train", "val")}
-        exact = None
-        if settings.exact:
-            exact = functools.partial(exact_importance, model, input_sae, output_sae, g,
-                                      tokens=tokens[ex.train.sequence], positions=ex.train.position, batch_size=batch)
-        rule_sets, points = extract_feature(
-            circuit, g, (acts["train"], ex.train.position),
-            (acts["val"], ex.val.position, ex.val.act_max), settings, exact,
-        )
-        rules = {method: _rules_to_dict(r, describe) for method, r in rule_sets.items()}
-        extra = beyond_skipgrams(model, input_sae, output_sae, circuit, g, rule_sets, tokens, scan.act_max[:, g],
-                                 settings, describe)
-        pairs = []
-        if settings.exhaustive_k > 0:
-            pairs = exhaustive_pairs(circuit, g, (acts["train"], ex.train.position), settings.exhaustive_k,
-                                     settings.backend, describe)
-        top = torch.sort(ex.val.act_max, descending=True, stable=True).indices[: settings.show_exemplars]
-        views = exemplar_views(model, output_sae, g, tokens, ex.val.sequence[top], ex.val.position[top])
-        result = FeatureResult(g, name, len(ex.train), len(ex.val), rules, [p.to_dict() for p in points], pairs,
-                               exemplars=[v.to_dict() for v in views], **extra)
-        if done_dir is not None:
+        result = extract_one(model, input_sae, output_sae, circuit, g, tokens, scan, ex, settings, describe, token_of)
+        if done_dir is not None and not result.errors:  # a feature with a failed step is retried on resume
             write_json(done_dir / f"{name}.json", {"settings": fingerprint, **result.to_dict()})
         results.append(result)
     flagged = [f for f in results if f.paper_distractor and f.paper_distractor["has_distractor"]]
     metadata = {"settings": plain(dataclasses.asdict(settings)), "notes": notes, "n_sequences": scan.n_sequences,
                 "seq_len": tokens.shape[1], "n_inputs": circuit.n_inputs, "n_outputs": circuit.n_outputs,
-                "distractor_share": len(flagged) / len(results) if results else None}
+                "distractor_share": len(flagged) / len(results) if results else None,
+                "features_with_failures": [f.name for f in results if f.errors]}
+    head_steps = FeatureSteps()  # head-level steps: failures recorded in metadata["head_errors"]
     if settings.exact:
-        groups = reconstruct(model, input_sae, circuit.head, tokens[:16]).summary()
-        metadata["exact_logit_groups"] = groups.reset_index().to_dict(orient="records")
-    evidence = distractor_evidence(model, input_sae, output_sae, tokens, flagged, settings, progress)
+        groups = head_steps.run("exact_logit_groups", lambda: reconstruct(model, input_sae, circuit.head, tokens[:16]).summary())
+        if groups is not None:
+            metadata["exact_logit_groups"] = groups.reset_index().to_dict(orient="records")
+    evidence = head_steps.run("distractor_evidence", lambda: distractor_evidence(
+        model, input_sae, output_sae, tokens, flagged, settings, progress)) or []
+    metadata["head_errors"] = head_steps.errors
+    metadata["failed_steps"] = sum(len(f.errors) for f in results) + len(head_steps.errors)
     result = HeadResult(circuit.layer, circuit.head, results, metadata, evidence)
     if out_dir is not None:
         result.write(out_dir)
     return result
+
+
+def extract_one(
+    model, input_sae, output_sae, circuit: HeadCircuit, g: int, tokens: torch.Tensor, scan: FeatureScan, ex,
+    settings: ExtractSettings, describe: InputDescriptions, token_of: TokenLookup,
+) -> FeatureResult:
+    """Every step for one output feature; a step that fails is recorded in the result (step, error)."""
+    steps = FeatureSteps()
+    name = circuit.feature_name(g)
+    batch = max(1, settings.batch_size // 8)
+    acts = steps.run("input_activations", lambda: {
+        s: input_activations(model, input_sae, tokens[getattr(ex, s).sequence], batch_size=batch) for s in ("train", "val")})
+    if acts is None:
+        return FeatureResult(g, name, len(ex.train), len(ex.val), {}, [], errors=steps.errors)
+    train = TrainExemplars(tokens[ex.train.sequence], ex.train.position, acts["train"], ex.train.positive)
+    exact = None
+    if settings.exact:
+        exact = functools.partial(exact_importance_terms, model, input_sae, output_sae, g,
+                                  tokens=train.tokens, positions=train.positions, batch_size=batch)
+    found = steps.run("rules", lambda: extract_feature(
+        circuit, g, (train.acts, train.positions), (acts["val"], ex.val.position, ex.val.act_max), settings, exact))
+    if found is None:
+        return FeatureResult(g, name, len(ex.train), len(ex.val), {}, [], errors=steps.errors)
+    rule_sets, points, table = found
+    rules = {method: _rules_to_dict(r, describe) for method, r in rule_sets.items()}
+    extra = beyond_skipgrams(model, input_sae, output_sae, circuit, g, rule_sets, tokens, scan.act_max[:, g], train,
+                             settings, describe, token_of, steps)
+    pairs = []
+    if settings.exhaustive_k > 0:
+        pairs = steps.run("exhaustive_pairs", lambda: exhaustive_pairs(
+            circuit, g, (train.acts, train.positions), settings.exhaustive_k, settings.backend, describe)) or []
+    top = torch.sort(ex.val.act_max, descending=True, stable=True).indices[: settings.show_exemplars]
+    views = steps.run("exemplar_views", lambda: exemplar_views(
+        model, output_sae, g, tokens, ex.val.sequence[top], ex.val.position[top])) or []
+    unseen = steps.run("unseen_keys", lambda: unseen_keys(circuit, g, table, train, describe)) or []
+    return FeatureResult(g, name, len(ex.train), len(ex.val), rules, [p.to_dict() for p in points], pairs,
+                         exemplars=[v.to_dict() for v in views], unseen_keys=unseen, notes=steps.notes,
+                         errors=steps.errors, **extra)
 
 
 def distractor_evidence(

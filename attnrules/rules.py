@@ -7,6 +7,13 @@ activation (p = 2), its importance rules do not (p = 1) — and an exemplar's pr
 maximum over matches, 0 when nothing matches (importance rules, paper or exact, count only matches
 with A ≠ 0, as REF's do). With threshold 0 the feature is predicted active iff
 some match has A·V > 0 (REF also fires when both are negative).
+
+Exact-mode rule sets (:func:`rules_from_exact`) differ where REF's convention would fire on float
+noise: a term's weight is its exact importance (the gradient of the real activation), and a term
+fires only when that weight exceeds ``EXACT_REL_TOL`` × the largest |importance| of the feature's
+candidates. Their terms may be pseudo-features of the exact decomposition (negative ids, see
+:data:`PSEUDO_IDS`): a pseudo query is present at every position, a pseudo key at every position
+up to the query, so ``[plon] … [any query, via b_Q]`` fires wherever plon occurs before the query.
 """
 from __future__ import annotations
 
@@ -17,9 +24,20 @@ import pandas as pd
 import torch
 
 from attnrules.circuit import HeadCircuit
+from attnrules.exact import PSEUDO, ExactTerms, pseudo_name
 from attnrules.importance import select_terms
 from attnrules.results import plain
 from attnrules.scoring import PairTable, attn_scores, value_scores
+
+
+EXACT_REL_TOL = 1e-3  # exact-mode terms weaker than this share of the strongest never fire
+PSEUDO_IDS = {-1 - i: name for i, name in enumerate(PSEUDO)}  # term ids of the pseudo-features
+
+
+def describe_term_side(describe: Callable[[int], str], feature: int, side: str) -> str:
+    """A term's query or key (``side``) as text: the input feature's description, or for a pseudo-feature
+    id its readable name (e.g. "any query, via b_Q")."""
+    return pseudo_name(PSEUDO_IDS[feature], side) if feature < 0 else describe(feature)
 
 
 @dataclass(frozen=True)
@@ -33,6 +51,8 @@ class SkipgramRuleSet:
     value_score: torch.Tensor  # [n]
     key_power: int = 2
     method: str = "weights"
+    weight: Optional[torch.Tensor] = None  # [n] per-term weight (exact importance); None: A·V
+    min_weight: float = float("-inf")  # terms whose weight is not above this never fire
 
     def __len__(self) -> int:
         return self.queries.numel()
@@ -45,14 +65,19 @@ class SkipgramRuleSet:
             raise ValueError(f"positions must be [n_exemplars={acts.shape[0]}], got shape {tuple(positions.shape)}")
         n, t_len, _ = acts.shape
         best = torch.full((n,), float("-inf"), dtype=acts.dtype)
-        weight = (self.attn_score * self.value_score).to(acts.dtype)
-        q_act = acts[torch.arange(n), positions][:, self.queries]  # [N, terms]
+        weight = (self.attn_score * self.value_score if self.weight is None else self.weight).to(acts.dtype)
+        # pseudo-features (negative ids) are present everywhere: activation 1
+        q_act = acts[torch.arange(n), positions][:, self.queries.clamp(min=0)]  # [N, terms]
+        q_act = torch.where(self.queries < 0, torch.ones_like(q_act), q_act)
+        live = weight > self.min_weight
         # only (exemplar, term) pairs whose query feature is active at t can match
-        ex, term = torch.nonzero(q_act > 0, as_tuple=True)
+        ex, term = torch.nonzero((q_act > 0) & live, as_tuple=True)
         if ex.numel():
-            k_act = acts[ex, :, self.keys[term]]  # [P, T]
+            keys = self.keys[term]
+            k_act = acts[ex, :, keys.clamp(min=0)]  # [P, T]
+            k_act = torch.where(keys[:, None] < 0, torch.ones_like(k_act), k_act)
             match = (torch.arange(t_len)[None, :] <= positions[ex][:, None]) & (k_act > 0)
-            if self.method != "weights":  # REF's importance rules list only the nonzero F[t,q]·F[t',k]·A terms
+            if self.method == "importance":  # REF's importance rules list only the nonzero F[t,q]·F[t',k]·A terms
                 match &= (self.attn_score[term] != 0)[:, None]
             score = q_act[ex, term][:, None] * k_act**self.key_power * weight[term][:, None]
             per_pair = score.masked_fill(~match, float("-inf")).amax(dim=1)
@@ -64,7 +89,8 @@ class SkipgramRuleSet:
         lines = []
         for q, k, a, v in list(zip(self.queries.tolist(), self.keys.tolist(), self.attn_score.tolist(),
                                    self.value_score.tolist()))[:limit]:
-            lines.append(f"[{describe(k)}] … [{describe(q)}] → {self.feature_name}   (A={a:.3g}, V={v:.3g})")
+            key, query = describe_term_side(describe, k, "key"), describe_term_side(describe, q, "query")
+            lines.append(f"[{key}] … [{query}] → {self.feature_name}   (A={a:.3g}, V={v:.3g})")
         return lines
 
     def to_frame(self, describe: Optional[Callable[[int], str]] = None) -> pd.DataFrame:
@@ -79,9 +105,11 @@ class SkipgramRuleSet:
                 "value_score": plain(self.value_score),
             }
         )
+        if self.weight is not None:
+            frame["weight"] = plain(self.weight)
         if describe is not None:
-            frame["query_desc"] = [describe(q) for q in plain(self.queries)]
-            frame["key_desc"] = [describe(k) for k in plain(self.keys)]
+            frame["query_desc"] = [describe_term_side(describe, q, "query") for q in plain(self.queries)]
+            frame["key_desc"] = [describe_term_side(describe, k, "key") for k in plain(self.keys)]
         return frame
 
 
@@ -113,4 +141,43 @@ def rules_from_importance(
     q, k = queries[cols], keys[rows]
     return SkipgramRuleSet(
         circuit.feature_name(feature), q, k, attn_scores(circuit, q, k), value_scores(circuit, feature)[k], 1, method
+    )
+
+
+def rules_from_exact(
+    circuit: HeadCircuit,
+    feature: int,
+    keys: torch.Tensor,
+    queries: torch.Tensor,
+    terms: ExactTerms,
+    n: int,
+    *,
+    absolute: bool = True,
+    rel_tol: float = EXACT_REL_TOL,
+) -> SkipgramRuleSet:
+    """Exact-mode rule: N terms chosen as REF chooses (:func:`attnrules.importance.select_terms`) among
+    the feature pairs of the K × Q cross product and the pseudo-feature terms (pseudo query × key
+    feature, query feature × pseudo key), ranked by exact importance. A pseudo term's ``attn_score``
+    is its mean real-logit contribution and its ``value_score`` the key's (NaN for a pseudo key)."""
+    n_k, n_q, n_p = len(keys), len(queries), len(PSEUDO)
+    ids = torch.tensor(list(PSEUDO_IDS), dtype=torch.long)
+    importance = torch.zeros(n_k + n_p, n_q + n_p, dtype=torch.float64)
+    score = torch.zeros_like(importance)
+    importance[:n_k, :n_q] = terms.features
+    importance[:n_k, n_q:] = terms.query_pseudo.T
+    importance[n_k:, :n_q] = terms.key_pseudo
+    score[:n_k, :n_q] = attn_scores(circuit, queries[None, :], keys[:, None]).double()
+    score[:n_k, n_q:] = terms.query_pseudo_score.T
+    score[n_k:, :n_q] = terms.key_pseudo_score
+    selected = select_terms(importance, n, absolute=absolute)
+    ranking = importance.abs() if absolute else importance
+    rows, cols = torch.nonzero(selected, as_tuple=True)
+    order = torch.sort(ranking[rows, cols], descending=True, stable=True).indices
+    rows, cols = rows[order], cols[order]
+    q, k = torch.cat([queries, ids])[cols], torch.cat([keys, ids])[rows]
+    values = value_scores(circuit, feature).double()[k.clamp(min=0)]
+    values = torch.where(k < 0, torch.full_like(values, float("nan")), values)
+    return SkipgramRuleSet(
+        circuit.feature_name(feature), q, k, score[rows, cols], values, 1, "exact",
+        weight=importance[rows, cols], min_weight=rel_tol * float(importance.abs().max()),
     )

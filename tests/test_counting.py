@@ -7,6 +7,7 @@ from attnrules.counting import (
     classify_counts,
     classify_difference,
     counterfactuals,
+    check_counting,
     detect_counting,
     silent_base,
 )
@@ -67,5 +68,37 @@ def test_classification_of_responses():
 def test_silent_base_needs_clean_sequences():
     tokens = torch.tensor([[0, 1, 2], [0, 3, 3]])
     assert silent_base(tokens, torch.tensor([0.0, 0.0]), [1]).tolist() == [[0, 3, 3]]
-    with pytest.raises(ValueError, match="no sequence"):
-        silent_base(tokens, torch.tensor([0.0, 1.0]), [1])
+    assert silent_base(tokens, torch.tensor([0.0, 1.0]), [1]).shape == (0, 3)
+
+
+def test_check_counting_never_avoids_bos_and_builds_filler(toy, corpus):
+    """Avoiding the query, key and a distractor that is BOS itself: BOS is not avoided (else no
+    sequence qualifies); with too few clean corpus sequences, filler from frequent tokens fills in."""
+    bos = toy.token_id("<|endoftext|>")
+    games = toy.token_id("games")
+    scan = scan_output_features(toy.model, toy.output_saes[1], corpus)
+    check, rule = check_counting(toy.model, toy.output_saes[1], 0, "L0H1.0", corpus, scan.act_max[:, 0], games, games,
+                                 avoid=[bos], bos=bos)
+    assert check.status == "rule" and bos not in check.avoided and check.n_base == 64 and check.n_synthetic == 0
+    assert (rule.kind, rule.threshold) == ("threshold", 2)
+    few = corpus[:40]  # about 20 clean sequences: the rest is built from frequent corpus tokens
+    check, rule = check_counting(toy.model, toy.output_saes[1], 0, "L0H1.0", few, scan.act_max[:40, 0], games, games,
+                                 bos=bos)
+    assert check.status == "rule" and check.n_base == 64 and 0 < check.n_synthetic < 64
+    assert (rule.kind, rule.threshold) == ("threshold", 2)
+
+
+def test_check_counting_is_undetermined_without_enough_bases(toy, corpus):
+    """When every token of the corpus is to be avoided no base can be built: the result says why."""
+    bos = toy.token_id("<|endoftext|>")
+    games = toy.token_id("games")
+    everything = [t for t in range(toy.model.cfg.d_vocab) if t != bos]
+    scan = scan_output_features(toy.model, toy.output_saes[1], corpus)
+    check, rule = check_counting(toy.model, toy.output_saes[1], 0, "L0H1.0", corpus, scan.act_max[:, 0], games, games,
+                                 avoid=everything, bos=bos)
+    assert rule is None and check.status == "undetermined" and check.n_base == 0
+    assert "at least 16" in check.reason
+    check, _ = check_counting(toy.model, toy.output_saes[1], 0, "L0H1.0", corpus, scan.act_max[:, 0], None, games, bos=bos)
+    assert check.status == "undetermined" and "query" in check.reason
+    check, _ = check_counting(toy.model, toy.output_saes[1], 0, "L0H1.0", corpus, scan.act_max[:, 0], games, bos, bos=bos)
+    assert check.status == "undetermined" and "BOS" in check.reason

@@ -155,7 +155,7 @@ def test_extract_feature_runs_both_methods(toy, extracted):
 
     settings = ExtractSettings(num_values=e["circuit"].n_inputs, num_queries=e["circuit"].n_inputs, max_rules=16)
     describe = describe_input_features(toy.model, toy.input_sae)
-    rules, points = extract_feature(
+    rules, points, _ = extract_feature(
         e["circuit"], 0, (e["acts"]["train"], e["ex"].train.position),
         (e["acts"]["val"], e["ex"].val.position, e["ex"].val.act_max), settings,
     )
