@@ -39,6 +39,7 @@ def _add_run_options(p: argparse.ArgumentParser, default_out: str) -> argparse.A
     ref.add_argument("--min-count", type=int, default=150, help="a sampled feature is active in at least this many sequences ...")
     ref.add_argument("--max-count", type=int, default=None, help="... and at most this many (default: n_sequences - min_count)")
     ref.add_argument("--examples-per-bin", type=int, default=150, help="positive and negative exemplars per feature (split 1/3 each into train/val/test)")
+    ref.add_argument("--positives", choices=("top", "quantiles"), default="top", help="positive exemplars: the top-activating sequences (REF) or spread over activation quantiles")
     ref.add_argument("--num-values", type=int, default=100, help="candidate keys by value score (capped to the number of input features)")
     ref.add_argument("--num-queries", type=int, default=100, help="candidate queries per key by attention score (capped likewise)")
     ref.add_argument("--max-rules", type=int, default=4096, help="largest number of terms in the N = 4, 8, ... sweep")
@@ -49,6 +50,9 @@ def _add_run_options(p: argparse.ArgumentParser, default_out: str) -> argparse.A
     ref.add_argument("--seed", type=int, default=0, help="seed for feature and exemplar sampling")
     beyond = p.add_argument_group("absence and counting rules")
     beyond.add_argument("--max-distractors", type=int, default=100, help="distractor keys kept per skip-gram term")
+    beyond.add_argument("--distractor-checks", type=int, default=3, help="distractors per term tested by insertion (unconfirmed ones are not reported as rules)")
+    beyond.add_argument("--counting-bases", type=int, default=64, help="base sequences for the counting detector (silent corpus sequences, then filler)")
+    beyond.add_argument("--counting-min-bases", type=int, default=16, help="fewer base sequences than this: counting is 'undetermined'")
     beyond.add_argument("--no-exact", action="store_true", help="skip exact mode (the exact-importance ordering and the logit decomposition)")
     beyond.add_argument("--no-counting", action="store_true", help="skip the counting detector")
     beyond.add_argument("--counting-max", type=int, default=8, help="largest number of key copies the counting detector tries")
@@ -155,11 +159,12 @@ def workload_from_args(args, *, whole_model: bool) -> Workload:
 def settings_from_args(args) -> ExtractSettings:
     return ExtractSettings(
         features=args.features, num_features=args.num_features, min_count=args.min_count, max_count=args.max_count,
-        examples_per_bin=args.examples_per_bin, num_values=args.num_values, num_queries=args.num_queries,
+        examples_per_bin=args.examples_per_bin, positives=args.positives, num_values=args.num_values, num_queries=args.num_queries,
         max_rules=args.max_rules, negative_values=args.negative_values, absolute=not args.signed,
         loss_type=args.loss_type, threshold=args.threshold, seed=args.seed, batch_size=args.batch_size,
         backend=args.backend, show_terms=args.show_terms, exhaustive_k=args.exhaustive_k,
-        max_distractors=args.max_distractors, counting=not args.no_counting, counting_max=args.counting_max,
+        max_distractors=args.max_distractors, distractor_checks=args.distractor_checks, counting=not args.no_counting,
+        counting_max=args.counting_max, counting_bases=args.counting_bases, counting_min_bases=args.counting_min_bases,
         insertion_counts=args.insertion_counts, show_exemplars=args.show_exemplars, exact=not args.no_exact,
     )
 

@@ -57,6 +57,22 @@ def test_split_sizes_are_refs():
     assert set(positives.tolist()) == set(top150.tolist())
 
 
+def test_quantile_positives_span_the_activation_ranks():
+    g = torch.Generator().manual_seed(0)
+    act = torch.rand(1000, 2, generator=g) * (torch.rand(1000, 2, generator=g) < 0.4)
+    ex = sample_exemplars(_scan(act), 1, seq_len=64, positives="quantiles")
+    positives = torch.cat([s.sequence[s.positive] for s in (ex.train, ex.val, ex.test)])
+    active = torch.nonzero(act[:, 1] > 0).flatten()
+    ranked = active[torch.sort(act[active, 1], descending=True, stable=True).indices]
+    assert positives.numel() == 150 and set(positives.tolist()) <= set(ranked.tolist())
+    assert ranked[0] in positives and ranked[-1] in positives  # the strongest and the weakest
+    ranks = sorted(int((ranked == p).nonzero()) for p in positives)
+    gaps = torch.diff(torch.tensor(ranks))
+    assert int(gaps.max()) - int(gaps.min()) <= 1  # evenly spread
+    with pytest.raises(ValueError, match="positives must be"):
+        sample_exemplars(_scan(act), 1, seq_len=64, positives="bottom")
+
+
 def test_small_bins_and_skips():
     act = torch.zeros(40, 1)
     act[:20, 0] = torch.linspace(1, 2, 20)

@@ -1,0 +1,52 @@
+"""One feature's failing step is recorded in its results and the run goes on; resume retries it."""
+import json
+
+import pytest
+
+import attnrules.pipeline as pipeline
+from attnrules.pipeline import ExtractSettings, extract_head
+from attnrules.toy import build_toy
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return build_toy()
+
+
+def test_a_failing_step_is_recorded_and_the_run_completes(toy, monkeypatch, tmp_path):
+    real_counting, real_rules = pipeline.check_counting, pipeline.extract_feature
+
+    def counting(model, output_sae, feature, *args, **kwargs):
+        if feature == 2:
+            raise RuntimeError("injected counting failure")
+        return real_counting(model, output_sae, feature, *args, **kwargs)
+
+    def rules(circuit, feature, *args, **kwargs):
+        if feature == 3:
+            raise ValueError("injected rules failure")
+        return real_rules(circuit, feature, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "check_counting", counting)
+    monkeypatch.setattr(pipeline, "extract_feature", rules)
+    settings = ExtractSettings(features=(0, 1, 2, 3), max_rules=8, exhaustive_k=5, show_exemplars=1, exact=False)
+    result = extract_head(toy.model, toy.input_sae, toy.output_saes[0], toy.corpus(1500), settings=settings,
+                          out_dir=tmp_path, progress=False)
+    by_name = {f.name: f for f in result.features}
+    assert sorted(by_name) == ["L0H0.0", "L0H0.1", "L0H0.2", "L0H0.3"]
+    assert by_name["L0H0.2"].errors == [{"step": "counting", "error": "RuntimeError: injected counting failure"}]
+    assert by_name["L0H0.2"].rules["weights"]["terms"] and by_name["L0H0.2"].counting_check is None
+    assert by_name["L0H0.3"].errors == [{"step": "rules", "error": "ValueError: injected rules failure"}]
+    assert by_name["L0H0.3"].rules == {} and by_name["L0H0.3"].sweep == []
+    assert not by_name["L0H0.1"].errors and by_name["L0H0.1"].absence  # the others are complete
+    assert result.metadata["failed_steps"] == 2
+    assert result.metadata["features_with_failures"] == ["L0H0.2", "L0H0.3"]
+    assert "2 failed steps in 2 features" in result.summary()
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert {f["name"]: f["errors"] for f in saved["features"]}["L0H0.3"][0]["step"] == "rules"
+    # only complete features are kept for resume: the failed ones are retried on the next run
+    assert sorted(p.stem for p in (tmp_path / "features").glob("*.json")) == ["L0H0.0", "L0H0.1"]
+    monkeypatch.setattr(pipeline, "check_counting", real_counting)
+    monkeypatch.setattr(pipeline, "extract_feature", real_rules)
+    again = extract_head(toy.model, toy.input_sae, toy.output_saes[0], toy.corpus(1500), settings=settings,
+                         out_dir=tmp_path, progress=False)
+    assert again.metadata["failed_steps"] == 0 and all(f.rules for f in again.features)
