@@ -12,11 +12,11 @@ of a query; softmax ignores it). The residual stream entering the explained laye
 ``token direction + position direction`` (two orthonormal unit vectors), so the normalization
 multiplies it by the same ``c = 1/sqrt(2/d_model + eps)`` at every position, and
 
-- a weight channel with ``W_Q = a·d_query`` and ``W_K = d_key`` gives logit ``c²·a / attn_scale``,
+- a weight channel with ``W_Q = a·d_query`` and ``W_K = b·d_key`` gives logit ``c²·a·b / attn_scale``,
 - a bias channel with ``b_Q = β`` and ``W_K = d_key`` gives *every* query logit ``β·c / attn_scale``,
 - a value ``W_V[:, i] = d_key·v/c`` writes ``v`` on value direction ``i``.
 
-Paper-mode scores (``attnrules.circuit``) see ``a`` and ``v/c`` only: no bias, no c, no scale.
+Paper-mode scores (``attnrules.circuit``) see ``a·b`` and ``v/c`` only: no bias, no c, no scale.
 
 Every non-rule key carries logit 0, so each query also attends a BOS sink (through its own W_Q row)
 that keeps a value-carrying key's share small at queries that do not look for it. Each head's
@@ -194,6 +194,11 @@ def _generate(n_sequences, seq_len, seed, *, vocab, bos, fillers, patterns, zib,
                 row[pos] = ids[word]
                 free.remove(pos)
     return torch.from_numpy(tokens).long()
+
+
+def _pinv(W_dec: torch.Tensor) -> torch.Tensor:
+    """The encoder ``[d_model, n_in]``: the pseudo-inverse of the decoder rows (numpy: fast at this size)."""
+    return torch.from_numpy(np.linalg.pinv(W_dec.double().numpy())).float().contiguous()
 
 
 def _lone(word):
@@ -397,8 +402,8 @@ def build_glyph(*, rates: Optional[dict] = None) -> PlantedModel:
     # Input SAE: one feature per token and per position; encoder = pseudo-inverse, decoder bias ≠ 0
     # (b_enc = b_dec @ W_enc, so the features are exactly 1 on the token and the position).
     W_dec = torch.cat([W_E, W_pos])
-    W_enc = torch.linalg.pinv(W_dec).contiguous()
-    b_dec = 0.05 * torch.stack([_pair_direction(d_model, j) for j in range(d_model // 2)]).T @ torch.linspace(-1, 1, d_model // 2)
+    W_enc = _pinv(W_dec)
+    b_dec = 0.05 * W_dec.T @ torch.linspace(-1, 1, W_dec.shape[0])  # in the decoder's span: error = −b_dec
     input_sae = InputSAE.from_tensors(W_enc, b_dec @ W_enc, W_dec, b_dec, layer=GLYPH_LAYER)
 
     def generate(n, seq_len, seed):
@@ -514,9 +519,8 @@ def build_rune(*, rates: Optional[dict] = None) -> PlantedModel:
     )
     model = HookedTransformer(cfg)
     model.set_tokenizer(_word_tokenizer(vocab, RUNE_BOS, "attnrules-rune"))
-    g = torch.Generator().manual_seed(RUNE_ROTATION_SEED)
-    rotation, _ = torch.linalg.qr(torch.randn(d_model, d_model, generator=g, dtype=torch.float64))
-    rotation = rotation.float()
+    rotation, _ = np.linalg.qr(np.random.default_rng(RUNE_ROTATION_SEED).standard_normal((d_model, d_model)))
+    rotation = torch.from_numpy(rotation).float()
     W_E, W_pos = rotation[:n_vocab].clone(), rotation[n_vocab:].clone()
     tok = lambda w: W_E[vocab.index(w)]  # noqa: E731
     c = 1.0 / math.sqrt(2.0 / d_model + cfg.eps)  # RMSPre's factor on token + position
@@ -555,7 +559,7 @@ def build_rune(*, rates: Optional[dict] = None) -> PlantedModel:
     model.eval()
 
     W_dec = torch.cat([W_E, W_pos])
-    W_enc = torch.linalg.pinv(W_dec).contiguous()
+    W_enc = _pinv(W_dec)
     input_sae = InputSAE.from_tensors(W_enc, torch.zeros(d_model), W_dec, torch.zeros(d_model), layer=RUNE_LAYER)
 
     def generate(n, seq_len, seed):
