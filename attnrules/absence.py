@@ -31,17 +31,17 @@ from attnrules.scoring import value_scores
 
 # A distractor must matter (scale-free criteria, relative to its own term):
 VALUE_RATIO = 0.1  # |V(k')| ≥ VALUE_RATIO · |V(k)|
-PULL_RATIO = 0.05  # A(q, k') ≥ A(q, k) + PULL_RATIO · |A(q, k)|
-NOISE_COSINE = 1e-4  # |V(k)| below this share of |value_proj[k]|·|u| is float noise, never a rule's value
+PULL_RATIO = 0.01  # A(q, k') ≥ A(q, k) + PULL_RATIO · (spread of q's attn-scores over all keys)
+NOISE_LEVEL = 1e-4  # |V(k)| ≤ NOISE_LEVEL · max_j |value_proj[j]| · |u| is float noise, never a rule's value
 MIN_DROP = 0.1  # inserting a confirmed distractor lowers the mean activation by at least this share
 
 
 def significant_values(circuit: HeadCircuit, feature: int) -> torch.Tensor:
-    """``[n_in]`` bool: value scores above float noise, |V(k)| > NOISE_COSINE·|value_proj[k]|·|u|
-    (a scale-free test: the cosine of the key's value vector with the feature's encoder)."""
+    """``[n_in]`` bool: value scores above float noise, |V(k)| > NOISE_LEVEL·max_j |value_proj[j]|·|u|
+    (scale-free: relative to the largest value any input feature of the head could write on u)."""
     v = value_scores(circuit, feature)
-    norms = circuit.value_proj.norm(dim=-1) * circuit.encoder_vector(feature).norm()
-    return v.abs() > NOISE_COSINE * norms
+    scale = circuit.value_proj.norm(dim=-1).max() * circuit.encoder_vector(feature).norm()
+    return v.abs() > NOISE_LEVEL * scale
 
 
 @dataclass(frozen=True)
@@ -124,9 +124,9 @@ def absence_rules(
 ) -> list[AbsenceRule]:
     """Distractors of every term of ``rules`` that promotes the feature (terms without one are left out).
 
-    k' is a distractor of (q, k) when it pulls q's attention harder, A(q, k') ≥ A(q, k) +
-    ``pull_ratio``·|A(q, k)| (and strictly more), and writes against the feature with a value that
-    matters, V(k') < 0 and |V(k')| ≥ ``value_ratio``·|V(k)|, above float noise
+    k' is a distractor of (q, k) when it pulls q's attention harder by a margin that matters,
+    A(q, k') > A(q, k) + ``pull_ratio``·std_j A(q, j) (the spread of q's scores over all keys: scale-
+    and shift-free), and writes against the feature with a value that matters, V(k') < 0 and |V(k')| ≥ ``value_ratio``·|V(k)|, above float noise
     (:func:`significant_values`). Terms whose own value is float noise, or with A·V ≤ 0, get none.
     All distractors of a term lie among the keys that q attends to more than k, so one per-query
     top-k over all keys (k = the largest such count, capped by ``max_distractors``) finds them.
@@ -139,9 +139,10 @@ def absence_rules(
     if not live:
         return []
     terms = [(int(rules.queries[i]), int(rules.keys[i]), float(a_all[i])) for i in live]
-    floor = {i: a + pull_ratio * abs(a) for i, (_, _, a) in enumerate(terms)}
-    # how many keys pull each term's query at least that hard
-    depth = max(int(((circuit.key_proj @ circuit.query_proj[q]) > floor[i]).sum()) for i, (q, _, _) in enumerate(terms))
+    row = {q: circuit.key_proj @ circuit.query_proj[q] for q, _, _ in terms}  # q's scores over all keys
+    floor = {i: a + pull_ratio * float(row[q].std()) for i, (q, _, a) in enumerate(terms)}
+    # how many keys pull each term's query harder than that
+    depth = max(int((row[q] > floor[i]).sum()) for i, (q, _, _) in enumerate(terms))
     if max_distractors is not None:
         depth = min(depth, max_distractors)
     if depth == 0:

@@ -31,13 +31,26 @@ from attnrules.scoring import PairTable, attn_scores, value_scores
 
 
 EXACT_REL_TOL = 1e-3  # exact-mode terms weaker than this share of the strongest never fire
-PSEUDO_IDS = {-1 - i: name for i, name in enumerate(PSEUDO)}  # term ids of the pseudo-features
+# Pseudo-features as rule terms, by id. The decoder bias and the SAE error enter as one, "residual"
+# (b_dec + e: what the active features do not write): where the features reconstruct the input,
+# e = −b_dec and their terms cancel one by one, so apart each would be a large, meaningless term.
+PSEUDO_IDS = {-1: "residual", -2: "bias"}
+_RESIDUAL_NAMES = {"query": "any query, via SAE residual", "key": "any key, via SAE residual"}
 
 
 def describe_term_side(describe: Callable[[int], str], feature: int, side: str) -> str:
     """A term's query or key (``side``) as text: the input feature's description, or for a pseudo-feature
     id its readable name (e.g. "any query, via b_Q")."""
-    return pseudo_name(PSEUDO_IDS[feature], side) if feature < 0 else describe(feature)
+    if feature >= 0:
+        return describe(feature)
+    component = PSEUDO_IDS[feature]
+    return _RESIDUAL_NAMES[side] if component == "residual" else pseudo_name(component, side)
+
+
+def _rule_pseudo(rows: torch.Tensor) -> torch.Tensor:
+    """``[len(PSEUDO), n]`` per decomposition component → ``[len(PSEUDO_IDS), n]`` per rule pseudo-feature."""
+    residual = rows[PSEUDO.index("dec_bias")] + rows[PSEUDO.index("error")]
+    return torch.stack([residual, rows[PSEUDO.index("bias")]])
 
 
 @dataclass(frozen=True)
@@ -157,18 +170,19 @@ def rules_from_exact(
 ) -> SkipgramRuleSet:
     """Exact-mode rule: N terms chosen as REF chooses (:func:`attnrules.importance.select_terms`) among
     the feature pairs of the K × Q cross product and the pseudo-feature terms (pseudo query × key
-    feature, query feature × pseudo key), ranked by exact importance. A pseudo term's ``attn_score``
+    feature, query feature × pseudo key; pseudo-features per :data:`PSEUDO_IDS`), ranked by exact
+    importance. A pseudo term's ``attn_score``
     is its mean real-logit contribution and its ``value_score`` the key's (NaN for a pseudo key)."""
-    n_k, n_q, n_p = len(keys), len(queries), len(PSEUDO)
+    n_k, n_q, n_p = len(keys), len(queries), len(PSEUDO_IDS)
     ids = torch.tensor(list(PSEUDO_IDS), dtype=torch.long)
     importance = torch.zeros(n_k + n_p, n_q + n_p, dtype=torch.float64)
     score = torch.zeros_like(importance)
     importance[:n_k, :n_q] = terms.features
-    importance[:n_k, n_q:] = terms.query_pseudo.T
-    importance[n_k:, :n_q] = terms.key_pseudo
+    importance[:n_k, n_q:] = _rule_pseudo(terms.query_pseudo).T
+    importance[n_k:, :n_q] = _rule_pseudo(terms.key_pseudo)
     score[:n_k, :n_q] = attn_scores(circuit, queries[None, :], keys[:, None]).double()
-    score[:n_k, n_q:] = terms.query_pseudo_score.T
-    score[n_k:, :n_q] = terms.key_pseudo_score
+    score[:n_k, n_q:] = _rule_pseudo(terms.query_pseudo_score).T
+    score[n_k:, :n_q] = _rule_pseudo(terms.key_pseudo_score)
     selected = select_terms(importance, n, absolute=absolute)
     ranking = importance.abs() if absolute else importance
     rows, cols = torch.nonzero(selected, as_tuple=True)

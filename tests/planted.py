@@ -247,8 +247,8 @@ GLYPH_FEATURES = (
                 note="wug writes 1.6, dax 0.8: dax-only activations stay below every wug activation"),
     PlantedRule(1, 0, 2, "absence", query="tov", keys=("mip",), distractor="gleb"),
     PlantedRule(1, 0, 3, "false_distractor", query="vosh", keys=("krel",), distractor="snib",
-                note="paper A(vosh, snib) > A(vosh, krel) = 0, V(snib) < 0, but the real logit of krel "
-                     "(from b_Q) beats snib's by 5"),
+                note="paper A(vosh, snib) > A(vosh, krel) > 0, V(snib) < 0, but the real logit of krel "
+                     "(6.5, mostly from b_Q) beats snib's (1) by 5.5"),
     PlantedRule(1, 0, 4, "query_bias", keys=("plon",),
                 note="b_Q makes every query attend plon, the plon position itself included"),
     PlantedRule(1, 0, 5, "noise", note="written only by ~1e-7 noise in W_V; bias calibrated"),
@@ -268,6 +268,7 @@ GLYPH_RULES = {  # (query, key) -> real logit, through one W_Q/W_K channel each
     ("tov", "mip"): 10.0,
     ("tov", "gleb"): 10.5,  # gleb out-pulls mip and writes −1.5: tov's feature 2 goes negative
     ("vosh", "snib"): 1.0,  # the false distractor: a positive paper score, a small real logit
+    ("vosh", "krel"): 0.5,  # the skip-gram's own paper score: positive, below snib's (krel's real pull is b_Q's)
 }
 # b_Q logits, the same at every query. krel only wins at vosh (no strong sink). plon's 6 leaves
 # every query > 0.0038 of its attention on plon even against a sink and rule keys (worst: tov after
@@ -355,7 +356,7 @@ def build_glyph(*, rates: Optional[dict] = None) -> PlantedModel:
 
     W_Q, W_K, W_V = (torch.zeros(2, d_model, d_head) for _ in range(3))
     b_Q, b_K = torch.zeros(2, d_head), torch.zeros(2, d_head)
-    # L1H0 channels: 0 sink, 1–6 rules, 7–8 b_Q keys, 9 a b_K that every query ignores.
+    # L1H0 channels: 0 sink, 1–7 rules, 8–9 b_Q keys; b_K on channels 1 and 9 adds q·b_K, the same for every key of a query.
     for w in vocab:
         W_Q[0, :, 0] += tok(w) * qk(GLYPH_VOSH_SINK if w == "vosh" else GLYPH_SINK)
     W_K[0, :, 0] = tok(GLYPH_BOS)

@@ -76,6 +76,8 @@ def test_real_attention_logits_are_the_planted_ones(planted):
     for (head, query, key), logit in planted.logits.items():
         if query == "*":  # a b_Q logit: every query, here a filler
             query = other_filler
+        else:  # a query's own logit adds to the key's b_Q logit, if any
+            logit += planted.logits.get((head, "*", key), 0.0)
         if key == planted.bos:
             words, key_pos = [filler, query], 0
         elif key == query:

@@ -75,7 +75,7 @@ def test_exact_predictions_use_importance_weights_pseudo_terms_and_ignore_float_
     acts = acts * (torch.rand(30, 8, 6, generator=g, dtype=torch.float64) < 0.3)
     positions = torch.randint(0, 8, (30,), generator=g)
     # (query, key, importance): a real term, a float-noise term, a query-bias term, a pseudo-key term, a negative one
-    terms = [(1, 2, 5.0), (3, 4, 1e-8), (-3, 5, 2.0), (0, -2, 0.5), (2, 2, -3.0)]
+    terms = [(1, 2, 5.0), (3, 4, 1e-8), (-2, 5, 2.0), (0, -1, 0.5), (2, 2, -3.0)]
     rules = SkipgramRuleSet(
         "L1H0.3", torch.tensor([t[0] for t in terms]), torch.tensor([t[1] for t in terms]),
         torch.ones(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64), key_power=1, method="exact",
@@ -94,11 +94,11 @@ def test_exact_predictions_use_importance_weights_pseudo_terms_and_ignore_float_
 
 
 def test_pseudo_terms_render_readably():
-    rules = SkipgramRuleSet("L1H0.5", torch.tensor([-3, 4]), torch.tensor([7, -2]), torch.tensor([1.0, 2.0]),
+    rules = SkipgramRuleSet("L1H0.5", torch.tensor([-2, 4]), torch.tensor([7, -1]), torch.tensor([1.0, 2.0]),
                             torch.tensor([0.5, float("nan")]), method="exact", weight=torch.tensor([1.0, 1.0]))
     names = {7: "plon", 4: "fep"}
     text = rules.render(names.__getitem__)
     assert text[0].startswith("[plon] … [any query, via b_Q] → L1H0.5")
-    assert text[1].startswith("[any key, via SAE error] … [fep] → L1H0.5")
+    assert text[1].startswith("[any key, via SAE residual] … [fep] → L1H0.5")
     frame = rules.to_frame(names.__getitem__)
     assert frame["query_desc"].tolist() == ["any query, via b_Q", "fep"] and "weight" in frame
