@@ -9,9 +9,11 @@ with A ≠ 0, as REF's do). With threshold 0 the feature is predicted active iff
 some match has A·V > 0 (REF also fires when both are negative).
 
 Exact-mode rule sets (:func:`rules_from_exact`) differ where REF's convention would fire on float
-noise: a term's weight is its exact importance (the gradient of the real activation), and a term
+noise: a term's weight is its exact importance (the gradient of the real activation), a term
 fires only when that weight exceeds ``EXACT_REL_TOL`` × the largest |importance| of the feature's
-candidates. Their terms may be pseudo-features of the exact decomposition (negative ids, see
+candidates, and an input feature counts as present only where its activation exceeds
+``EXACT_ACT_FLOOR`` × the largest activation in the exemplars (an SAE whose encoder leaves ±1e-8 on
+every feature does not make every key present everywhere). Their terms may be pseudo-features of the exact decomposition (negative ids, see
 :data:`PSEUDO_IDS`): a pseudo query is present at every position, a pseudo key at every position
 up to the query, so ``[plon] … [any query, via b_Q]`` fires wherever plon occurs before the query.
 """
@@ -31,6 +33,7 @@ from attnrules.scoring import PairTable, attn_scores, value_scores
 
 
 EXACT_REL_TOL = 1e-3  # exact-mode terms weaker than this share of the strongest never fire
+EXACT_ACT_FLOOR = 1e-4  # exact mode: activations up to this share of the exemplars' largest are absent
 # Pseudo-features as rule terms, by id. The decoder bias and the SAE error enter as one, "residual"
 # (b_dec + e: what the active features do not write): where the features reconstruct the input,
 # e = −b_dec and their terms cancel one by one, so apart each would be a large, meaningless term.
@@ -66,6 +69,7 @@ class SkipgramRuleSet:
     method: str = "weights"
     weight: Optional[torch.Tensor] = None  # [n] per-term weight (exact importance); None: A·V
     min_weight: float = float("-inf")  # terms whose weight is not above this never fire
+    act_floor: float = 0.0  # activations up to act_floor × the largest in the exemplars count as absent
 
     def __len__(self) -> int:
         return self.queries.numel()
@@ -83,13 +87,14 @@ class SkipgramRuleSet:
         q_act = acts[torch.arange(n), positions][:, self.queries.clamp(min=0)]  # [N, terms]
         q_act = torch.where(self.queries < 0, torch.ones_like(q_act), q_act)
         live = weight > self.min_weight
+        floor = self.act_floor * float(acts.max()) if self.act_floor > 0 else 0.0
         # only (exemplar, term) pairs whose query feature is active at t can match
-        ex, term = torch.nonzero((q_act > 0) & live, as_tuple=True)
+        ex, term = torch.nonzero((q_act > floor) & live, as_tuple=True)
         if ex.numel():
             keys = self.keys[term]
             k_act = acts[ex, :, keys.clamp(min=0)]  # [P, T]
             k_act = torch.where(keys[:, None] < 0, torch.ones_like(k_act), k_act)
-            match = (torch.arange(t_len)[None, :] <= positions[ex][:, None]) & (k_act > 0)
+            match = (torch.arange(t_len)[None, :] <= positions[ex][:, None]) & (k_act > floor)
             if self.method == "importance":  # REF's importance rules list only the nonzero F[t,q]·F[t',k]·A terms
                 match &= (self.attn_score[term] != 0)[:, None]
             score = q_act[ex, term][:, None] * k_act**self.key_power * weight[term][:, None]
@@ -193,5 +198,5 @@ def rules_from_exact(
     values = torch.where(k < 0, torch.full_like(values, float("nan")), values)
     return SkipgramRuleSet(
         circuit.feature_name(feature), q, k, score[rows, cols], values, 1, "exact",
-        weight=importance[rows, cols], min_weight=rel_tol * float(importance.abs().max()),
+        weight=importance[rows, cols], min_weight=rel_tol * float(importance.abs().max()), act_floor=EXACT_ACT_FLOOR,
     )

@@ -102,3 +102,18 @@ def test_pseudo_terms_render_readably():
     assert text[1].startswith("[any key, via SAE residual] … [fep] → L1H0.5")
     frame = rules.to_frame(names.__getitem__)
     assert frame["query_desc"].tolist() == ["any query, via b_Q", "fep"] and "weight" in frame
+
+
+def test_exact_predictions_ignore_float_noise_activations():
+    """An SAE whose encoder leaves ±1e-8 on every feature: REF's convention makes the key present
+    everywhere; exact mode counts it only where it really fires."""
+    acts = torch.zeros(4, 5, 3)
+    acts[:, :, 1] = 1e-8  # the key feature as float noise at every position
+    acts[:2, 1, 1] = 1.0  # really present in exemplars 0 and 1
+    acts[:, 3, 2] = 1.0  # the query feature at the scored position 3
+    positions = torch.full((4,), 3)
+    exact = SkipgramRuleSet("x", torch.tensor([2]), torch.tensor([1]), torch.ones(1), torch.ones(1), key_power=1,
+                            method="exact", weight=torch.tensor([1.0]), min_weight=0.0, act_floor=1e-4)
+    assert (exact.predict(acts, positions) > 0).tolist() == [True, True, False, False]
+    paper = dataclasses.replace(exact, method="weights", weight=None, act_floor=0.0, min_weight=float("-inf"))
+    assert (paper.predict(acts, positions) > 0).all()
