@@ -117,7 +117,10 @@ def _frames(out: Path, shards: list) -> dict[str, pd.DataFrame]:
             counting = f.get("counting") or {}
             features.append({**key, "has_distractor": bool(distractor.get("has_distractor")),
                              "n_absence_rules": len(f.get("absence", [])),
-                             "counting_rule": counting.get("text"), "n_train": f["n_train"], "n_val": f["n_val"]})
+                             "counting_rule": counting.get("text"),
+                             "counting_status": (f.get("counting_check") or {}).get("status"),
+                             "failed_steps": "; ".join(e["step"] for e in f.get("errors", [])),
+                             "n_train": f["n_train"], "n_val": f["n_val"]})
             rules += [{**key, "method": m, "rank": i, "text": t} for m, r in f["rules"].items() for i, t in enumerate(r["text"])]
         for d in data.get("distractors", []):
             insertion = d.get("insertion") or {}
@@ -140,7 +143,7 @@ def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
 def merge_sweep(out_dir: Path | str, shards: list) -> pd.DataFrame:
     """Merge finished shards into ``merged/*.parquet`` and return (and write) the summary table:
     mean precision / recall / F1 by layer, method and N, with each layer's share of features with a
-    distractor key and its counting features."""
+    distractor key, its counting features and how many of its features had a failed step."""
     out = Path(out_dir)
     frames = _frames(out, shards)
     for name, frame in frames.items():
@@ -153,6 +156,7 @@ def merge_sweep(out_dir: Path | str, shards: list) -> pd.DataFrame:
         by_layer = features.groupby("layer").agg(
             n_features=("feature", "size"), distractor_share=("has_distractor", "mean"),
             counting_features=("counting_rule", lambda s: "; ".join(x for x in s if isinstance(x, str))),
+            features_with_failed_steps=("failed_steps", lambda s: int((s != "").sum())),
         ).reset_index()
         summary = summary.merge(by_layer, on="layer")
     write_csv(out / "summary.csv", summary)
