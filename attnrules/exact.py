@@ -436,9 +436,16 @@ def exact_importance(
     h, query_acts, key_acts = _exact_factors(
         model, input_sae, output_sae, feature, tokens, positions, queries, keys, batch_size
     )
+    return _pair_importance(h, input_sae, keys, queries, key_acts, query_acts)[0]
+
+
+def _pair_importance(
+    h: _Head, input_sae: sources.InputSAE, keys: Tensor, queries: Tensor, key_acts: Tensor, query_acts: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(importance ``[|K|, |Q|]`` = A × (key_acts · query_acts), query projections, key projections)."""
     query_proj, _ = h.projections(input_sae.W_dec[queries])
     _, key_proj = h.projections(input_sae.W_dec[keys])
-    return (key_proj @ query_proj.T) * (key_acts @ query_acts.T)
+    return (key_proj @ query_proj.T) * (key_acts @ query_acts.T), query_proj, key_proj
 
 
 def pseudo_name(component: str, side: str) -> str:
@@ -507,9 +514,7 @@ def exact_importance_terms(
     h, query_acts, key_acts, sums = _exact_pass(
         model, input_sae, output_sae, feature, tokens, positions, queries, keys, batch_size, pseudo=True
     )
-    query_proj, _ = h.projections(input_sae.W_dec[queries])
-    _, key_proj = h.projections(input_sae.W_dec[keys])
-    features = (key_proj @ query_proj.T) * (key_acts @ query_acts.T)
+    features, query_proj, key_proj = _pair_importance(h, input_sae, keys, queries, key_acts, query_acts)
 
     def against(weights: Tensor, vectors: Tensor, proj: Tensor) -> Tensor:
         """``[P, F]``: Σ_n weights[f, n] (vectors[n, p]·proj[f]), without an [N, P, F] intermediate."""

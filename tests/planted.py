@@ -196,6 +196,29 @@ def _generate(n_sequences, seq_len, seed, *, vocab, bos, fillers, patterns, zib,
     return torch.from_numpy(tokens).long()
 
 
+def _set_weights(model, W_E, W_pos, layer: int, head_weights: tuple, random_seed: Optional[int] = None) -> None:
+    """Embeddings (unembedding = W_Eᵀ), ``head_weights`` = (W_Q, W_K, W_V, b_Q, b_K) in ``layer``; every
+    other layer writes nothing (W_O = 0), and attends at random (``random_seed``) or not at all."""
+    g = torch.Generator().manual_seed(random_seed or 0)
+    with torch.no_grad():
+        model.embed.W_E.copy_(W_E)
+        model.pos_embed.W_pos.copy_(W_pos)
+        model.unembed.W_U.copy_(W_E.T)
+        model.unembed.b_U.zero_()
+        for index, block in enumerate(model.blocks):
+            attn = block.attn
+            for i, p in enumerate((attn.W_Q, attn.W_K, attn.W_V, attn.b_Q, attn.b_K)):
+                if index == layer:
+                    p.copy_(head_weights[i])
+                elif random_seed is not None and i < 3:
+                    p.copy_(0.1 * torch.randn(p.shape, generator=g))
+                else:
+                    p.zero_()
+            for p in (attn.W_O, attn.b_O, attn.b_V):
+                p.zero_()
+    model.eval()
+
+
 def _pinv(W_dec: torch.Tensor) -> torch.Tensor:
     """The encoder ``[d_model, n_in]``: the pseudo-inverse of the decoder rows (numpy: fast at this size)."""
     return torch.from_numpy(np.linalg.pinv(W_dec.double().numpy())).float().contiguous()
@@ -380,25 +403,7 @@ def build_glyph(*, rates: Optional[dict] = None) -> PlantedModel:
     b_Q[1, 2], b_K[1, 2] = 0.5, 0.7
     W_V[1, :, 0] = tok("zib") / c
 
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        model.embed.W_E.copy_(W_E)
-        model.pos_embed.W_pos.copy_(W_pos)
-        model.unembed.W_U.copy_(W_E.T)
-        model.unembed.b_U.zero_()
-        for layer, block in enumerate(model.blocks):
-            attn = block.attn
-            if layer == 0:  # attends (random Q/K/V), writes nothing
-                for p in (attn.W_Q, attn.W_K, attn.W_V):
-                    p.copy_(0.1 * torch.randn(p.shape, generator=g))
-                for p in (attn.b_Q, attn.b_K):
-                    p.zero_()
-            else:
-                for p, value in ((attn.W_Q, W_Q), (attn.W_K, W_K), (attn.W_V, W_V), (attn.b_Q, b_Q), (attn.b_K, b_K)):
-                    p.copy_(value)
-            for p in (attn.W_O, attn.b_O, attn.b_V):
-                p.zero_()
-    model.eval()
+    _set_weights(model, W_E, W_pos, GLYPH_LAYER, (W_Q, W_K, W_V, b_Q, b_K), random_seed=0)
 
     # Input SAE: one feature per token and per position; encoder = pseudo-inverse, decoder bias ≠ 0
     # (b_enc = b_dec @ W_enc, so the features are exactly 1 on the token and the position).
@@ -545,19 +550,7 @@ def build_rune(*, rates: Optional[dict] = None) -> PlantedModel:
         W_V[h, :, direction] += tok(word) * value / c
     W_V[h, :, RUNE_NOISE_DIRECTION] = _noise_column(d_model, (tok(RUNE_BOS), W_pos[0]), seed=11)
 
-    with torch.no_grad():
-        model.embed.W_E.copy_(W_E)
-        model.pos_embed.W_pos.copy_(W_pos)
-        model.unembed.W_U.copy_(W_E.T)
-        model.unembed.b_U.zero_()
-        for layer, block in enumerate(model.blocks):
-            attn = block.attn
-            weights = (W_Q, W_K, W_V, b_Q, b_K) if layer == RUNE_LAYER else None
-            for i, p in enumerate((attn.W_Q, attn.W_K, attn.W_V, attn.b_Q, attn.b_K)):
-                p.copy_(weights[i]) if weights is not None else p.zero_()
-            for p in (attn.W_O, attn.b_O, attn.b_V):
-                p.zero_()
-    model.eval()
+    _set_weights(model, W_E, W_pos, RUNE_LAYER, (W_Q, W_K, W_V, b_Q, b_K))
 
     W_dec = torch.cat([W_E, W_pos])
     W_enc = _pinv(W_dec)

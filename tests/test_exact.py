@@ -144,6 +144,25 @@ def test_paper_group_is_the_paper_formula_and_pair_terms_list_every_term(tiny, t
         assert frame["exact_term"].abs().is_monotonic_decreasing
 
 
+def activation_with_logit_delta(model, sae_out, feature, tokens, positions, delta):
+    """The real output-feature activation at ``positions``, from transformer_lens's forward pass with
+    ``delta()`` ``[B, T, T]`` added to the head's attention logits on hook_attn_scores."""
+    layer, head = sae_out.layer, sae_out.head
+    z = {}
+
+    def add_delta(scores, hook):
+        extra = torch.zeros_like(scores)
+        extra[:, head] = delta().to(scores.dtype)
+        return scores + extra
+
+    def keep_z(value, hook):
+        z["z"] = value
+
+    model.run_with_hooks(tokens, stop_at_layer=layer + 1, fwd_hooks=[
+        (f"blocks.{layer}.attn.hook_attn_scores", add_delta), (f"blocks.{layer}.attn.hook_z", keep_z)])
+    return sae_out.encode(z["z"])[torch.arange(len(tokens)), positions, feature]
+
+
 def autograd_exact_importance(model, sae_in, sae_out, feature, tokens, positions):
     """The oracle: transformer_lens's forward pass with every feature-pair term of the head's logit
     scaled by a mask (added on hook_attn_scores), the real output-SAE activation read from hook_z."""
@@ -157,20 +176,8 @@ def autograd_exact_importance(model, sae_in, sae_out, feature, tokens, positions
     A = (sae_in.W_dec @ att.W_Q[head]) @ (sae_in.W_dec @ att.W_K[head]).T  # [queries, keys]
     mask = torch.ones_like(A, requires_grad=True)
     causal = torch.ones(tokens.shape[1], tokens.shape[1]).tril()
-    z = {}
-
-    def add_masked_terms(scores, hook):
-        delta = torch.einsum("btq,bik,qk->bti", f_scaled, f_scaled, (mask - 1) * A.detach()) / att.attn_scale
-        extra = torch.zeros_like(scores)
-        extra[:, head] = delta * causal
-        return scores + extra
-
-    def keep_z(value, hook):
-        z["z"] = value
-
-    model.run_with_hooks(tokens, stop_at_layer=layer + 1, fwd_hooks=[
-        (f"blocks.{layer}.attn.hook_attn_scores", add_masked_terms), (f"blocks.{layer}.attn.hook_z", keep_z)])
-    acts = sae_out.encode(z["z"])[torch.arange(len(tokens)), positions, feature]
+    delta = lambda: torch.einsum("btq,bik,qk->bti", f_scaled, f_scaled, (mask - 1) * A.detach()) / att.attn_scale  # noqa: E731
+    acts = activation_with_logit_delta(model, sae_out, feature, tokens, positions, lambda: delta() * causal)
     acts.sum().backward()
     return mask.grad.T.double(), acts.detach()  # [keys, queries]
 

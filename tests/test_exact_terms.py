@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_exact import autograd_exact_importance, random_saes, rms_model, tiny, tokens_for, toy_ln  # noqa: F401
+from test_exact import activation_with_logit_delta, autograd_exact_importance, random_saes, rms_model, tiny, tokens_for, toy_ln  # noqa: F401
 
 from attnrules.exact import PSEUDO, ExactTerms, exact_importance, exact_importance_terms, pseudo_name
 from attnrules.toy import BOS, VOCAB
@@ -39,27 +39,19 @@ def autograd_pseudo_importance(model, sae_in, sae_out, feature, tokens, position
     """The oracle: masks m_q[c, k] on (query component c) × (key feature k) and m_k[q, c] on (query
     feature q) × (key component c), added on hook_attn_scores at every causal entry (in float64,
     then cast), the real output-SAE activation read from hook_z at ``positions``."""
-    layer, head = sae_out.layer, sae_out.head
-    att = model.blocks[layer].attn
+    head = sae_out.head
+    att = model.blocks[sae_out.layer].attn
     f_scaled, qc, kc, dQ, dK, _ = components(model, sae_in, head, tokens)
     mask_q = torch.ones(len(PSEUDO), sae_in.n_features, dtype=torch.float64, requires_grad=True)
     mask_k = torch.ones(sae_in.n_features, len(PSEUDO), dtype=torch.float64, requires_grad=True)
     causal = torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.float64).tril()
-    z = {}
 
-    def add_masked_terms(scores, hook):
+    def delta():
         by_query = torch.einsum("btcd,bik,kd,ck->bti", qc, f_scaled, dK, mask_q - 1)
         by_key = torch.einsum("btq,qd,bicd,qc->bti", f_scaled, dQ, kc, mask_k - 1)
-        extra = torch.zeros_like(scores)
-        extra[:, head] = ((by_query + by_key) * causal / att.attn_scale).to(scores.dtype)
-        return scores + extra
+        return (by_query + by_key) * causal / att.attn_scale
 
-    def keep_z(value, hook):
-        z["z"] = value
-
-    model.run_with_hooks(tokens, stop_at_layer=layer + 1, fwd_hooks=[
-        (f"blocks.{layer}.attn.hook_attn_scores", add_masked_terms), (f"blocks.{layer}.attn.hook_z", keep_z)])
-    acts = sae_out.encode(z["z"])[torch.arange(len(tokens)), positions, feature]
+    acts = activation_with_logit_delta(model, sae_out, feature, tokens, positions, delta)
     acts.sum().backward()
     return mask_q.grad, mask_k.grad.T, acts.detach()  # [P, keys], [P, queries]
 
