@@ -383,13 +383,14 @@ def insertion_token(model, input_sae, feature: int, *, mode: str = "paper", max_
 
 
 def feature_tokens(model, input_sae, features: Sequence[int], *, mode: str = "paper", max_pos: int = 64,
-                   batch_size: int = 512) -> dict[int, Optional[int]]:
+                   batch_size: int = 512, bos: Optional[int] = None) -> dict[int, Optional[int]]:
     """The token that stands for each input feature in ``features`` (to insert or place), or None.
 
     ``mode="paper"`` (REF): argmax over the raw rows of ``concat(W_E, W_pos[:max_pos]) @ W_enc[:, j]``,
     None when the best row is a position. ``mode="activation"``: the token t maximising the feature's
     real activation at position 1 of [BOS, t] (meaningful at any layer), None when it never fires
-    there. One streaming pass over the vocabulary serves all ``features``.
+    there (``bos``: the BOS id, default the tokenizer's, else 0). One streaming pass over the
+    vocabulary serves all ``features``.
     """
     if mode not in ("paper", "activation"):
         raise ValueError(f"mode must be 'paper' or 'activation', got {mode!r}")
@@ -412,9 +413,10 @@ def feature_tokens(model, input_sae, features: Sequence[int], *, mode: str = "pa
         for start in range(0, rows.shape[0], batch_size):
             update(start, (rows[start:start + batch_size].to(w.device) @ w).cpu())
         return {int(c): (int(a) if 0 <= a < model.cfg.d_vocab else None) for c, a in zip(cols, arg)}
-    bos = model.tokenizer.bos_token_id if model.tokenizer is not None else 0
+    if bos is None:
+        bos = getattr(model.tokenizer, "bos_token_id", None) if model.tokenizer is not None else None
     vocab = torch.arange(model.cfg.d_vocab)
-    pairs = torch.stack([torch.full_like(vocab, bos), vocab], dim=1)
+    pairs = torch.stack([torch.full_like(vocab, 0 if bos is None else bos), vocab], dim=1)
     resid, _ = hook_names(input_sae.layer)
     for rows, acts in run_batches(model, pairs, input_sae.layer, [resid], batch_size=batch_size,
                                   desc="feature tokens", progress=False):

@@ -303,15 +303,15 @@ class TokenLookup:
     for a run: REF's embedding argmax at layer 0, the feature's real activation on [BOS, t] above it
     (:func:`attnrules.absence.feature_tokens`)."""
 
-    def __init__(self, model, input_sae) -> None:
-        self.model, self.input_sae = model, input_sae
+    def __init__(self, model, input_sae, bos: int) -> None:
+        self.model, self.input_sae, self.bos = model, input_sae, bos
         self.mode = "paper" if input_sae.layer == 0 else "activation"
         self.known: dict[int, Optional[int]] = {}
 
     def prepare(self, features) -> None:
         missing = sorted({int(f) for f in features if f >= 0} - set(self.known))
         if missing:
-            self.known.update(feature_tokens(self.model, self.input_sae, missing, mode=self.mode))
+            self.known.update(feature_tokens(self.model, self.input_sae, missing, mode=self.mode, bos=self.bos))
 
     def __call__(self, feature: int) -> Optional[int]:
         if feature < 0:
@@ -369,7 +369,7 @@ def beyond_skipgrams(
             token_of.prepare([q, k, *kept[:3]])
             return check_counting(
                 model, output_sae, feature, name, tokens, act_max, token_of(q), token_of(k),
-                avoid=[t for t in map(token_of, kept[:3]) if t is not None], bos=bos_token(model, tokens),
+                avoid=[t for t in map(token_of, kept[:3]) if t is not None], bos=token_of.bos,
                 n_base=settings.counting_bases, min_base=settings.counting_min_bases,
                 max_count=settings.counting_max, seed=settings.seed)
 
@@ -470,7 +470,7 @@ def extract_head(
             notes.append(f"no output feature is active in at least {settings.min_count} and at most "
                          f"{settings.max_count or scan.n_sequences - settings.min_count} of the {scan.n_sequences} sequences")
     describe = describe_input_features(model, input_sae, backend=settings.backend)
-    token_of = TokenLookup(model, input_sae)
+    token_of = TokenLookup(model, input_sae, bos_token(model, tokens))
     done_dir = Path(out_dir) / "features" if out_dir is not None else None
     results = []
     for i, g in enumerate(features):

@@ -217,12 +217,21 @@ def _feature_section(feature: dict, head: dict, evidence: dict | None) -> str:
 
 
 def _rules_table(feature: dict, head: dict) -> str:
-    """Skip-gram rules by weights and by importance, then absence and counting rules, as text."""
+    """Skip-gram rules of each ordering, then absence rules, the distractors the evidence dropped
+    (unconfirmed by insertion, cleared by exact mode), and the counting rule (or why it is undetermined)."""
     rows = [(method, str(i + 1), text)
             for method in METHODS for i, text in enumerate(feature["rules"].get(method, {}).get("text", []))]
     rows += [("absence", str(i + 1), a["text"]) for i, a in enumerate(feature.get("absence") or [])]
+    dropped = [(a, c) for a in (feature.get("absence") or []) + (feature.get("absence_dropped") or [])
+               for c in a.get("checks", []) if c["status"] in ("cleared", "unconfirmed")]
+    rows += [(f"not a distractor ({c['status']})", str(i + 1),
+              f"distractor {c['distractor']} of term ({a['query']}, {a['key']}): activation "
+              f"{c['mean_act_without']:.3g} → {c['mean_act_with']:.3g} when inserted; real logit "
+              f"{c['logit_distractor']:.3g} vs key {c['logit_key']:.3g}") for i, (a, c) in enumerate(dropped)]
     if feature.get("counting"):
         rows.append(("counting", "1", feature["counting"]["text"]))
+    elif (feature.get("counting_check") or {}).get("status") == "undetermined":
+        rows.append(("counting", "–", f"undetermined: {feature['counting_check']['reason']}"))
     model = _model_id(head)
     cells = [[_esc(kind), _num_cell(rank), f'<td class="rule">{_rule_html(text, head["layer"], model)}</td>']
              for kind, rank, text in rows]
