@@ -188,32 +188,33 @@ def check_distractors(
     """
     tokens = check_tokens(tokens, model)
     n, t_len = tokens.shape
-    plans = []  # (rule index, distractor, token, rows, key positions)
+    terms, plans = [], []  # (rows, key positions) per rule; (rule index, distractor, token) per check
     for r, rule in enumerate(rules):
         q_on = acts[torch.arange(n), positions, rule.query] > 0
         k_on = (acts[:, :, rule.key] > 0) & (torch.arange(t_len)[None] <= positions[:, None])
         rows = torch.nonzero(q_on & k_on.any(1) & (positions + 1 < t_len)).flatten()
         key_pos = (k_on[rows] * torch.arange(1, t_len + 1)).argmax(1)  # the last key position ≤ t
-        for d in rule.distractors[:per_term]:
-            plans.append((r, d, token_of(d), rows, key_pos))
-    runs = [(rows, key_pos, None) for _, _, _, rows, key_pos in plans]
-    runs += [(rows, key_pos, tok) for _, _, tok, rows, key_pos in plans]
-    measured = _probe(model, output_sae, feature, tokens, positions, runs, batch_size)
+        terms.append((rows, key_pos))
+        plans += [(r, d, token_of(d)) for d in rule.distractors[:per_term]]
+    # each term's exemplars as they are, then those where the feature fires with each distractor inserted
+    originals = _probe(model, output_sae, feature, tokens, positions, [(*t, None) for t in terms], batch_size)
+    firing = [(rows[o["act"] > 0], key_pos[o["act"] > 0]) for (rows, key_pos), o in zip(terms, originals)]
+    inserted = iter(_probe(model, output_sae, feature, tokens, positions,
+                           [(*firing[r], tok) for r, _, tok in plans if tok is not None], batch_size))
     checks: list[list[DistractorCheck]] = [[] for _ in rules]
-    for i, (r, d, tok, rows, _) in enumerate(plans):
-        before, after = measured[i], measured[len(plans) + i]
-        fires = before["act"] > 0
-        if tok is None or not bool(fires.any()):
+    for r, d, tok in plans:
+        after = next(inserted) if tok is not None else None
+        if after is None or after["act"].numel() == 0:
             checks[r].append(DistractorCheck(d, tok, 0, *(float("nan"),) * 6, "untested"))
             continue
-        mean = {name: float(after[name][fires].mean()) for name in after}
-        without = float(before["act"][fires].mean())
+        mean = {name: float(values.mean()) for name, values in after.items()}
+        without = float(originals[r]["act"][originals[r]["act"] > 0].mean())
         status = "confirmed" if mean["act"] <= (1 - min_drop) * without else "unconfirmed"
         real_distractor = (mean["logit_distractor"] > mean["logit_key"] and mean["value_distractor"] < 0
                            and abs(mean["value_distractor"]) >= value_ratio * abs(mean["value_key"]))
         if exact and not real_distractor:
             status = "cleared"
-        checks[r].append(DistractorCheck(d, tok, int(fires.sum()), without, mean["act"], mean["logit_key"],
+        checks[r].append(DistractorCheck(d, tok, after["act"].numel(), without, mean["act"], mean["logit_key"],
                                          mean["logit_distractor"], mean["value_key"], mean["value_distractor"], status))
     return [dataclasses.replace(rule, checks=tuple(c)) for rule, c in zip(rules, checks)]
 
@@ -234,8 +235,8 @@ def _probe(model, output_sae, feature: int, tokens: torch.Tensor, positions: tor
         kpos.append(key_pos + shift * (key_pos >= 1))  # BOS stays at 0
     sizes = [len(s) for s in seqs]
     if sum(sizes) == 0:
-        return [{x: torch.zeros(0) for x in ("act", "logit_key", "logit_distractor", "value_key", "value_distractor")}
-                for _ in runs]
+        return [{x: torch.zeros(0, dtype=torch.float64) for x in
+                 ("act", "logit_key", "logit_distractor", "value_key", "value_distractor")} for _ in runs]
     seqs, qpos, kpos = torch.cat(seqs), torch.cat(qpos), torch.cat(kpos)
     out = {x: [] for x in ("act", "logit_key", "logit_distractor", "value_key", "value_distractor")}
     for rows, cache in run_batches(model, seqs, layer, names, batch_size=batch_size, desc="", progress=False):

@@ -309,7 +309,11 @@ class TokenLookup:
         self.known: dict[int, Optional[int]] = {}
 
     def prepare(self, features) -> None:
+        """Look up ``features`` (above layer 0: every feature at once, since each lookup is one pass
+        over the whole vocabulary through the model and the SAE)."""
         missing = sorted({int(f) for f in features if f >= 0} - set(self.known))
+        if missing and self.mode == "activation":
+            missing = range(self.input_sae.n_features)
         if missing:
             self.known.update(feature_tokens(self.model, self.input_sae, missing, mode=self.mode, bos=self.bos))
 

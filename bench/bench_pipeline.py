@@ -8,7 +8,10 @@ Times, on a random GPT-2-small-shaped model (12 layers, d_model 768, 12 heads ×
 - per feature: input-SAE activations of 200 exemplars, REF's candidate table, the paper-mode
   importance on 100 train exemplars, the N = 4 … 4096 sweep of both orderings on 100 val exemplars,
   the exhaustive top-100 pairs of all 24,576² by A×V and by importance (engine), the exact-mode
-  importance on the train exemplars, and the counting detector (9 counts × 64 sequences).
+  importance of feature pairs and pseudo-feature terms on the train exemplars, the distractor checks
+  (8 terms × 3 distractors inserted into the exemplars where a term matches and the feature fires),
+  and the counting detector (9 counts × 64 sequences);
+- per head (above layer 0): the token that stands for every input feature (one vocabulary pass).
 
     python bench/bench_pipeline.py                # writes bench/results/pipeline.json
     python bench/bench_pipeline.py --quick        # small shapes, for a smoke test
@@ -78,7 +81,8 @@ def main() -> None:
 
     from attnrules.circuit import HeadCircuit
     from attnrules.counting import count_response
-    from attnrules.exact import exact_importance
+    from attnrules.absence import AbsenceRule, check_distractors, feature_tokens
+    from attnrules.exact import exact_importance_terms
     from attnrules.evaluation import n_terms_grid, sweep
     from attnrules.exemplars import input_activations
     from attnrules.importance import paper_importance
@@ -129,13 +133,23 @@ def main() -> None:
     results["exhaustive_top100"] = timed(
         lambda: exhaustive_pairs(circuit, 0, train, 100, args.backend, lambda j: str(j)), 1)
     train_tokens = tokens[:n_ex]
-    results["exact_importance"] = timed(lambda: exact_importance(
+    results["exact_importance_terms"] = timed(lambda: exact_importance_terms(
         model, sae_in, sae_out, 0, keys, queries, train_tokens, positions[:n_ex]), 1)
+    # distractor checks: 8 terms x 3 distractors inserted into the exemplars where each term matches
+    # (the pair most often present in the train exemplars stands for every term)
+    q_on = acts[torch.arange(n_ex), positions[:n_ex]] > 0
+    q = int(q_on.sum(0).argmax())
+    k = int((acts[:n_ex] > 0).sum((0, 1)).argmax())
+    terms = [AbsenceRule("bench", q, k, 1.0, 1.0, (k, q, 0), (2.0,) * 3, (-1.0,) * 3) for _ in range(8)]
+    results["distractor_checks"] = timed(lambda: check_distractors(
+        model, sae_out, 0, terms, train_tokens, positions[:n_ex], acts[:n_ex], lambda j: j % model.cfg.d_vocab), 1)
     base = tokens[:64]
     results["counting_detector"] = timed(lambda: count_response(model, sae_out, 0, base, 1, 2), 1)
     per_feature = sum(results.values())
+    # once per head above layer 0: the token that stands for every input feature (one vocabulary pass)
+    token_lookup_s = timed(lambda: feature_tokens(model, sae_in, range(sae_in.n_features), mode="activation"), 1)
     scan_s = 50_000 * seq_len / tokens_per_s
-    per_head = 100 * per_feature
+    per_head = 100 * per_feature + token_lookup_s
     report = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads(),
                 "device": args.device,
@@ -147,6 +161,7 @@ def main() -> None:
         "forward_tokens_per_s": round(tokens_per_s),
         "per_feature_seconds": {k: round(v, 4) for k, v in results.items()},
         "per_feature_total_s": round(per_feature, 3),
+        "per_head_feature_token_lookup_s": round(token_lookup_s, 3),
         "projection": {
             "scan_50k_sequences_per_layer_s": round(scan_s, 1),
             "per_head_100_features_s": round(per_head, 1),
