@@ -6,9 +6,11 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-
 from attnrules.pipeline import ExtractSettings, extract_head
-from attnrules.workload import TOY, TOY_LN, Workload, pretrained_workload, toy_workload
+from attnrules.pipeline.sweep import run_sweep as sweep
+from attnrules.pipeline.workload import TOY, TOY_LN, Workload, pretrained_workload, toy_workload
+from attnrules.report import write_report
+from attnrules.sources import SourceUnavailableError
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -105,7 +107,6 @@ def _add_report(sub) -> argparse.ArgumentParser:
 
 
 def run_sweep(args) -> int:
-    from attnrules.sweep import run_sweep as sweep
 
     summary = sweep(workload_from_args(args, whole_model=True), args.out, settings_from_args(args),
                     device=args.device, progress=not args.quiet)
@@ -116,7 +117,6 @@ def run_sweep(args) -> int:
 
 
 def run_report(args) -> int:
-    from attnrules.report import write_report
 
     path = write_report(args.results_dir, args.out)
     print(f"wrote {path}")
@@ -189,7 +189,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from attnrules.sources import SourceUnavailableError
 
     try:
         return {"extract": run_extract, "sweep": run_sweep, "report": run_report}[args.command](args)

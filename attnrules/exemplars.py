@@ -1,6 +1,5 @@
 """Feature activations over a token corpus, and REF's exemplar sampling and splits (reference §5).
 
-- :func:`tokenize_corpus` turns documents into contiguous ``seq_len`` chunks with BOS at position 0.
 - :func:`scan_output_features` runs the model once over the corpus: for every output feature, the
   number of sequences where it fires, and each sequence's max activation and its position.
 - :func:`sample_features` picks features active in at least ``min_count`` and at most ``max_count``
@@ -15,88 +14,15 @@ call, so the sizes and the procedure are REF's but the particular random draws a
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from attnrules.results import plain
-
-
-def _progress(iterable: Iterable, total: int, desc: str, show: bool):
-    if not show:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, file=sys.stderr, leave=False)
-
-
-def check_tokens(tokens: torch.Tensor, model) -> torch.Tensor:
-    """``tokens`` as a 2-D int64 tensor of valid ids for ``model``, or a clear error."""
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
-        raise ValueError(f"tokens must be a 2-D tensor [n_sequences, seq_len], got {getattr(tokens, 'shape', type(tokens))}")
-    if tokens.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"tokens must hold integer token ids, got dtype {tokens.dtype}")
-    if tokens.numel() == 0:
-        raise ValueError("tokens is empty")
-    if int(tokens.min()) < 0 or int(tokens.max()) >= model.cfg.d_vocab:
-        raise ValueError(f"tokens must be ids in [0, {model.cfg.d_vocab}), got {int(tokens.min())}..{int(tokens.max())}")
-    if tokens.shape[1] > model.cfg.n_ctx:
-        raise ValueError(f"tokens have seq_len {tokens.shape[1]} but the model's context is {model.cfg.n_ctx}")
-    return tokens.long()
-
-
-def tokenize_corpus(
-    model, texts: Iterable[str], *, seq_len: int = 64, n_sequences: int = 50_000, max_chunks_per_doc: int = 16
-) -> torch.Tensor:
-    """REF's contiguous chunks: each document tokenised with BOS (and truncated to the model's context,
-    as ``to_tokens`` does), documents shorter than ``seq_len``
-    skipped, cut into ``seq_len`` chunks (at most ``max_chunks_per_doc``), position 0 set to BOS."""
-    if model.tokenizer is None:
-        raise ValueError("model has no tokenizer: pass token ids instead of text")
-    chunks: list[torch.Tensor] = []
-    n = 0
-    for text in texts:
-        toks = model.to_tokens(text, prepend_bos=True)[0]
-        usable = (toks.numel() // seq_len) * seq_len
-        if usable == 0:
-            continue
-        doc = toks[:usable].view(-1, seq_len)[:max_chunks_per_doc]
-        chunks.append(doc)
-        n += doc.shape[0]
-        if n >= n_sequences:
-            break
-    if not chunks:
-        raise ValueError(f"no document in texts has {seq_len} tokens or more")
-    tokens = torch.cat(chunks)[:n_sequences].clone()
-    tokens[:, 0] = model.tokenizer.bos_token_id
-    return tokens
-
-
-def hook_names(layer: int) -> tuple[str, str]:
-    """(input-SAE hook, output-SAE hook) of a layer."""
-    return f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.attn.hook_z"
-
-
-def run_batches(
-    model, tokens: torch.Tensor, layer: int, names: Sequence[str], *, batch_size: int, desc: str, progress: bool
-) -> Iterator[tuple[slice, dict]]:
-    """Run blocks 0..layer over ``tokens`` in batches, yielding (rows, {hook name: activation})."""
-    tokens = check_tokens(tokens, model)
-    if not 0 <= layer < model.cfg.n_layers:
-        raise ValueError(f"layer must be in [0, {model.cfg.n_layers}), got {layer}")
-    device = next(model.parameters()).device
-    starts = range(0, tokens.shape[0], batch_size)
-    with torch.no_grad():
-        for start in _progress(starts, len(starts), desc, progress):
-            rows = slice(start, min(start + batch_size, tokens.shape[0]))
-            _, cache = model.run_with_cache(
-                tokens[rows].to(device), stop_at_layer=layer + 1, names_filter=lambda n: n in names
-            )
-            yield rows, {name: cache[name] for name in names}
+from attnrules.files import plain
+from attnrules.sources.runner import hook_names, run_batches
 
 
 @dataclass(frozen=True)

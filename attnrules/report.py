@@ -18,7 +18,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from attnrules.results import write_atomic
+from attnrules.files import write_atomic
 
 METHODS = ("weights", "importance", "exact")  # orderings; "exact" only when exact mode ran
 METRICS = ("precision", "recall", "f1")

@@ -14,7 +14,7 @@ import torch
 
 from attnrules import engine
 from attnrules.circuit import HeadCircuit
-from attnrules.results import plain
+from attnrules.files import plain
 
 
 def value_scores(circuit: HeadCircuit, features: Union[int, Sequence[int], None] = None) -> torch.Tensor:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from attnrules import engine
-from attnrules.results import write_json
+from attnrules.files import write_json
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "cpu_interleaved.json"
 

@@ -80,14 +80,16 @@ def main() -> None:
     args = parser.parse_args()
 
     from attnrules.circuit import HeadCircuit
-    from attnrules.counting import count_response
-    from attnrules.absence import AbsenceRule, check_distractors, feature_tokens
-    from attnrules.exact import exact_importance_terms
+    from attnrules.evaluation.counts import count_response
+    from attnrules.rules.absence import AbsenceRule
+    from attnrules.evaluation.insertion import check_distractors, feature_tokens
+    from attnrules.importance import exact_importance_terms
     from attnrules.evaluation import n_terms_grid, sweep
     from attnrules.exemplars import input_activations
     from attnrules.importance import paper_importance
-    from attnrules.pipeline import _first_appearance, exhaustive_pairs
-    from attnrules.results import write_json
+    from attnrules.pipeline.extract import _first_appearance
+    from attnrules.pipeline import exhaustive_pairs
+    from attnrules.files import write_json
     from attnrules.rules import rules_from_importance, rules_from_weights
     from attnrules.scoring import candidate_table
 

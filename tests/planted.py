@@ -1,6 +1,6 @@
 """Two more planted transformer_lens models for the tests: ``build_glyph()`` and ``build_rune()``.
 
-They are built unlike :mod:`attnrules.toy` and :mod:`attnrules.toy_ln` on purpose (invented
+They are built unlike :mod:`attnrules.toy` and :mod:`attnrules.toy.layernorm` on purpose (invented
 vocabularies, BOS not at id 0 or with another string, explained heads in a later layer behind layers
 that write nothing, LNPre / RMSPre, an attention scale that is not sqrt(d_head), input SAEs with a
 decoder bias or with rotated decoder rows), so that code that silently assumes one of those

@@ -3,15 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from attnrules.absence import (
-    absence_rules,
-    counterfactual_insertion,
-    distractor_share,
-    insert_copies,
-    insertion_token,
-    natural_prevalence,
-    paper_distractor,
-)
+from attnrules.rules.absence import absence_rules, distractor_share, paper_distractor
+from attnrules.evaluation.insertion import counterfactual_insertion, insert_copies, insertion_token, natural_prevalence
 from attnrules.circuit import HeadCircuit
 from attnrules.rules import SkipgramRuleSet
 from attnrules.scoring import value_scores

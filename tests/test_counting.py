@@ -2,15 +2,8 @@
 import pytest
 import torch
 
-from attnrules.counting import (
-    CountResponse,
-    classify_counts,
-    classify_difference,
-    counterfactuals,
-    check_counting,
-    detect_counting,
-    silent_base,
-)
+from attnrules.rules.counting import CountResponse, classify_counts, classify_difference
+from attnrules.evaluation.counts import counterfactuals, check_counting, detect_counting, silent_base
 from attnrules.exemplars import scan_output_features
 from attnrules.toy import FEATURES, build_toy
 

@@ -1,7 +1,7 @@
 """Input-feature descriptions: layer-0 top tokens and positions; Neuronpedia ids above."""
 import torch
 
-from attnrules.descriptions import describe_input_features
+from attnrules.rules.descriptions import describe_input_features
 from attnrules.sources import InputSAE
 from attnrules.toy import VOCAB, build_toy
 

@@ -10,29 +10,16 @@ import torch
 from tiny_gpt2 import build_tiny_gpt2
 from topk_oracle import assert_matches, score_matrix
 
-from attnrules.circuit import HeadCircuit
-from attnrules.exact import (
-    GROUPS,
-    PAPER_GROUP,
-    SCALE_GROUP,
-    exact_factors_all_pairs,
-    exact_importance,
-    exact_projections,
-    rank_all_pairs_by_exact_importance,
-    reconstruct,
-)
-from attnrules.exemplars import (
-    input_activations,
-    sample_exemplars,
-    scan_output_features,
-)
+from attnrules.circuit import GROUPS, PAPER_GROUP, SCALE_GROUP, HeadCircuit, exact_projections, reconstruct
+from attnrules.importance import exact_factors_all_pairs, exact_importance, rank_all_pairs_by_exact_importance
+from attnrules.exemplars import input_activations, sample_exemplars, scan_output_features
 from attnrules.importance import paper_importance
-from attnrules.pipeline import _first_appearance
+from attnrules.pipeline.extract import _first_appearance
 from attnrules.rules import rules_from_weights
 from attnrules.scoring import candidate_table
 from attnrules.sources import InputSAE, OutputSAE
 from attnrules.toy import VOCAB, build_toy
-from attnrules.toy_ln import LOUD_WORD, build_toy_ln
+from attnrules.toy.layernorm import LOUD_WORD, build_toy_ln
 
 
 def random_saes(model, layer, head, n_in=30, n_out=5, seed=0):
@@ -130,7 +117,7 @@ def test_paper_group_is_the_paper_formula_and_pair_terms_list_every_term(tiny, t
     for model, sae_in, sae_out, tokens in ((tiny, *random_saes(tiny, 1, 2), tokens_for(tiny)),
                                            (toy_ln.model, toy_ln.input_sae, toy_ln.output_saes[0], toy_ln.corpus(2))):
         circuit = HeadCircuit.from_model(model, sae_in, sae_out)
-        dec = circuit.reconstruct(model, sae_in, tokens)
+        dec = reconstruct(model, sae_in, circuit, tokens)
         f = input_activations(model, sae_in, tokens).double()
         paper = torch.einsum("bqd,bkd->bqk", f @ circuit.query_proj.double(), f @ circuit.key_proj.double())
         torch.testing.assert_close(dec.group(PAPER_GROUP), paper, rtol=1e-6, atol=1e-9)

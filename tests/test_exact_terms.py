@@ -8,7 +8,8 @@ import pytest
 import torch
 from test_exact import activation_with_logit_delta, autograd_exact_importance, random_saes, rms_model, tiny, tokens_for, toy_ln  # noqa: F401
 
-from attnrules.exact import PSEUDO, ExactTerms, exact_importance, exact_importance_terms, pseudo_name
+from attnrules.circuit import PSEUDO, pseudo_name
+from attnrules.importance import ExactTerms, exact_importance, exact_importance_terms
 from attnrules.toy import BOS, VOCAB
 
 

@@ -2,14 +2,8 @@
 import pytest
 import torch
 
-from attnrules.exemplars import (
-    FeatureScan,
-    input_activations,
-    sample_exemplars,
-    sample_features,
-    scan_output_features,
-    tokenize_corpus,
-)
+from attnrules.exemplars import FeatureScan, input_activations, sample_exemplars, sample_features, scan_output_features
+from attnrules.sources import tokenize_corpus
 from attnrules.toy import build_toy
 
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-import attnrules.pipeline as pipeline
+import attnrules.pipeline.extract as pipeline
 from attnrules.pipeline import ExtractSettings, extract_head
 from attnrules.toy import build_toy
 

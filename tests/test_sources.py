@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 from pathlib import Path
 
@@ -185,7 +186,7 @@ def test_unreachable_hub_fails_at_once(empty_hf_home, monkeypatch):
         probed.append((address, timeout))
         raise ConnectionRefusedError("refused")
 
-    monkeypatch.setattr(sources.socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.example:8443")
     with pytest.raises(SourceUnavailableError, match=r"the hub at https://hub.example:8443 is unreachable \(refused\)"):
         sources.load_model("gpt2-small")

@@ -5,7 +5,8 @@ import torch
 from attnrules.evaluation import binary_metrics
 from attnrules.exemplars import input_activations, sample_exemplars, scan_output_features
 from attnrules.importance import paper_importance
-from attnrules.pipeline import ExtractSettings, extract_feature, _first_appearance
+from attnrules.pipeline import ExtractSettings, extract_feature
+from attnrules.pipeline.extract import _first_appearance
 from attnrules.rules import rules_from_importance, rules_from_weights
 from attnrules.scoring import candidate_table, rank_all_pairs
 from attnrules.toy import VOCAB, build_toy, generate_corpus
@@ -151,7 +152,7 @@ def test_skipgram_rules_fall_short_on_absence_and_counting(toy, extracted, name,
 
 def test_extract_feature_runs_both_methods(toy, extracted):
     e = extracted["L0H0.0"]
-    from attnrules.descriptions import describe_input_features
+    from attnrules.rules.descriptions import describe_input_features
 
     settings = ExtractSettings(num_values=e["circuit"].n_inputs, num_queries=e["circuit"].n_inputs, max_rules=16)
     describe = describe_input_features(toy.model, toy.input_sae)

@@ -21,7 +21,7 @@ import math
 import torch
 
 from attnrules.sources import InputSAE, OutputSAE
-from attnrules.toy import BOS, VOCAB, PlantedFeature, Toy, _tokenizer
+from attnrules.toy.planted import BOS, VOCAB, PlantedFeature, Toy, _tokenizer
 
 D_HEAD = 8
 LOUD = 20.0

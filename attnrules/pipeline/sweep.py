@@ -22,8 +22,8 @@ import torch
 
 from attnrules.exemplars import scan_heads
 from attnrules.pipeline import ExtractSettings, extract_head
-from attnrules.results import write_csv, write_json
-from attnrules.workload import Workload
+from attnrules.files import write_csv, write_json
+from attnrules.pipeline.workload import Workload
 
 
 def shard_name(layer: int, head: int) -> str:

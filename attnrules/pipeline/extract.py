@@ -13,81 +13,36 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import pandas as pd
 import torch
 
-from attnrules.absence import (
-    absence_rules,
+from attnrules.circuit import HeadCircuit, reconstruct
+from attnrules.evaluation import SweepPoint, n_terms_grid, sweep
+from attnrules.evaluation.counts import CountingCheck, check_counting
+from attnrules.evaluation.insertion import (
     check_distractors,
     counterfactual_insertion,
     feature_tokens,
     insertion_token,
     natural_prevalence,
-    paper_distractor,
-    significant_values,
 )
-from attnrules.circuit import HeadCircuit
-from attnrules.counting import CountingCheck, check_counting
-from attnrules.descriptions import InputDescriptions, describe_input_features, token_strings
-from attnrules.evaluation import SweepPoint, n_terms_grid, sweep
-from attnrules.exact import ExactTerms, exact_importance_terms, reconstruct
-from attnrules.exemplars import (
-    FeatureScan,
-    exemplar_views,
-    input_activations,
-    sample_exemplars,
-    sample_features,
-    scan_output_features,
-)
-from attnrules.importance import paper_importance, rank_all_pairs_by_importance
-from attnrules.results import plain, write_csv, write_json
+from attnrules.exemplars import FeatureScan, exemplar_views, input_activations, sample_exemplars, sample_features, scan_output_features
+from attnrules.files import plain, write_json
+from attnrules.importance import ExactTerms, exact_importance_terms, paper_importance, rank_all_pairs_by_importance
+from attnrules.pipeline.results import FeatureResult, HeadResult
+from attnrules.pipeline.settings import ExtractSettings
 from attnrules.rules import SkipgramRuleSet, rules_from_exact, rules_from_importance, rules_from_weights
+from attnrules.rules.absence import absence_rules, paper_distractor, significant_values
+from attnrules.rules.descriptions import InputDescriptions, describe_input_features, token_strings
 from attnrules.scoring import PairTable, candidate_table, rank_all_pairs, value_scores
 from attnrules.sources import as_sources
-
-
-@dataclass(frozen=True)
-class ExtractSettings:
-    """REF's defaults (reference-behaviour §8), each a knob."""
-
-    features: Optional[tuple[int, ...]] = None  # explicit output features; None: sample as REF
-    num_features: Optional[int] = 100
-    min_count: int = 150
-    max_count: Optional[int] = None  # None: n_sequences - min_count
-    examples_per_bin: int = 150
-    positives: str = "top"  # REF: the top-activating sequences; "quantiles": spread over activation ranks
-    num_values: int = 100
-    num_queries: int = 100
-    max_rules: int = 4096
-    negative_values: bool = False
-    absolute: bool = True
-    loss_type: str = "activation"
-    threshold: float = 0.0
-    seed: int = 0
-    batch_size: int = 64
-    backend: str = "auto"
-    show_terms: int = 8
-    exhaustive_k: int = 100  # also rank all n_in × n_in pairs by A×V and by importance (0: skip)
-    max_distractors: int = 100  # distractor keys kept per skip-gram term
-    distractor_checks: int = 3  # distractors per term tested by insertion (confirmed / unconfirmed / cleared)
-    counting: bool = True  # run the counting detector on each feature's top term
-    counting_max: int = 8  # copies tried by the counting detector
-    counting_bases: int = 64  # base sequences the counting detector uses (corpus first, then filler)
-    counting_min_bases: int = 16  # fewer than this: "undetermined"
-    insertion_counts: tuple[int, ...] = (0, 1, 2, 3)  # REF's counterfactual insertion counts
-    show_exemplars: int = 5  # top-activating validation exemplars kept with activations and DFA
-    exact: bool = True  # add the exact-mode ordering and the head's logit decomposition
-
-    def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(plain(dataclasses.asdict(self)), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _rules_to_dict(rules: SkipgramRuleSet, describe: InputDescriptions) -> dict:
@@ -97,144 +52,6 @@ def _rules_to_dict(rules: SkipgramRuleSet, describe: InputDescriptions) -> dict:
         "terms": rules.to_frame(describe).drop(columns=["feature", "method"]).to_dict(orient="records"),
         "text": rules.render(describe),
     }
-
-
-@dataclass(frozen=True)
-class FeatureResult:
-    """Rules and their evaluation for one output feature."""
-
-    feature: int
-    name: str
-    n_train: int
-    n_val: int
-    rules: dict  # method -> {"terms": [...], "text": [...]} for the top ``show_terms`` terms
-    sweep: list  # SweepPoint.to_dict() rows
-    pairs: list = field(default_factory=list)  # exhaustive top pairs: {"ranking", "rank", "query", "key", "score"}
-    absence: list = field(default_factory=list)  # AbsenceRule.to_dict() of the top terms that have distractors
-    paper_distractor: Optional[dict] = None  # REF's single check (reference §6.1)
-    counting: Optional[dict] = None  # CountingRule.to_dict() when the feature counts
-    exemplars: list = field(default_factory=list)  # ExemplarView.to_dict() of the top validation exemplars
-    absence_dropped: list = field(default_factory=list)  # absence terms whose every tested distractor was
-    # unconfirmed by insertion or cleared by exact mode (AbsenceRule.to_dict() with the evidence)
-    counting_check: Optional[dict] = None  # CountingCheck.to_dict(): what the counting detector did, and why
-    unseen_keys: list = field(default_factory=list)  # candidate keys with V > 0 never present in a train positive
-    notes: list = field(default_factory=list)  # e.g. "no key's value score rises above float noise"
-    errors: list = field(default_factory=list)  # {"step", "error"} of each step that failed for this feature
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "FeatureResult":
-        return cls(**data)
-
-
-@dataclass(frozen=True)
-class HeadResult:
-    layer: int
-    head: int
-    features: list
-    metadata: dict = field(default_factory=dict)
-    distractors: list = field(default_factory=list)  # distractor_evidence() rows
-
-    def metrics_frame(self) -> pd.DataFrame:
-        rows = [{"feature": f.name, **point} for f in self.features for point in f.sweep]
-        return pd.DataFrame(rows)
-
-    def rules_frame(self) -> pd.DataFrame:
-        rows = [
-            {"feature": f.name, "method": method, **term}
-            for f in self.features
-            for method, rules in f.rules.items()
-            for term in rules["terms"]
-        ]
-        return pd.DataFrame(rows)
-
-    def absence_frame(self) -> pd.DataFrame:
-        rows = [{"feature": f.name, "query": a["query"], "key": a["key"], "distractors": list(a["distractors"]),
-                 "text": a["text"]} for f in self.features for a in f.absence]
-        return pd.DataFrame(rows, columns=["feature", "query", "key", "distractors", "text"])
-
-    def distractor_checks_frame(self) -> pd.DataFrame:
-        """One row per distractor tested by insertion: its status (confirmed / unconfirmed / cleared /
-        untested), the mean activation without and with it, and the real logits and values."""
-        rows = [{"feature": f.name, "query": a["query"], "key": a["key"], **c}
-                for f in self.features for a in f.absence + f.absence_dropped for c in a["checks"]]
-        columns = ["feature", "query", "key", "distractor", "token", "status", "n_examples", "mean_act_without",
-                   "mean_act_with", "logit_key", "logit_distractor", "value_key", "value_distractor"]
-        return pd.DataFrame(rows, columns=columns)
-
-    def counting_frame(self) -> pd.DataFrame:
-        rows = [{"feature": f.name, "kind": f.counting["kind"], "threshold": f.counting["threshold"],
-                 "text": f.counting["text"], "counts": f.counting["evidence"]["counts"],
-                 "mean_act": f.counting["evidence"]["mean_act"]} for f in self.features if f.counting]
-        return pd.DataFrame(rows, columns=["feature", "kind", "threshold", "text", "counts", "mean_act"])
-
-    def pairs_frame(self) -> pd.DataFrame:
-        return pd.DataFrame([{"feature": f.name, **row} for f in self.features for row in f.pairs])
-
-    def to_dict(self) -> dict:
-        return {"layer": self.layer, "head": self.head, "metadata": self.metadata,
-                "features": [f.to_dict() for f in self.features], "distractors": self.distractors}
-
-    def write(self, out_dir: Path | str) -> list[Path]:
-        """results.json and rules, metrics, pairs, absence, distractor-check and counting CSVs in
-        ``out_dir`` (each written atomically)."""
-        out = Path(out_dir)
-        return [
-            write_json(out / "results.json", self.to_dict()),
-            write_csv(out / "rules.csv", self.rules_frame()),
-            write_csv(out / "metrics.csv", self.metrics_frame()),
-            write_csv(out / "pairs.csv", self.pairs_frame()),
-            write_csv(out / "absence.csv", self.absence_frame()),
-            write_csv(out / "distractor_checks.csv", self.distractor_checks_frame()),
-            write_csv(out / "counting.csv", self.counting_frame()),
-        ]
-
-    def summary(self, n_terms: Optional[int] = None) -> str:
-        """The top rules of each feature as text and a P/R/F1 table by method and N."""
-        lines = [f"Head L{self.layer}H{self.head}: {len(self.features)} features"]
-        for f in self.features:
-            lines.append(f"\n{f.name}  (train {f.n_train}, val {f.n_val} exemplars)")
-            for method, rules in f.rules.items():
-                lines.append(f"  {method}:")
-                lines += [f"    {t}" for t in rules["text"][:n_terms]]
-            if f.absence:
-                lines.append("  absence:")
-                lines += [f"    {a['text']}" for a in f.absence]
-            status = [st for a in f.absence + f.absence_dropped for st in a["status"]]
-            if "cleared" in status or "unconfirmed" in status:
-                lines.append(f"  paper-mode distractors dropped: {status.count('cleared')} cleared by exact mode, "
-                             f"{status.count('unconfirmed')} unconfirmed by insertion")
-            if f.counting:
-                lines.append(f"  counting:\n    {f.counting['text']}")
-            elif f.counting_check and f.counting_check["status"] == "undetermined":
-                lines.append(f"  counting: undetermined ({f.counting_check['reason']})")
-            lines += [f"  note: {n}" for n in f.notes]
-            lines += [f"  failed step {e['step']}: {e['error']}" for e in f.errors]
-        failed = [e for f in self.features for e in f.errors]
-        if failed:
-            lines.append(f"\n{len(failed)} failed steps in {sum(bool(f.errors) for f in self.features)} features "
-                         f"(recorded in their results; the run went on)")
-        groups = self.metadata.get("exact_logit_groups")
-        if groups:
-            top = sorted(groups, key=lambda g: -g["share"])[:6]
-            lines.append("\nExact mode: the real attention logit by term group (share of mean |term|): "
-                         + ", ".join(f"{g['group']} {g['share']:.1%}" for g in top))
-        for d in self.distractors:
-            line = (f"\n{d['feature']}: distractor in {d['kkq_count']} of {d['kkq_count'] + d['kq_count']} natural "
-                    f"skip-gram sequences; mean activation {d['mean_act_without']:.3f} without, {d['mean_act_with']:.3f} with")
-            lines.append(line)
-            if d["insertion"]:
-                ins = d["insertion"]
-                lines.append("  inserted n times: " + ", ".join(f"n={n}: {a:.3f}" for n, a in zip(ins["counts"], ins["mean_act"])))
-        frame = self.metrics_frame()
-        if not frame.empty:
-            table = frame.pivot_table(index="num_rules", columns="method", values=["precision", "recall", "f1"],
-                                      aggfunc="mean")
-            lines += ["", "Mean precision / recall / F1 over features, by number of terms N:",
-                      table.to_string(float_format=lambda v: f"{v:.3f}")]
-        return "\n".join(lines)
 
 
 def _capped(name: str, asked: int, available: int, notes: list[str]) -> int:
@@ -263,7 +80,7 @@ def extract_feature(
     on the validation exemplars, and the candidate table.
 
     ``train`` = (acts ``[N, T, n_in]``, positions); ``val`` = (acts, positions, act_max). With
-    ``exact`` (keys, queries → :class:`~attnrules.exact.ExactTerms`) a third ordering, "exact", ranks
+    ``exact`` (keys, queries → :class:`~attnrules.importance.ExactTerms`) a third ordering, "exact", ranks
     the same candidate cross product and the pseudo-feature terms by the gradient through the real head.
     """
     table = candidate_table(circuit, feature, num_values=settings.num_values, num_queries=settings.num_queries,
@@ -301,7 +118,7 @@ class TrainExemplars:
 class TokenLookup:
     """The token that stands for each input feature (to insert or place), computed once per feature
     for a run: REF's embedding argmax at layer 0, the feature's real activation on [BOS, t] above it
-    (:func:`attnrules.absence.feature_tokens`)."""
+    (:func:`attnrules.evaluation.insertion.feature_tokens`)."""
 
     def __init__(self, model, input_sae, bos: int) -> None:
         self.model, self.input_sae, self.bos = model, input_sae, bos

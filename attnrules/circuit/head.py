@@ -18,6 +18,8 @@ from typing import Optional
 
 import torch
 
+from attnrules import sources
+
 
 def _check_finite(name: str, x: torch.Tensor) -> None:
     if not bool(torch.isfinite(x).all()):
@@ -117,8 +119,6 @@ class HeadCircuit:
         """From a processed HookedTransformer, an :class:`~attnrules.sources.InputSAE` and an
         :class:`~attnrules.sources.OutputSAE` — or sae_lens SAEs of matching shapes — (layer and head
         default to the output SAE's)."""
-        from attnrules import sources
-
         input_sae, output_sae = sources.as_sources(model, input_sae, output_sae, layer=layer, head=head)
         layer = output_sae.layer if layer is None else layer
         head = output_sae.head if head is None else head
@@ -140,10 +140,3 @@ class HeadCircuit:
                 layer=layer,
                 head=head,
             )
-
-    def reconstruct(self, model, input_sae, tokens: torch.Tensor):
-        """This head's real attention logits on ``tokens`` split into exact-mode terms
-        (:func:`attnrules.exact.reconstruct`)."""
-        from attnrules.exact import reconstruct
-
-        return reconstruct(model, input_sae, self, tokens)

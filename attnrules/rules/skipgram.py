@@ -26,9 +26,10 @@ import pandas as pd
 import torch
 
 from attnrules.circuit import HeadCircuit
-from attnrules.exact import PSEUDO, ExactTerms, pseudo_name
+from attnrules.circuit import PSEUDO, pseudo_name
+from attnrules.importance import ExactTerms
 from attnrules.importance import select_terms
-from attnrules.results import plain
+from attnrules.files import plain
 from attnrules.scoring import PairTable, attn_scores, value_scores
 
 

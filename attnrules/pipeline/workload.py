@@ -12,7 +12,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from attnrules.exemplars import check_tokens, tokenize_corpus
+from attnrules import sources
+from attnrules.sources import check_tokens, tokenize_corpus
+from attnrules.toy import build_toy, build_toy_ln
 
 TOY = "toy"
 TOY_LN = "toy-ln"  # the planted model's variant with LayerNorm and biases, where paper mode is misled
@@ -63,9 +65,6 @@ def toy_workload(
 ) -> Workload:
     """The planted model (``variant="toy-ln"``: with LayerNorm and biases); all its planted heads
     unless ``heads`` says otherwise."""
-    from attnrules.toy import build_toy
-    from attnrules.toy_ln import build_toy_ln
-
     if variant not in (TOY, TOY_LN):
         raise ValueError(f"variant must be {TOY!r} or {TOY_LN!r}, got {variant!r}")
     toy = (build_toy if variant == TOY else build_toy_ln)(seq_len=seq_len)
@@ -96,8 +95,6 @@ def pretrained_workload(
     """A transformer_lens model (processed as from_pretrained does) with sae_lens input SAEs and
     per-head checkpoints (``sae_out_dir``) or a layer-level hook_z SAE (``sae_out_z``); all layers and
     heads unless given."""
-    from attnrules import sources
-
     if (sae_out_dir is None) == (sae_out_z is None):
         raise ValueError("give exactly one of sae_out_dir (per-head checkpoints) or sae_out_z (layer-level hook_z SAE)")
     model = sources.load_model(model_name, device=device)

@@ -1,67 +1,22 @@
-"""Counting rules: features whose activation depends on how many times a key occurs.
+"""The counting detector: counterfactual inputs with n copies of a key before a query, the feature's
+response, and its classification (:mod:`attnrules.rules.counting`).
 
-The paper shows one by hand (a feature that needs [games] at least twice: each copy competes with
-an attention sink); its code has none. Our detector builds counterfactual inputs: base sequences in
-which the feature is silent, the query token at the last position and n copies of the key token
-before it (n = 0 … 8; when query and key are the same token the query itself is one copy), runs the
-model and classifies the response:
-
-- ``threshold``: the feature is (almost) never active below a count c ≥ 2 and (almost) always from
-  c on → ``count([games]) ≥ 2 → L0H1.0``;
-- ``monotone``: active from one copy, but the activation keeps growing with the count (at least
-  ``growth`` times its one-copy value) → ``more [k] → more F``;
-- ``difference`` (for two competing keys, n1 and n2 copies): active exactly when n1 − n2 ≥ c →
-  ``count([a]) − count([b]) ≥ c → F``.
-
-A plain skip-gram (one copy is enough, more copies add little) gets no counting rule.
+Base sequences are sequences in which the feature is silent; the query token goes at the last
+position and n copies of the key token before it (n = 0 … 8; when query and key are the same token
+the query itself is one copy). :func:`check_counting` chooses the bases (corpus first, then filler
+built from the corpus's frequent tokens; BOS never avoided) and says what it did.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from attnrules.exemplars import check_tokens, hook_names, run_batches
-
-ACTIVE, SILENT = 0.9, 0.1  # shares of base sequences that count as "always" and "never" active
-
-
-@dataclass(frozen=True)
-class CountResponse:
-    """Activation at the query for each tried (count of key, count of other key)."""
-
-    counts: tuple[tuple[int, int], ...]
-    mean_act: tuple[float, ...]
-    active_share: tuple[float, ...]
-    n_base: int
-
-
-@dataclass(frozen=True)
-class CountingRule:
-    feature_name: str
-    kind: str  # "threshold" | "monotone" | "difference"
-    query_token: int
-    key_token: int
-    other_token: Optional[int]
-    threshold: Optional[int]
-    evidence: CountResponse
-
-    def render(self, token_str: Callable[[int], str]) -> str:
-        k = f"[{token_str(self.key_token)}]"
-        if self.kind == "threshold":
-            return f"count({k}) ≥ {self.threshold} → {self.feature_name}"
-        if self.kind == "difference":
-            return f"count({k}) − count([{token_str(self.other_token)}]) ≥ {self.threshold} → {self.feature_name}"
-        return f"more {k} → more {self.feature_name}"
-
-    def to_dict(self, token_str: Optional[Callable[[int], str]] = None) -> dict:
-        data = asdict(self)
-        if token_str is not None:
-            data["text"] = self.render(token_str)
-        return data
+from attnrules.rules.counting import CountingRule, CountResponse, classify_counts, classify_difference
+from attnrules.sources.runner import check_tokens, hook_names, run_batches
 
 
 def counterfactuals(
@@ -122,33 +77,6 @@ def count_response(
             means.append(float(a.mean()))
             shares.append(float((a > 0).float().mean()))
     return CountResponse(tuple(tried), tuple(means), tuple(shares), base.shape[0])
-
-
-def classify_counts(response: CountResponse, *, growth: float = 2.0) -> tuple[Optional[str], Optional[int]]:
-    """(kind, threshold) of a single-key response; (None, None) when it is no counting rule."""
-    counts = [c for c, _ in response.counts]
-    share = dict(zip(counts, response.active_share))
-    mean = dict(zip(counts, response.mean_act))
-    for c in counts:
-        if all(share[n] <= SILENT for n in counts if n < c) and all(share[n] >= ACTIVE for n in counts if n >= c):
-            if c >= 2:
-                return "threshold", c
-            rising = [mean[n] for n in counts if n >= c]
-            if len(rising) >= 3 and all(b >= a - 1e-6 for a, b in zip(rising, rising[1:])) and rising[-1] >= growth * rising[0]:
-                return "monotone", None
-            return None, None
-    return None, None
-
-
-def classify_difference(response: CountResponse) -> Optional[int]:
-    """c such that the feature is active exactly when n1 − n2 ≥ c over the tried grid, else None."""
-    diffs = [n1 - n2 for n1, n2 in response.counts]
-    for c in sorted(set(diffs)):
-        above = [s for d, s in zip(diffs, response.active_share) if d >= c]
-        below = [s for d, s in zip(diffs, response.active_share) if d < c]
-        if above and below and min(above) >= ACTIVE and max(below) <= SILENT:
-            return c
-    return None
 
 
 def detect_counting(

@@ -1,0 +1,17 @@
+"""One head seen through SAEs: :class:`HeadCircuit` (paper mode's projections D·W_Q, D·W_K, D·W_V and the
+output encoder) and the exact decomposition of the head's real logits (:func:`reconstruct`)."""
+from attnrules.circuit.exact import (
+    COMPONENTS,
+    GROUPS,
+    PAPER_GROUP,
+    PSEUDO,
+    SCALE_GROUP,
+    LogitDecomposition,
+    exact_projections,
+    pseudo_name,
+    reconstruct,
+)
+from attnrules.circuit.head import HeadCircuit
+
+__all__ = ["COMPONENTS", "GROUPS", "PAPER_GROUP", "PSEUDO", "SCALE_GROUP", "HeadCircuit", "LogitDecomposition",
+           "exact_projections", "pseudo_name", "reconstruct"]

@@ -1,0 +1,102 @@
+"""The model as the SAEs expect it: a head that exists, and the processing ``from_pretrained`` applies
+by default (LayerNorm folded, writing weights centred, value biases folded), checked or applied."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def _check_int(name: str, value: Any, *, low: int = 0, below: int | None = None, what: str = "") -> None:
+    """Raise TypeError for a non-int and ValueError unless ``low <= value < below`` (``below`` optional)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < low or (below is not None and value >= below):
+        bound = f"{low}..{below - 1}" if below is not None else f">= {low}"
+        raise ValueError(f"{name}={value} is out of range: {what}valid range is {bound}")
+
+def check_head(model: Any, layer: int, head: int) -> None:
+    """Raise ValueError unless (layer, head) names a head of ``model``."""
+    cfg = model.cfg
+    _check_int("layer", layer, below=cfg.n_layers, what=f"the model has {cfg.n_layers} layers, ")
+    _check_int("head", head, below=cfg.n_heads, what=f"the model has {cfg.n_heads} heads per layer, ")
+
+
+def _writing_weights(model: Any) -> dict[str, Tensor]:
+    """The weights that write to the residual stream, by name (what ``center_writing_weights`` centres)."""
+    weights = {"W_E": model.embed.W_E}
+    if hasattr(model, "pos_embed") and hasattr(model.pos_embed, "W_pos"):
+        weights["W_pos"] = model.pos_embed.W_pos
+    for i, block in enumerate(model.blocks):
+        if hasattr(block, "attn"):
+            weights[f"blocks.{i}.attn.W_O"] = block.attn.W_O
+        w_out = getattr(getattr(block, "mlp", None), "W_out", None)
+        if isinstance(w_out, Tensor):
+            weights[f"blocks.{i}.mlp.W_out"] = w_out
+    return weights
+
+
+def _processing_problems(model: Any) -> list[str]:
+    """What differs from ``from_pretrained``'s default processing (empty when processed)."""
+    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+    cfg = model.cfg
+    problems = []
+    if cfg.normalization_type in ("LN", "RMS"):
+        problems.append(
+            f"LayerNorm is not folded (cfg.normalization_type is {cfg.normalization_type!r}, "
+            f"expected {cfg.normalization_type + 'Pre'!r})"
+        )
+    unfolded = [i for i, block in enumerate(model.blocks) if bool((block.attn.b_V != 0).any())]
+    if unfolded:
+        problems.append(f"value biases are not folded (b_V != 0 in layers {unfolded})")
+    centred_model = (
+        cfg.normalization_type in ("LN", "LNPre")
+        and not getattr(cfg, "final_rms", False)
+        and cfg.original_architecture not in POST_NORM_ARCHITECTURES
+    )
+    if centred_model:
+        with torch.no_grad():
+            off = [
+                name
+                for name, w in _writing_weights(model).items()
+                if w.float().mean(-1).abs().max() > max(1e-4, 50 * torch.finfo(w.dtype).eps) * w.abs().max()
+            ]
+        if off:
+            problems.append(f"writing weights are not centred (mean over d_model != 0 in {', '.join(off)})")
+    return problems
+
+
+def check_processed(model: Any) -> None:
+    """Raise ValueError unless ``model`` is processed as the SAEs expect.
+
+    The SAEs were trained on ``HookedTransformer.from_pretrained``'s default processing: LayerNorm
+    folded, value biases folded into ``b_O`` (so ``hook_z`` excludes ``b_V``) and, for LayerNorm
+    models, writing weights centred (so the residual stream is mean-zero).
+    """
+    problems = _processing_problems(model)
+    if problems:
+        raise ValueError(
+            "the model is not processed as the SAEs expect: "
+            + "; ".join(problems)
+            + ". Load it with attnrules.sources.load_model or call attnrules.sources.process_model(model)."
+        )
+
+
+def process_model(model: Any) -> Any:
+    """Apply ``from_pretrained``'s default weight processing in place and return ``model``.
+
+    A no-op on an already processed model; a partly processed one gets the missing steps.
+    """
+    if not _processing_problems(model):
+        return model
+    with torch.no_grad():
+        model.load_and_process_state_dict(
+            model.state_dict(),
+            fold_ln=model.cfg.normalization_type in ("LN", "RMS"),
+            center_writing_weights=True,
+            center_unembed=True,
+            fold_value_biases=True,
+        )
+    return model

@@ -1,0 +1,20 @@
+"""The embedded defaults: small transformer_lens models with planted, known rules (no download).
+
+:mod:`~attnrules.toy.planted` is the default (1 layer, 2 heads, one-hot residual, identity input SAE);
+:mod:`~attnrules.toy.layernorm` its variant with LayerNorm and biases, where paper mode is misled.
+"""
+from attnrules.toy.layernorm import build_toy_ln
+from attnrules.toy.planted import (
+    BOS,
+    FEATURES,
+    PLANTED_WORDS,
+    RATES,
+    VOCAB,
+    PlantedFeature,
+    Toy,
+    build_toy,
+    generate_corpus,
+)
+
+__all__ = ["BOS", "FEATURES", "PLANTED_WORDS", "RATES", "VOCAB", "PlantedFeature", "Toy", "build_toy",
+           "build_toy_ln", "generate_corpus"]
