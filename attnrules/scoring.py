@@ -12,7 +12,7 @@ from typing import Sequence, Union
 import pandas as pd
 import torch
 
-from attnrules import engine
+import attnrules.engine as engine
 from attnrules.circuit import HeadCircuit
 from attnrules.files import plain
 

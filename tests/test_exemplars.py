@@ -125,11 +125,25 @@ def test_exemplar_views_give_acts_and_dfa(toy):
     torch.testing.assert_close(torch.tensor(v.dfa), expected)
 
 
-def test_scan_heads_shares_one_pass_and_equals_single_scans(toy):
+def test_scan_heads_equals_a_direct_forward_pass_with_one_pass(toy, monkeypatch):
+    """Each head's scan equals transformer_lens's own forward pass, and all heads share one pass."""
+    from attnrules import exemplars
     from attnrules.exemplars import scan_heads
 
+    passes = []
+    real = exemplars.run_batches
+
+    def counted(*args, **kwargs):
+        passes.append(1)
+        yield from real(*args, **kwargs)
+
+    monkeypatch.setattr(exemplars, "run_batches", counted)
     tokens = toy.corpus(40, seed=3)
     both = scan_heads(toy.model, [toy.output_saes[0], toy.output_saes[1]], tokens, batch_size=16)
+    assert len(passes) == 1
+    _, cache = toy.model.run_with_cache(tokens)
     for scan, head in zip(both, (0, 1)):
-        single = scan_output_features(toy.model, toy.output_saes[head], tokens)
-        assert torch.equal(scan.act_max, single.act_max) and torch.equal(scan.counts, single.counts)
+        acts = toy.output_saes[head].encode(cache["blocks.0.attn.hook_z"])
+        torch.testing.assert_close(scan.act_max, acts.max(1).values)
+        assert torch.equal(scan.act_argmax, acts.argmax(1))
+        assert torch.equal(scan.counts, (acts.max(1).values > 0).sum(0)) and int(scan.counts.sum()) > 0

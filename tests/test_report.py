@@ -63,6 +63,7 @@ def chromium(*args, tmp_path):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
 
 
+@pytest.mark.slow
 def test_report_renders_in_chromium(report, tmp_path):
     assert report.name == "report.html" and report.parent.name.startswith("extract")
     url = report.resolve().as_uri()

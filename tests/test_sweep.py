@@ -38,6 +38,7 @@ def _merged(out: Path) -> dict:
     return frames
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed next to this Python")
 def test_killed_torchrun_sweep_resumes_and_equals_single_process(tmp_path, monkeypatch, capsys):
     for var in ("RANK", "WORLD_SIZE"):

@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from attnrules import sources
+import attnrules.sources as sources
 from attnrules.circuit.head import HeadCircuit
 from attnrules.sources.runner import check_tokens, run_batches
 

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from attnrules import sources
+import attnrules.sources as sources
 
 
 def _check_finite(name: str, x: torch.Tensor) -> None:

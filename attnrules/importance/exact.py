@@ -28,7 +28,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from attnrules import engine, sources
+import attnrules.engine as engine
+import attnrules.sources as sources
 from attnrules.circuit.exact import HeadWeights, as_token_batch, exact_projections, head_weights
 from attnrules.sources.runner import run_batches
 

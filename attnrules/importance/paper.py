@@ -18,7 +18,7 @@ from typing import Literal, Optional
 
 import torch
 
-from attnrules import engine
+import attnrules.engine as engine
 from attnrules.circuit import HeadCircuit
 from attnrules.scoring import value_scores
 

@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from attnrules import engine
+import attnrules.engine as engine
 from attnrules.circuit import HeadCircuit
 from attnrules.rules.skipgram import SkipgramRuleSet
 from attnrules.scoring import value_scores

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attnrules import engine
+import attnrules.engine as engine
 
 
 @dataclass(frozen=True)
