@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -23,6 +23,11 @@ import torch
 
 from attnrules.files import plain
 from attnrules.sources.runner import hook_names, run_batches
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+    from attnrules.sources import InputSAE, OutputSAE
 
 
 @dataclass(frozen=True)
@@ -39,14 +44,14 @@ class FeatureScan:
 
 
 def scan_output_features(
-    model, output_sae, tokens: torch.Tensor, *, batch_size: int = 64, progress: bool = False
+    model: HookedTransformer, output_sae: OutputSAE, tokens: torch.Tensor, *, batch_size: int = 64, progress: bool = False
 ) -> FeatureScan:
     """One pass over the corpus with the output SAE on ``hook_z`` of ``output_sae.layer``."""
     return scan_heads(model, [output_sae], tokens, batch_size=batch_size, progress=progress)[0]
 
 
 def scan_heads(
-    model, output_saes: Sequence, tokens: torch.Tensor, *, batch_size: int = 64, progress: bool = False
+    model: HookedTransformer, output_saes: Sequence, tokens: torch.Tensor, *, batch_size: int = 64, progress: bool = False
 ) -> list[FeatureScan]:
     """:func:`scan_output_features` for several output SAEs of one layer, sharing one forward pass."""
     layers = {sae.layer for sae in output_saes}
@@ -69,7 +74,7 @@ def scan_heads(
 
 
 def input_activations(
-    model, input_sae, tokens: torch.Tensor, *, batch_size: int = 8, progress: bool = False
+    model: HookedTransformer, input_sae: InputSAE, tokens: torch.Tensor, *, batch_size: int = 8, progress: bool = False
 ) -> torch.Tensor:
     """Input-SAE activations ``[N, T, n_in]`` on ``hook_resid_pre`` of ``input_sae.layer``."""
     resid_name, _ = hook_names(input_sae.layer)
@@ -206,7 +211,7 @@ class ExemplarView:
 
 
 def exemplar_views(
-    model, output_sae, feature: int, tokens: torch.Tensor, sequences: torch.Tensor, positions: torch.Tensor,
+    model: HookedTransformer, output_sae: OutputSAE, feature: int, tokens: torch.Tensor, sequences: torch.Tensor, positions: torch.Tensor,
     *, batch_size: int = 64,
 ) -> list[ExemplarView]:
     """Activations and DFA of ``feature`` on the given corpus rows, each at its scored position.
@@ -234,7 +239,7 @@ def exemplar_views(
     return views
 
 
-def token_strings_of(model, tokens: torch.Tensor) -> list[list[str]]:
+def token_strings_of(model: HookedTransformer, tokens: torch.Tensor) -> list[list[str]]:
     """Token strings of each row (ids when the model has no tokenizer)."""
     if model.tokenizer is None:
         return [[str(t) for t in row] for row in tokens.tolist()]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -30,6 +30,11 @@ from torch import Tensor
 import attnrules.sources as sources
 from attnrules.circuit.head import HeadCircuit
 from attnrules.sources.runner import check_tokens, run_batches
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+    from attnrules.sources import InputSAE
 
 
 COMPONENTS = ("feature", "dec_bias", "error", "bias")
@@ -76,7 +81,7 @@ class HeadWeights:
         return decoder @ self.W_Q, decoder @ self.W_K
 
 
-def _check_supported(model: Any) -> None:
+def _check_supported(model: HookedTransformer) -> None:
     """Refuse architectures whose logits are not (x̃ W_Q + b_Q)·(x̃ W_K + b_K) / attn_scale."""
     cfg = model.cfg
     problems = []
@@ -100,7 +105,7 @@ def _check_supported(model: Any) -> None:
         raise ValueError("exact mode does not support this model: " + "; ".join(problems))
 
 
-def head_weights(model: Any, input_sae: sources.InputSAE, layer: int, head: int) -> HeadWeights:
+def head_weights(model: HookedTransformer, input_sae: InputSAE, layer: int, head: int) -> HeadWeights:
     """Check the model and the input SAE for exact mode and read one head's weights."""
     sources.check_head(model, layer, head)
     sources.check_processed(model)
@@ -119,7 +124,7 @@ def head_weights(model: Any, input_sae: sources.InputSAE, layer: int, head: int)
     )
 
 
-def as_token_batch(tokens: Tensor, model: Any) -> Tensor:
+def as_token_batch(tokens: Tensor, model: HookedTransformer) -> Tensor:
     """``[N, T]`` token ids (a single ``[T]`` sequence is accepted)."""
     if isinstance(tokens, Tensor) and tokens.dim() == 1:
         tokens = tokens[None]
@@ -222,7 +227,7 @@ class LogitDecomposition:
 
 
 def reconstruct(
-    model: Any, input_sae: sources.InputSAE, head: int | HeadCircuit, tokens: Tensor
+    model: HookedTransformer, input_sae: InputSAE, head: int | HeadCircuit, tokens: Tensor
 ) -> LogitDecomposition:
     """Decompose head ``head`` (of ``input_sae.layer``, or a :class:`HeadCircuit`) on ``tokens [B, T]``.
 
@@ -286,7 +291,7 @@ def pseudo_name(component: str, side: str) -> str:
     return _PSEUDO_NAMES[side][component]
 
 
-def exact_projections(model: Any, input_sae: sources.InputSAE, head: int) -> tuple[Tensor, Tensor]:
+def exact_projections(model: HookedTransformer, input_sae: InputSAE, head: int) -> tuple[Tensor, Tensor]:
     """(d_j W̄_Q, d_j W̄_K) ``[n_in, d_head]`` float64 for head ``head`` of ``input_sae.layer``: A = their
     product (equal to paper mode's for a processed LNPre model, whose weights are already centred)."""
     return head_weights(model, input_sae, input_sae.layer, head).projections(input_sae.W_dec.detach())

@@ -14,11 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, TYPE_CHECKING
 
 import torch
 
 import attnrules.sources as sources
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+    from attnrules.sources import InputSAE, OutputSAE
 
 
 def _check_finite(name: str, x: torch.Tensor) -> None:
@@ -115,7 +120,7 @@ class HeadCircuit:
         return cls(decoder @ W_Q, decoder @ W_K, decoder @ W_V, out_encoder, out_bias, layer, head)
 
     @classmethod
-    def from_model(cls, model, input_sae, output_sae, *, layer: Optional[int] = None, head: Optional[int] = None) -> "HeadCircuit":
+    def from_model(cls, model: HookedTransformer, input_sae: InputSAE, output_sae: OutputSAE, *, layer: Optional[int] = None, head: Optional[int] = None) -> "HeadCircuit":
         """From a processed HookedTransformer, an :class:`~attnrules.sources.InputSAE` and an
         :class:`~attnrules.sources.OutputSAE` — or sae_lens SAEs of matching shapes — (layer and head
         default to the output SAE's)."""

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from attnrules.rules.counting import CountingRule, CountResponse, classify_counts, classify_difference
 from attnrules.sources.runner import check_tokens, hook_names, run_batches
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+    from attnrules.sources import OutputSAE
 
 
 def counterfactuals(
@@ -40,8 +45,8 @@ def counterfactuals(
 
 
 def count_response(
-    model,
-    output_sae,
+    model: HookedTransformer,
+    output_sae: OutputSAE,
     feature: int,
     base: torch.Tensor,
     query_token: int,
@@ -80,8 +85,8 @@ def count_response(
 
 
 def detect_counting(
-    model,
-    output_sae,
+    model: HookedTransformer,
+    output_sae: OutputSAE,
     feature: int,
     feature_name: str,
     base: torch.Tensor,
@@ -141,7 +146,7 @@ def silent_base(tokens: torch.Tensor, act_max: torch.Tensor, avoid: Sequence[int
 
 
 def filler_base(
-    model, output_sae, feature: int, tokens: torch.Tensor, avoid: Sequence[int], n: int, *, bos: int,
+    model: HookedTransformer, output_sae: OutputSAE, feature: int, tokens: torch.Tensor, avoid: Sequence[int], n: int, *, bos: int,
     seed: int = 0, batch_size: int = 64,
 ) -> torch.Tensor:
     """Up to ``n`` built base sequences: BOS, then tokens drawn by their corpus frequency (BOS and
@@ -162,8 +167,8 @@ def filler_base(
 
 
 def check_counting(
-    model,
-    output_sae,
+    model: HookedTransformer,
+    output_sae: OutputSAE,
     feature: int,
     feature_name: str,
     tokens: torch.Tensor,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,10 +20,15 @@ import torch
 from attnrules.rules.absence import MIN_DROP, VALUE_RATIO, AbsenceRule, DistractorCheck
 from attnrules.sources.runner import check_tokens, hook_names, run_batches
 
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+    from attnrules.sources import InputSAE, OutputSAE
+
 
 def check_distractors(
-    model,
-    output_sae,
+    model: HookedTransformer,
+    output_sae: OutputSAE,
     feature: int,
     rules: Sequence[AbsenceRule],
     tokens: torch.Tensor,
@@ -79,7 +84,7 @@ def check_distractors(
     return [dataclasses.replace(rule, checks=tuple(c)) for rule, c in zip(rules, checks)]
 
 
-def _probe(model, output_sae, feature: int, tokens: torch.Tensor, positions: torch.Tensor, runs, batch_size: int):
+def _probe(model: HookedTransformer, output_sae: OutputSAE, feature: int, tokens: torch.Tensor, positions: torch.Tensor, runs, batch_size: int):
     """For each (rows, key positions, token) run: the exemplars (token None) or the exemplars with
     ``token`` inserted once after BOS; per exemplar the activation at the (moved) query, the real
     logits query → key and query → inserted token (position 1), and their values projected on u."""
@@ -155,9 +160,9 @@ def _first_kkq(k1: np.ndarray, k2: np.ndarray, q: np.ndarray) -> Optional[dict]:
 
 
 def natural_prevalence(
-    model,
-    input_sae,
-    output_sae,
+    model: HookedTransformer,
+    input_sae: InputSAE,
+    output_sae: OutputSAE,
     tokens: torch.Tensor,
     checks: Sequence[tuple[int, int, int, int]],
     *,
@@ -189,13 +194,13 @@ def natural_prevalence(
     return results
 
 
-def insertion_token(model, input_sae, feature: int, *, mode: str = "paper", max_pos: int = 64,
+def insertion_token(model: HookedTransformer, input_sae: InputSAE, feature: int, *, mode: str = "paper", max_pos: int = 64,
                     batch_size: int = 512) -> Optional[int]:
     """The token to insert for input feature ``feature``; None when there is none (see :func:`feature_tokens`)."""
     return feature_tokens(model, input_sae, [feature], mode=mode, max_pos=max_pos, batch_size=batch_size)[feature]
 
 
-def feature_tokens(model, input_sae, features: Sequence[int], *, mode: str = "paper", max_pos: int = 64,
+def feature_tokens(model: HookedTransformer, input_sae: InputSAE, features: Sequence[int], *, mode: str = "paper", max_pos: int = 64,
                    batch_size: int = 512, bos: Optional[int] = None) -> dict[int, Optional[int]]:
     """The token that stands for each input feature in ``features`` (to insert or place), or None.
 
@@ -264,8 +269,8 @@ class InsertionResult:
 
 
 def counterfactual_insertion(
-    model,
-    output_sae,
+    model: HookedTransformer,
+    output_sae: OutputSAE,
     feature: int,
     tokens: torch.Tensor,
     positions: torch.Tensor,

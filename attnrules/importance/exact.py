@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
@@ -32,6 +32,11 @@ import attnrules.engine as engine
 import attnrules.sources as sources
 from attnrules.circuit.exact import HeadWeights, as_token_batch, exact_projections, head_weights
 from attnrules.sources.runner import run_batches
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+    from attnrules.sources import InputSAE, OutputSAE
 
 
 def _check_index(name: str, index: Tensor, size: int) -> Tensor:
@@ -69,9 +74,9 @@ def _pseudo_components(W: Tensor, bias: Tensor, b_dec: Tensor, error: Tensor, si
 
 
 def _exact_pass(
-    model: Any,
-    input_sae: sources.InputSAE,
-    output_sae: sources.OutputSAE,
+    model: HookedTransformer,
+    input_sae: InputSAE,
+    output_sae: OutputSAE,
     feature: int,
     tokens: Tensor,
     positions: Tensor,
@@ -136,9 +141,9 @@ def _exact_pass(
 
 
 def _exact_factors(
-    model: Any,
-    input_sae: sources.InputSAE,
-    output_sae: sources.OutputSAE,
+    model: HookedTransformer,
+    input_sae: InputSAE,
+    output_sae: OutputSAE,
     feature: int,
     tokens: Tensor,
     positions: Tensor,
@@ -154,9 +159,9 @@ def _exact_factors(
 
 
 def exact_importance(
-    model: Any,
-    input_sae: sources.InputSAE,
-    output_sae: sources.OutputSAE,
+    model: HookedTransformer,
+    input_sae: InputSAE,
+    output_sae: OutputSAE,
     feature: int,
     keys: Tensor,
     queries: Tensor,
@@ -178,7 +183,7 @@ def exact_importance(
 
 
 def _pair_importance(
-    h: HeadWeights, input_sae: sources.InputSAE, keys: Tensor, queries: Tensor, key_acts: Tensor, query_acts: Tensor
+    h: HeadWeights, input_sae: InputSAE, keys: Tensor, queries: Tensor, key_acts: Tensor, query_acts: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(importance ``[|K|, |Q|]`` = A × (key_acts · query_acts), query projections, key projections)."""
     query_proj, _ = h.projections(input_sae.W_dec[queries])
@@ -221,9 +226,9 @@ class ExactTerms:
 
 
 def exact_importance_terms(
-    model: Any,
-    input_sae: sources.InputSAE,
-    output_sae: sources.OutputSAE,
+    model: HookedTransformer,
+    input_sae: InputSAE,
+    output_sae: OutputSAE,
     feature: int,
     keys: Tensor,
     queries: Tensor,
@@ -264,9 +269,9 @@ def exact_importance_terms(
 
 
 def exact_factors_all_pairs(
-    model: Any,
-    input_sae: sources.InputSAE,
-    output_sae: sources.OutputSAE,
+    model: HookedTransformer,
+    input_sae: InputSAE,
+    output_sae: OutputSAE,
     feature: int,
     tokens: Tensor,
     positions: Tensor,
@@ -282,9 +287,9 @@ def exact_factors_all_pairs(
 
 
 def rank_all_pairs_by_exact_importance(
-    model: Any,
-    input_sae: sources.InputSAE,
-    output_sae: sources.OutputSAE,
+    model: HookedTransformer,
+    input_sae: InputSAE,
+    output_sae: OutputSAE,
     feature: int,
     tokens: Tensor,
     positions: Tensor,

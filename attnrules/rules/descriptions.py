@@ -7,11 +7,18 @@ page holds the community's explanation; we do not fetch it (no network at run ti
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dataclasses import dataclass
 
 import torch
 
 import attnrules.engine as engine
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+    from attnrules.sources import InputSAE
 
 
 @dataclass(frozen=True)
@@ -33,7 +40,7 @@ def token_strings(model) -> list[str]:
     return [(t or "").replace("Ġ", " ").replace("Ċ", "\\n").strip() or repr(t) for t in raw]
 
 
-def describe_input_features(model, input_sae, *, k: int = 3, max_pos: int = 128, backend: str = "auto") -> InputDescriptions:
+def describe_input_features(model: HookedTransformer, input_sae: InputSAE, *, k: int = 3, max_pos: int = 128, backend: str = "auto") -> InputDescriptions:
     """Descriptions of every input feature of ``input_sae`` (see the module docstring)."""
     n = input_sae.n_features
     if input_sae.layer > 0:
