@@ -1,4 +1,4 @@
-// The fused score + top-k engine: shared types of the driver (engine.cpp) and the SIMD kernels
+// The fused score + top-k engine: shared types of the driver (topk.cpp) and the SIMD kernels
 // (kernel_*.cpp). A problem is phrased as rows × cols: for by="global" and by="query" the rows are
 // the queries and the cols the keys; for by="key" the roles swap. The dot products are symmetric,
 // so a pair gets bit-identical scores whatever the role of its operands.

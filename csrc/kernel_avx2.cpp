@@ -1,5 +1,5 @@
 // AVX2 + FMA kernel: 6 rows × 16 cols (12 ymm accumulators). Compiled for avx2,fma via function
-// attributes only, and called only when the CPU has them (see engine.cpp).
+// attributes only, and called only when the CPU has them (see topk.cpp).
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #include <immintrin.h>
 

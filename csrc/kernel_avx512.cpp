@@ -1,5 +1,5 @@
 // AVX-512 kernel: 12 rows × 32 cols (24 zmm accumulators). Compiled for avx512f via function
-// attributes only, and called only when the CPU has it (see engine.cpp).
+// attributes only, and called only when the CPU has it (see topk.cpp).
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #include <immintrin.h>
 

@@ -4,6 +4,7 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 
+#include <new>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -32,10 +33,11 @@ void require(bool ok, const std::string& message) {
     if (!ok) throw std::invalid_argument(message);
 }
 
-void topk(Matrix rows, Matrix cols, int64_t k, bool per_row, const std::string& score,
+nb::dict topk(Matrix rows, Matrix cols, int64_t k, bool per_row, const std::string& score,
           std::optional<Vector> row_weight, std::optional<Vector> col_weight, std::optional<Matrix> row_acts,
           std::optional<Matrix> col_acts, OutScores out_scores, std::optional<OutIndex> out_rows,
-          OutIndex out_cols, int threads, const std::string& isa, int64_t block_rows, int64_t block_cols, int64_t sample_cols) {
+          OutIndex out_cols, int threads, const std::string& isa, int64_t block_rows, int64_t block_cols, int64_t sample_cols,
+          bool share_threshold, const std::string& test_throw) {
     attnrules::TopKCall c;
     c.rows = rows.data();
     c.cols = cols.data();
@@ -80,8 +82,22 @@ void topk(Matrix rows, Matrix cols, int64_t k, bool per_row, const std::string& 
     c.block_rows = block_rows;
     c.block_cols = block_cols;
     c.sample_cols = sample_cols;
-    nb::gil_scoped_release release;
-    attnrules::run_topk(c);
+    c.share_threshold = share_threshold;
+    require(test_throw.empty() || test_throw == "bad_alloc" || test_throw == "runtime_error",
+            "test_throw must be '', 'bad_alloc' or 'runtime_error', got '" + test_throw + "'");
+    c.test_throw = test_throw;
+    attnrules::TopKStats stats;
+    try {
+        nb::gil_scoped_release release;
+        stats = attnrules::run_topk(c);
+    } catch (const std::bad_alloc&) {  // the GIL is held again here; say what ran out
+        PyErr_SetString(PyExc_MemoryError, "out of memory in attnrules._C.topk: a buffer of the engine could not be allocated");
+        throw nb::python_error();
+    }
+    nb::dict out;
+    out["pushed"] = stats.pushed;
+    out["selections"] = stats.selections;
+    return out;
 }
 
 }  // namespace
@@ -109,11 +125,16 @@ NB_MODULE(_C, m) {
           "row_acts"_a.noconvert().none() = nb::none(), "col_acts"_a.noconvert().none() = nb::none(),
           "out_scores"_a.noconvert(), "out_rows"_a.noconvert().none(), "out_cols"_a.noconvert(),
           "threads"_a = 0, "isa"_a = "auto", "block_rows"_a = 0, "block_cols"_a = 0, "sample_cols"_a = -1,
+          "share_threshold"_a = true, "test_throw"_a = "",
           "Fused blocked score + top-k over rows × cols (the GIL is released while it runs).\n\n"
           "Scores are (rows[r]·cols[c]) × weight, |…| or exp(…) × weight, or with row_acts/col_acts\n"
           "(rows[r]·cols[c]) × (row_acts[r]·col_acts[c]). per_row=False writes the k best (score, row, col)\n"
           "to out_scores/out_rows/out_cols; per_row=True writes each row's k best (score, col), row-major.\n"
           "Best first; ties by lower (row, col). Inputs must be float32, C-contiguous, CPU (never copied).\n"
           "threads/block_rows/block_cols <= 0 and sample_cols < 0 mean automatic; sample_cols = 0 turns off\n"
-          "the per-row threshold guess from a sample of cols.");
+          "the per-row threshold guess from a sample of cols. share_threshold (global): threads prune with one\n"
+          "threshold, a k-th best score known over all of them (False: each with its own; same answer).\n"
+          "Returns stats of a global call: {'pushed': candidates collected, 'selections': cut-backs to k}.\n"
+          "test_throw (test hook): 'bad_alloc' / 'runtime_error' makes one worker thread throw that, to check\n"
+          "that it reaches Python as MemoryError / RuntimeError.");
 }

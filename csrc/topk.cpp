@@ -3,8 +3,11 @@
 #include "topk.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <exception>
 #include <limits>
+#include <new>
 #include <stdexcept>
 #include <vector>
 
@@ -53,28 +56,84 @@ struct PairKey {
     static uint32_t col(type k) { return static_cast<uint32_t>(k); }
 };
 
+// by="global": a score s such that at least k pairs are known to score >= s, from all threads. The
+// threads' pairs are disjoint, so two bounds hold: the highest k-th best of one thread's collector,
+// and the lowest m-th best over the T threads, m = ceil(k / T) (T × m >= k pairs score >= it). The
+// first lets a thread that starts late prune at once; the second, about the k-th best of all threads
+// together, is what prunes while they run side by side. Only scores strictly below s are rejected
+// (the filters compare with >=), so a pair tying the final k-th score still reaches its collector
+// and wins or loses by index as without sharing: the answer does not depend on the threads' timing.
+class SharedThreshold {
+public:
+    SharedThreshold(int threads, int64_t k) : part_(static_cast<size_t>(threads)), m_((k + threads - 1) / threads) {
+        for (auto& p : part_) p.store(kNegInf, std::memory_order_relaxed);
+    }
+    int64_t m() const { return m_; }
+
+    float get() const {
+        float low = std::numeric_limits<float>::infinity();
+        for (const auto& p : part_) low = std::min(low, p.load(std::memory_order_relaxed));
+        return std::max(best_.load(std::memory_order_relaxed), low);
+    }
+
+    // Thread t's collector holds k candidates scoring >= kth, m of them >= mth; both only rise.
+    void publish(int t, float kth, float mth) {
+        float cur = best_.load(std::memory_order_relaxed);
+        while (kth > cur && !best_.compare_exchange_weak(cur, kth, std::memory_order_relaxed)) {
+        }
+        part_[t].store(mth, std::memory_order_relaxed);  // only thread t writes its part
+    }
+
+private:
+    std::atomic<float> best_{kNegInf};
+    std::vector<std::atomic<float>> part_;
+    int64_t m_;
+};
+
 // The k best candidates seen so far, kept lazily: passing candidates are appended to a buffer of
 // `cap` > k slots; when it fills, the k best are selected and the threshold rises to the k-th.
 // A score below the threshold cannot enter the top k, so the kernel rejects it with one compare.
+// With a SharedThreshold, the k-th and m-th are published there (as thread `slot`) and the threshold
+// is the higher of its own and the shared one.
 template <class Key>
 class Collector {
 public:
     using key = typename Key::type;
     // Scores below `floor` are rejected from the start (a guess of the final k-th best score).
-    Collector(key* buf, int64_t k, int64_t cap, float* threshold, float floor = kNegInf)
-        : buf_(buf), k_(k), cap_(cap), threshold_(threshold) {
+    Collector(key* buf, int64_t k, int64_t cap, float* threshold, float floor = kNegInf,
+              SharedThreshold* shared = nullptr, int slot = 0)
+        : buf_(buf), k_(k), cap_(cap), threshold_(threshold), shared_(shared), slot_(slot) {
         *threshold_ = floor;
     }
 
     void push(float score, uint32_t row, uint32_t col) {
         if (!(score >= *threshold_)) return;  // NaN never enters
         buf_[n_++] = Key::make(score, row, col);
+        ++pushed_;
         if (n_ == cap_) {
             std::nth_element(buf_, buf_ + k_ - 1, buf_ + n_);
             n_ = k_;
-            *threshold_ = Key::score(buf_[k_ - 1]);
+            ++selections_;
+            const float kth = Key::score(buf_[k_ - 1]);
+            if (shared_) {  // the m-th best of the k: one more partial selection, O(k)
+                const int64_t m = shared_->m();
+                if (m < k_) std::nth_element(buf_, buf_ + m - 1, buf_ + k_);
+                shared_->publish(slot_, kth, Key::score(buf_[m - 1]));
+            }
+            *threshold_ = std::max(*threshold_, kth);  // may already be above it, from the shared one
+            sync();
         }
     }
+
+    // Raises the threshold to the shared one (the kernel reads only this thread's copy).
+    void sync() {
+        if (!shared_) return;
+        const float s = shared_->get();
+        if (s > *threshold_) *threshold_ = s;  // written only when it rises: neighbours' copies share a line
+    }
+
+    int64_t pushed() const { return pushed_; }
+    int64_t selections() const { return selections_; }
 
     // Sorts the best min(n, k) first; returns how many there are.
     int64_t finish() {
@@ -90,9 +149,40 @@ public:
 
 private:
     key* buf_;
-    int64_t k_, cap_, n_ = 0;
+    int64_t k_, cap_, n_ = 0, pushed_ = 0, selections_ = 0;
     float* threshold_;
+    SharedThreshold* shared_;
+    int slot_;
 };
+
+// An exception must not leave an OpenMP region (that calls std::terminate). Work items run through
+// run(): the first exception is kept, later items are skipped, and rethrow() after the region
+// raises it on the caller's thread.
+class FirstError {
+public:
+    template <class F>
+    void run(F&& work) noexcept {
+        if (failed_.load(std::memory_order_relaxed)) return;
+        try {
+            work();
+        } catch (...) {
+            if (!failed_.exchange(true)) error_ = std::current_exception();
+        }
+    }
+    void rethrow() const {  // after the region: its closing barrier orders error_ before this read
+        if (error_) std::rethrow_exception(error_);
+    }
+
+private:
+    std::atomic<bool> failed_{false};
+    std::exception_ptr error_;
+};
+
+// The test hook of TopKCall::test_throw, called by the thread that runs the last work item.
+void test_throw(const TopKCall& c) {
+    if (c.test_throw == "bad_alloc") throw std::bad_alloc();
+    if (c.test_throw == "runtime_error") throw std::runtime_error("test hook: a worker thread failed");
+}
 
 int64_t capacity_for(int64_t k) { return k + std::max<int64_t>(k, 32); }
 
@@ -132,18 +222,22 @@ Packed pack_cols(const TopKCall& c, int nr, int64_t stride, int64_t count, int t
     const int64_t n_panels = (count + nr - 1) / nr;
     Packed p;
     p.panels.resize(static_cast<size_t>(n_panels * nr * len));
+    FirstError error;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t panel = 0; panel < n_panels; ++panel) {
-        float* out = p.panels.data() + panel * nr * len;
-        for (int j = 0; j < nr; ++j) {
-            const int64_t i = panel * nr + j, col = i * stride;
-            for (int q = 0; q < len; ++q) {
-                float x = 0.0f;
-                if (i < count) x = q < c.d ? c.cols[col * c.d + q] : c.col_acts[col * c.n_acts + q - c.d];
-                out[q * nr + j] = x;
+        error.run([&] {
+            float* out = p.panels.data() + panel * nr * len;
+            for (int j = 0; j < nr; ++j) {
+                const int64_t i = panel * nr + j, col = i * stride;
+                for (int q = 0; q < len; ++q) {
+                    float x = 0.0f;
+                    if (i < count) x = q < c.d ? c.cols[col * c.d + q] : c.col_acts[col * c.n_acts + q - c.d];
+                    out[q * nr + j] = x;
+                }
             }
-        }
+        });
     }
+    error.rethrow();
     if (c.row_weight == nullptr && c.n_acts == 0) {  // the kernel then multiplies by a col weight
         p.weight.assign(static_cast<size_t>(n_panels * nr), 1.0f);
         if (c.col_weight)
@@ -432,7 +526,7 @@ private:
 };
 }  // namespace
 
-void run_topk(const TopKCall& c) {
+TopKStats run_topk(const TopKCall& c) {
     const Kernel& kernel = select_kernel(c.isa);
     const int threads = resolve_threads(c.threads);
     const int len = c.d + c.n_acts;
@@ -452,14 +546,20 @@ void run_topk(const TopKCall& c) {
     block_rows = round_up(std::max<int64_t>(block_rows, 1), kernel.mr);
     const int64_t n_row_blocks = (c.n_rows + block_rows - 1) / block_rows;
     bool complete = true;
+    TopKStats stats;
+    FirstError error;
 
     if (c.per_row) {
         PerRow work(c, kernel, threads, block_rows, block_cols);
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1) reduction(&& : complete)
         for (int64_t rb = 0; rb < n_row_blocks; ++rb) {
-            const int64_t r0 = rb * block_rows;
-            complete = work.run_block(r0, std::min(c.n_rows, r0 + block_rows), thread_id()) && complete;
+            error.run([&] {
+                if (rb == n_row_blocks - 1) test_throw(c);
+                const int64_t r0 = rb * block_rows;
+                complete = work.run_block(r0, std::min(c.n_rows, r0 + block_rows), thread_id()) && complete;
+            });
         }
+        error.rethrow();
     } else {
         const Packed cols = pack_cols(c, kernel.nr, 1, c.n_cols, threads);
         const Operands op = operands(c, cols, c.n_cols);
@@ -467,19 +567,33 @@ void run_topk(const TopKCall& c) {
         std::vector<PairKey::type> buffers(static_cast<size_t>(threads * cap));
         std::vector<float> thresholds(static_cast<size_t>(threads));
         std::vector<float> scratch(static_cast<size_t>(threads * kernel.mr * (len + 1)));
-        std::vector<int64_t> found(static_cast<size_t>(threads), 0);
+        std::vector<int64_t> found(static_cast<size_t>(threads), 0), pushed(found), selections(found);
+        SharedThreshold shared(threads, c.k);
+        const int64_t n_items = n_row_blocks * n_col_blocks;
 #pragma omp parallel num_threads(threads)
         {
             const int t = thread_id();
-            Collector<PairKey> best(buffers.data() + t * cap, c.k, cap, thresholds.data() + t);
+            Collector<PairKey> best(buffers.data() + t * cap, c.k, cap, thresholds.data() + t, kNegInf,
+                                    c.share_threshold ? &shared : nullptr, t);
             CollectSink<PairKey> sink(best);
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t item = 0; item < n_row_blocks * n_col_blocks; ++item) {
-                const int64_t r0 = (item / n_col_blocks) * block_rows, c0 = (item % n_col_blocks) * block_cols;
-                kernel.run(op, r0, std::min(c.n_rows, r0 + block_rows), c0, std::min(c.n_cols, c0 + block_cols),
-                           thresholds.data() + t, 0, scratch.data() + t * kernel.mr * (len + 1), sink);
+            for (int64_t item = 0; item < n_items; ++item) {
+                error.run([&] {
+                    if (item == n_items - 1) test_throw(c);
+                    const int64_t r0 = (item / n_col_blocks) * block_rows, c0 = (item % n_col_blocks) * block_cols;
+                    best.sync();  // prune this block with what the other threads have found meanwhile
+                    kernel.run(op, r0, std::min(c.n_rows, r0 + block_rows), c0, std::min(c.n_cols, c0 + block_cols),
+                               thresholds.data() + t, 0, scratch.data() + t * kernel.mr * (len + 1), sink);
+                });
             }
             found[t] = best.finish();
+            pushed[t] = best.pushed();
+            selections[t] = best.selections();
+        }
+        error.rethrow();
+        for (int t = 0; t < threads; ++t) {
+            stats.pushed += pushed[t];
+            stats.selections += selections[t];
         }
         // Merge: each thread's k best are in its buffer's head; the k best of their union win.
         std::vector<PairKey::type> merged;
@@ -496,6 +610,7 @@ void run_topk(const TopKCall& c) {
     }
     if (!complete)
         throw std::runtime_error("fewer than k scores are finite numbers (NaN from overflow?): cannot rank them");
+    return stats;
 }
 
 }  // namespace attnrules

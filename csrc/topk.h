@@ -29,14 +29,25 @@ struct TopKCall {
     int64_t block_rows = 0;    // <= 0: automatic
     int64_t block_cols = 0;    // <= 0: automatic
     int64_t sample_cols = -1;  // per row: cols sampled to guess the threshold; < 0: automatic, 0: never
+    bool share_threshold = true;  // global: threads prune with one threshold (see SharedThreshold in topk.cpp)
+    // Test hook: "bad_alloc" or "runtime_error" makes the thread that runs the last work item of the
+    // parallel sweep throw that (as a failed per-thread allocation would); "" (the default): never.
+    std::string test_throw;
     float* out_scores = nullptr;
     int64_t* out_rows = nullptr;
     int64_t* out_cols = nullptr;
 };
 
+// What a global call did: candidates pushed into the threads' collectors, and the selections that
+// cut a full collector back to its k best (both 0 per row).
+struct TopKStats {
+    int64_t pushed = 0, selections = 0;
+};
+
 // Runs the call (throws std::invalid_argument on bad options, std::runtime_error when scores are
-// NaN so that fewer than k candidates exist).
-void run_topk(const TopKCall& call);
+// NaN so that fewer than k candidates exist). An exception thrown on a worker thread (std::bad_alloc
+// for a buffer, say) stops the remaining work and is rethrown here, on the caller's thread.
+TopKStats run_topk(const TopKCall& call);
 
 // The kernel "auto" picks on this CPU, and whether each ISA can run here.
 const Kernel& select_kernel(const std::string& isa);

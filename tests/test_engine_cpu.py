@@ -1,4 +1,9 @@
 """The "cpu" backend (attnrules._C) against the float64 oracle: every mode, awkward shapes, threads, ISAs."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -200,3 +205,109 @@ def test_auto_picks_cpu_for_float32_cpu_tensors():
     assert "cpu" in engine.available_backends()
     q, k, w, _, _ = random_inputs(30, 40, 8, seed=9)
     assert _same(engine.pair_topk(q, k, 7, key_weight=w), engine.pair_topk(q, k, 7, key_weight=w, backend="cpu"))
+
+
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+
+
+@pytest.mark.skipif(not CSRC.is_dir(), reason="the C++ sources are not here")
+def test_csrc_comments_cite_files_that_exist():
+    # A file named in a comment of csrc/ (e.g. "the driver (topk.cpp)", "kernel_*.cpp") must be there.
+    cited = set()
+    for path in sorted(CSRC.iterdir()):
+        text = path.read_text()
+        comments = re.findall(r"//[^\n]*|/\*.*?\*/", text, flags=re.S)
+        for name in re.findall(r"[\w*]+\.(?:cpp|h|inc)\b", "\n".join(comments)):
+            cited.add(name)
+            assert list(CSRC.glob(name)), f"{path.name} cites {name}, which is not in csrc/"
+    assert {"topk.cpp", "engine.h", "kernel_*.cpp"} <= cited
+
+
+# Runs in a child process: before the fix an exception leaving an OpenMP region called std::terminate.
+_THROW_IN_PARALLEL = """
+import torch
+from attnrules import _C
+
+g = torch.Generator().manual_seed(0)
+rows, cols = torch.randn(300, 16, generator=g), torch.randn(200, 16, generator=g)
+
+def call(per_row, threads, **hook):
+    k = 7
+    n = 300 * k if per_row else k
+    s, r, c = torch.empty(n), torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
+    _C.topk(rows, cols, k, per_row, "signed", out_scores=s, out_rows=None if per_row else r, out_cols=c,
+            threads=threads, block_rows=12, block_cols=32, **hook)
+    return s, c
+
+for per_row in (False, True):
+    for threads in (1, 2):
+        before = call(per_row, threads)
+        for kind, error, match in [("bad_alloc", MemoryError, "out of memory"),
+                                   ("runtime_error", RuntimeError, "test hook")]:
+            try:
+                call(per_row, threads, test_throw=kind)
+            except error as e:
+                assert match in str(e), (kind, str(e))
+            else:
+                raise AssertionError(f"test_throw={kind!r} raised nothing")
+        after = call(per_row, threads)  # the engine still works, with the same answer
+        assert all(torch.equal(a, b) for a, b in zip(before, after))
+try:
+    call(False, 2, test_throw="segfault")
+except ValueError as e:
+    assert "test_throw" in str(e)
+print("survived")
+"""
+
+
+def test_exception_in_a_parallel_region_reaches_python():
+    done = subprocess.run([sys.executable, "-c", _THROW_IN_PARALLEL], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"exit status {done.returncode} (negative: killed by a signal)\n{done.stderr}"
+    assert done.stdout.strip() == "survived"
+
+
+def _global(q, k, kk, *, threads, share=True, block_rows=0, block_cols=0):
+    """_C.topk by="global" with its stats: (scores, rows, cols, stats)."""
+    from attnrules import _C
+
+    s, r, c = torch.empty(kk), torch.empty(kk, dtype=torch.int64), torch.empty(kk, dtype=torch.int64)
+    stats = _C.topk(q, k, kk, False, "signed", out_scores=s, out_rows=r, out_cols=c, threads=threads,
+                    block_rows=block_rows, block_cols=block_cols, share_threshold=share)  # fmt: skip
+    return s, r, c, stats
+
+
+def test_global_shared_threshold_keeps_the_exact_answer_with_ties():
+    # Small integers: exact float32 scores with many ties at every k-th score, so the shared threshold
+    # must keep each score equal to it for the lower (query, key) to win.
+    g = torch.Generator().manual_seed(5)
+    q = torch.randint(-2, 3, (301, 3), generator=g).float()
+    k = torch.randint(-2, 3, (257, 3), generator=g).float()
+    s = score_matrix(q, k)
+    for kk in (1, 37, 1000, 5000):
+        ref = engine.pair_topk(q, k, kk, backend="torch")
+        assert_exact(ref, s, kk, "global")
+        for threads in (1, 2, 3, 4, 8):
+            for share in (True, False):
+                got = _global(q, k, kk, threads=threads, share=share, block_rows=12, block_cols=32)
+                res = engine.TopK(got[0], got[1], got[2], "global")
+                assert _same(res, ref), (kk, threads, share)
+            res = engine.pair_topk(q, k, kk, backend="cpu", threads=threads)
+            assert _same(res, ref), (kk, threads)
+
+
+def test_global_threads_share_one_threshold():
+    # Alone, each thread collects 2k candidates before it can prune and then prunes with the k-th best
+    # of its own half; with the shared threshold both prune with about the k-th best of both halves,
+    # so about as few candidates are pushed as with one thread (~15k here, against ~28k alone).
+    q, k, _, _, _ = random_inputs(4096, 4096, 16, seed=12)
+    one = _global(q, k, 1000, threads=1)
+    for attempt in range(3):  # work is shared out at run time: retry if the OS ran one thread only
+        shared = _global(q, k, 1000, threads=2)
+        alone = _global(q, k, 1000, threads=2, share=False)
+        assert all(torch.equal(a, b) for a, b in zip(shared[:3], alone[:3])), "sharing changed the answer"
+        assert all(torch.equal(a, b) for a, b in zip(shared[:3], one[:3])), "the thread count changed the answer"
+        if shared[3]["pushed"] < 0.8 * alone[3]["pushed"] and shared[3]["selections"] < alone[3]["selections"]:
+            break
+    else:
+        raise AssertionError(f"no fewer candidates pushed with the shared threshold: {shared[3]} vs {alone[3]}")
+    assert one[3]["pushed"] > 0 and one[3]["selections"] > 0
