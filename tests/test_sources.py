@@ -18,7 +18,7 @@ from attnrules.sources import InputSAE, OutputSAE, SourceUnavailableError
 
 N_HEADS, D_MODEL, D_HEAD = 3, 48, 16  # build_tiny_gpt2's defaults (2 layers)
 LAYER, HEAD = 1, 2
-KISSANE_STEM = "gpt2-small_L{layer}_H{head}_z_lr1.20e-03_l11.00e+00_ds{n_out}_nt2000000000_bs4096_sl64_c1_v{v}"
+KISSANE_STEM = "{prefix}_L{layer}_H{head}_z_lr1.20e-03_l11.00e+00_ds{n_out}_nt2000000000_bs4096_sl64_c1_v{v}"
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +53,13 @@ def head_sae_tensors(d_head: int, n_out: int, seed: int) -> dict[str, torch.Tens
     }
 
 
-def write_head_checkpoint(directory: Path, state: dict, *, head=HEAD, version=0, cfg=None) -> Path:
+def write_head_checkpoint(directory: Path, state: dict, *, head=HEAD, version=0, cfg=None, prefix="gpt2-small") -> Path:
     """A Kissane/REF per-head checkpoint for L{LAYER}: ``{stem}.pt`` state dict + ``{stem}_cfg.json``.
 
-    ``cfg`` changes fields of the config (None removes one).
+    ``prefix`` is the file-name stem before ``_L``; ``cfg`` changes fields of the config (None removes one).
     """
     n_out = state["W_enc"].shape[1]
-    stem = KISSANE_STEM.format(layer=LAYER, head=head, n_out=n_out, v=version)
+    stem = KISSANE_STEM.format(prefix=prefix, layer=LAYER, head=head, n_out=n_out, v=version)
     fields = {
         "act_size": state["W_enc"].shape[0], "dict_size": n_out, "act_name": f"blocks.{LAYER}.attn.hook_z",
         "layer": LAYER, "head": head, "seq_len": 64, "model_name": "gpt2-small", "site": "z",
@@ -312,7 +312,7 @@ def cfg_path(checkpoint: Path) -> Path:
 # (writer into the checkpoint folder, expected error type, message pattern)
 BAD_CHECKPOINTS = {
     "no checkpoint": (lambda d: write_head_checkpoint(d, GOOD, head=0), FileNotFoundError,
-                      r"no per-head SAE checkpoint 'gpt2-small_L1_H2_z\*.pt' in .*; .pt files there include \['"),
+                      r"no per-head SAE checkpoint '\*_L1_H2_z\*.pt' in .*; .pt files there include \['"),
     "corrupt pt": (lambda d: write_head_checkpoint(d, GOOD).write_bytes(b"garbage"), ValueError,
                    r"_v0.pt is not a readable torch state dict"),
     "not a dict": (lambda d: torch.save(torch.zeros(3), write_head_checkpoint(d, GOOD)), ValueError,
@@ -350,8 +350,11 @@ def test_head_sae_bad_checkpoints(tmp_path, case):
 
 
 def test_head_sae_bad_arguments(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"directory='.*nowhere' is not an existing folder"):
+    with pytest.raises(FileNotFoundError, match=r"source='.*nowhere' is neither an existing folder of per-head SAE "
+                                                 r"checkpoints nor a checkpoint .pt file"):
         sources.load_head_sae(tmp_path / "nowhere", LAYER, HEAD)
+    with pytest.raises(FileNotFoundError, match=r"directory='.*nowhere' is not an existing folder"):
+        sources.find_head_sae_checkpoint(tmp_path / "nowhere", LAYER, HEAD)
     write_head_checkpoint(tmp_path, head_sae_tensors(D_HEAD, 8, seed=0))
     with pytest.raises(ValueError, match=r"head=2 is out of range: n_heads=2, valid range is 0\.\.1"):
         sources.load_head_sae(tmp_path, LAYER, HEAD, n_heads=2)
@@ -362,6 +365,95 @@ def test_head_sae_bad_arguments(tmp_path):
         out.encode(torch.randn(2, 4, D_HEAD))
     with pytest.raises(ValueError, match=r"z must be hook_z of shape \[\.\.\., n_heads, d_head=16\]"):
         out.encode(torch.randn(2, N_HEADS * D_HEAD))
+
+
+def test_head_sae_stem_and_model_name_are_separate(tmp_path):
+    """The file-name stem (prefix) picks files; model_name, when given, is checked against the config."""
+    state = head_sae_tensors(D_HEAD, 8, seed=0)
+    # Stem says gpt2-small, the config names another model.
+    write_head_checkpoint(tmp_path, state, cfg={"model_name": "tiny-gpt2"})
+    assert sources.load_head_sae(tmp_path, LAYER, HEAD).n_features == 8  # not checked by default
+    assert sources.load_head_sae(tmp_path, LAYER, HEAD, model_name="tiny-gpt2").head == HEAD
+    assert sources.load_head_sae(tmp_path, LAYER, HEAD, prefix="gpt2-small", model_name="tiny-gpt2").layer == LAYER
+    with pytest.raises(ValueError, match=r"_v0_cfg.json: the checkpoint was trained on model 'tiny-gpt2' "
+                                         r"\(field 'model_name'\), but model_name='gpt2-small' was asked for"):
+        sources.load_head_sae(tmp_path, LAYER, HEAD, model_name="gpt2-small")
+    with pytest.raises(FileNotFoundError, match=r"no per-head SAE checkpoint 'tiny-gpt2_L1_H2_z\*.pt'"):
+        sources.load_head_sae(tmp_path, LAYER, HEAD, prefix="tiny-gpt2")
+
+    # The reverse: any stem, the config names gpt2-small.
+    other = tmp_path / "other"
+    other.mkdir()
+    path = write_head_checkpoint(other, state, prefix="my-run")
+    assert path.name.startswith("my-run_L1_H2_z")
+    assert sources.find_head_sae_checkpoint(other, LAYER, HEAD) == path
+    assert sources.find_head_sae_checkpoint(other, LAYER, HEAD, "my-run") == path  # prefix stays 4th positional
+    out = sources.load_head_sae(other, LAYER, HEAD, model_name="gpt2-small", prefix="my-run")
+    torch.testing.assert_close(out.W_enc, state["W_enc"])
+    with pytest.raises(FileNotFoundError, match=r"'gpt2-small_L1_H2_z\*.pt'.*include \['my-run_L1_H2_z"):
+        sources.load_head_sae(other, LAYER, HEAD, prefix="gpt2-small")
+    with pytest.raises(ValueError, match=r"model_name='pythia-70m' was asked for"):
+        sources.load_head_sae(other, LAYER, HEAD, model_name="pythia-70m")
+    with pytest.raises(ValueError, match=r"prefix must be a non-empty file-name stem without wildcards"):
+        sources.find_head_sae_checkpoint(other, LAYER, HEAD, "my-*")
+
+    # A config without model_name: nothing to check against.
+    write_head_checkpoint(other, state, version=1, cfg={"model_name": None})
+    with pytest.raises(ValueError, match=r"_v1_cfg.json: has no field 'model_name' to check model_name='gpt2-small'"):
+        sources.load_head_sae(other, LAYER, HEAD, model_name="gpt2-small", prefix="gpt2-small")
+
+
+def test_head_sae_newest_of_any_stem_wins_unless_prefix_given(tmp_path):
+    old = write_head_checkpoint(tmp_path, head_sae_tensors(D_HEAD, 8, seed=0), prefix="gpt2-small")
+    time.sleep(0.02)  # file ctimes have coarse (jiffy) resolution
+    new = write_head_checkpoint(tmp_path, head_sae_tensors(D_HEAD, 8, seed=1), prefix="run2")
+    write_head_checkpoint(tmp_path, head_sae_tensors(D_HEAD, 8, seed=2), prefix="run2", head=12)  # H12 is not H1x
+    assert sources.find_head_sae_checkpoint(tmp_path, LAYER, HEAD) == new
+    assert sources.find_head_sae_checkpoint(tmp_path, LAYER, HEAD, prefix="gpt2-small") == old
+    out = sources.load_head_sae(tmp_path, LAYER, HEAD, prefix="gpt2-small")
+    torch.testing.assert_close(out.W_enc, head_sae_tensors(D_HEAD, 8, seed=0)["W_enc"])
+
+
+def test_head_sae_from_an_explicit_checkpoint_path(tmp_path, model, cache):
+    state = head_sae_tensors(D_HEAD, 8, seed=3)
+    path = write_head_checkpoint(tmp_path, state, cfg={"model_name": "tiny-gpt2"})
+    time.sleep(0.02)
+    write_head_checkpoint(tmp_path, head_sae_tensors(D_HEAD, 8, seed=4), version=1)  # newer, not asked for
+
+    out = sources.load_head_sae(path)  # layer and head from the config
+    assert (out.layer, out.head, out.n_heads, out.per_head) == (LAYER, HEAD, None, True)
+    torch.testing.assert_close(out.W_enc, state["W_enc"])
+    z = cache[f"blocks.{LAYER}.attn.hook_z"]
+    expected = torch.relu(torch.einsum("bti,in->btn", z[:, :, HEAD] - state["b_dec"], state["W_enc"]) + state["b_enc"])
+    torch.testing.assert_close(out.encode(z), expected)
+    for kwargs in ({"layer": LAYER, "head": HEAD}, {"head": HEAD}, {"n_heads": N_HEADS, "model_name": "tiny-gpt2"}):
+        sources.check_compatible(model, output_sae=sources.load_head_sae(str(path), **kwargs))
+
+    with pytest.raises(ValueError, match=r"_v0_cfg.json: field 'layer' is 1, expected 0 for L0H2 \(the checkpoint is "
+                                         r"for L1H2, but layer=0, head=2 were asked for\)"):
+        sources.load_head_sae(path, layer=0)
+    with pytest.raises(ValueError, match=r"field 'head' is 2, expected 1 for L1H1"):
+        sources.load_head_sae(path, LAYER, 1)
+    with pytest.raises(ValueError, match=r"_v0_cfg.json: the checkpoint is for head 2, out of range for n_heads=2"):
+        sources.load_head_sae(path, n_heads=2)
+    with pytest.raises(ValueError, match=r"model_name='gpt2-small' was asked for"):
+        sources.load_head_sae(path, model_name="gpt2-small")
+    with pytest.raises(ValueError, match=r"prefix='gpt2-small' picks a checkpoint in a folder; source='.*_v0.pt' is a file"):
+        sources.load_head_sae(path, prefix="gpt2-small")
+    with pytest.raises(ValueError, match=r"source='.*_v0_cfg.json' is a file but not a .pt checkpoint"):
+        sources.load_head_sae(cfg_path(path))
+    with pytest.raises(ValueError, match=r"layer and head are required when source is a folder"):
+        sources.load_head_sae(tmp_path)
+    with pytest.raises(ValueError, match=r"layer and head are required when source is a folder"):
+        sources.load_head_sae(tmp_path, LAYER)
+    with pytest.raises(FileNotFoundError, match=r"source='.*missing.pt' is neither an existing folder"):
+        sources.load_head_sae(tmp_path / "missing.pt")
+    cfg_path(path).write_text(json.dumps({**json.loads(cfg_path(path).read_text()), "head": "two"}))
+    with pytest.raises(ValueError, match=r"_v0_cfg.json: field 'head' must be an int >= 0, got 'two'"):
+        sources.load_head_sae(path)
+    cfg_path(path).unlink()
+    with pytest.raises(FileNotFoundError, match=r"missing config file .*_v0_cfg.json"):
+        sources.load_head_sae(path)
 
 
 # --- layer-level hook_z SAE sliced to one head ---------------------------------------------------------

@@ -14,19 +14,22 @@ Three things come in:
 :mod:`~attnrules.sources.runner` runs the model over token batches with the hooks a step needs.
 """
 from attnrules.sources.loaders import (
+    TL_FORMAT,
     SourceUnavailableError,
     find_head_sae_checkpoint,
     load_head_sae,
     load_input_sae,
     load_layer_z_sae,
     load_model,
+    save_model,
 )
 from attnrules.sources.model import check_head, check_processed, process_model
 from attnrules.sources.runner import check_tokens, hook_names, run_batches, tokenize_corpus
 from attnrules.sources.saes import InputSAE, OutputSAE, as_sources, check_compatible
 
 __all__ = [
-    "InputSAE", "OutputSAE", "SourceUnavailableError", "as_sources", "check_compatible", "check_head",
+    "InputSAE", "OutputSAE", "SourceUnavailableError", "TL_FORMAT", "as_sources", "check_compatible", "check_head",
     "check_processed", "check_tokens", "find_head_sae_checkpoint", "hook_names", "load_head_sae",
-    "load_input_sae", "load_layer_z_sae", "load_model", "process_model", "run_batches", "tokenize_corpus",
+    "load_input_sae", "load_layer_z_sae", "load_model", "process_model", "run_batches", "save_model",
+    "tokenize_corpus",
 ]
