@@ -1,11 +1,12 @@
-"""dual_topk: top-k of (queries[q]·keys[k]) × (query_acts[q]·key_acts[k]), both products in one tile."""
+"""dual_topk: the tile of (queries[q]·keys[k]) × (query_acts[q]·key_acts[k]), both at once, and its entry."""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from .topk_stream import Result, dot_tile, run
+from .launch import Operands, stream
+from .topk_stream import dot_tile
 
 
 @triton.jit
@@ -21,18 +22,19 @@ def dual_tile(a_ptr, b_ptr, xa_ptr, xb_ptr, offs_r, offs_c, mask_r, mask_c,
     return s
 
 
-def dual_topk(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    query_acts: torch.Tensor,
-    key_acts: torch.Tensor,
+def dual_candidates(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    row_acts: torch.Tensor,
+    col_acts: torch.Tensor,
     k: int,
     *,
-    by: str = "global",
+    per_row: bool,
     score: str = "signed",
-    **options,
-) -> Result:
-    """The k best pairs by (queries[q]·keys[k]) × (query_acts[q]·key_acts[k]); see topk_stream.run."""
+    **plan_options,
+):
+    """Candidates for the k best pairs by (rows[r]·cols[c]) × (row_acts[r]·col_acts[c]); see launch.stream."""
     if score not in ("signed", "absolute"):
         raise ValueError(f"score must be 'signed' or 'absolute' for dual_topk, got {score!r}")
-    return run(dual_tile, queries, keys, query_acts, key_acts, k, by=by, score=score, **options)
+    return stream(dual_tile, Operands(rows, cols, row_acts, col_acts), k, per_row=per_row, score=score,
+                  **plan_options)

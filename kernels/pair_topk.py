@@ -1,4 +1,4 @@
-"""pair_topk: top-k of (queries[q]·keys[k]) × key_weight[k] (signed, absolute, or exp(q·k) × w)."""
+"""pair_topk: the tile of (queries[q]·keys[k]) × key_weight[k] (signed, absolute, or exp(q·k) × w) and its entry."""
 from __future__ import annotations
 
 from typing import Optional
@@ -7,7 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .topk_stream import Result, dot_tile, run
+from .launch import Operands, stream
+from .topk_stream import dot_tile
 
 
 @triton.jit
@@ -28,15 +29,18 @@ def pair_tile(a_ptr, b_ptr, xa_ptr, xb_ptr, offs_r, offs_c, mask_r, mask_c,
     return s
 
 
-def pair_topk(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
+def pair_candidates(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
     k: int,
     *,
-    by: str = "global",
-    key_weight: Optional[torch.Tensor] = None,
+    per_row: bool,
+    row_weight: Optional[torch.Tensor] = None,
+    col_weight: Optional[torch.Tensor] = None,
     score: str = "signed",
-    **options,
-) -> Result:
-    """The k best pairs by (queries[q]·keys[k]) × key_weight[k]; ``options``: see topk_stream.run."""
-    return run(pair_tile, queries, keys, None, key_weight, k, by=by, score=score, **options)
+    **plan_options,
+):
+    """Candidates for the k best pairs by (rows[r]·cols[c]) × weight, the weight ``[n]`` on the side
+    that holds the keys (or its absolute value, or exp(rows[r]·cols[c]) × weight); see launch.stream."""
+    return stream(pair_tile, Operands(rows, cols, row_weight, col_weight), k, per_row=per_row, score=score,
+                  **plan_options)

@@ -14,27 +14,41 @@ Two operations, defined once here and implemented by every backend:
 scores are computed tile by tile and consumed at once.
 
 Backends: ``"torch"`` (blocked plain torch, the reference), ``"cpu"`` (C++ core, ``attnrules._C``),
-``"triton"`` (GPU kernels, ``attnrules.kernels``); ``"auto"`` picks the fastest one available for
-the inputs' device.
+``"triton"`` (GPU kernels, ``attnrules.kernels``); ``"auto"`` picks the fastest one that admits the
+call for the inputs' device. What each backend takes (devices, dtypes, largest k, options) is the
+capability table of ``contract`` (:func:`capabilities`); the options (``block_q``, ``block_k`` on
+every backend, plus each backend's own) and the NaN policy (a NaN score is a ``ValueError`` on every
+backend) are stated in ``contract``'s docstring. Candidates gathered in pieces are merged by
+``merge``, the engine's one merge.
 """
 from __future__ import annotations
 
 from attnrules.engine.contract import (
+    AUTO_ORDER,
     BACKENDS,
     BY_CHOICES,
+    CAPABILITIES,
+    COMMON_OPTIONS,
     SCORE_CHOICES,
+    Capability,
     TopK,
     available_backends,
+    capabilities,
     dual_topk,
     pair_topk,
 )
 
 __all__ = [
+    "AUTO_ORDER",
     "BACKENDS",
     "BY_CHOICES",
+    "CAPABILITIES",
+    "COMMON_OPTIONS",
     "SCORE_CHOICES",
+    "Capability",
     "TopK",
     "available_backends",
+    "capabilities",
     "dual_topk",
     "pair_topk",
 ]

@@ -1,23 +1,32 @@
 """The reference backend: blocked plain torch.
 
 Scores are computed one tile of ``block_q`` queries × ``block_k`` keys at a time and merged into a
-running top-k, so memory is O(tile + k). Ties are resolved explicitly by the lower (query, key)
-index. Slow next to the fused kernels, but simple enough to trust: the native and Triton backends
-are held to it.
+running top-k by ``merge`` (the engine's one merge), so memory is O(tile + k). Ties are resolved
+explicitly by the lower (query, key) index. Slow next to the fused kernels, but simple enough to
+trust: the native and Triton backends are held to it.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
+from attnrules.engine import merge
 from attnrules.engine.contract import Request, TopK
 
 Tile = Callable[[slice, slice], torch.Tensor]  # (query rows, key rows) -> scores [bq, bk]
 
 
+DEFAULT_BLOCK = 1024
+
+
 def is_available() -> bool:
     return True
+
+
+def probe(device_type: str) -> None:
+    """Plain torch runs wherever torch does."""
+    return None
 
 
 def _tile_function(request: Request) -> Tile:
@@ -40,14 +49,6 @@ def _tile_function(request: Request) -> Tile:
     return tile
 
 
-def _best_of(scores: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest scores of a flat candidate list, ties by lower index."""
-    by_index = torch.argsort(index)
-    scores, index = scores[by_index], index[by_index]
-    by_score = torch.sort(scores, descending=True, stable=True).indices[:k]
-    return scores[by_score], index[by_score]
-
-
 def _global_topk(request: Request, tile: Tile, block_q: int, block_k: int) -> TopK:
     nq, nk, k = request.queries.shape[0], request.keys.shape[0], request.k
     device = request.queries.device
@@ -61,12 +62,9 @@ def _global_topk(request: Request, tile: Tile, block_q: int, block_k: int) -> To
             s = tile(rows, cols).flatten()
             flat = (q_index[:, None] * nk + torch.arange(cols.start, cols.stop, device=device)[None, :]).flatten()
             if best_s.numel() == k:  # reject by threshold: only scores that can still enter survive
-                keep = s >= best_s[-1]
+                keep = (s >= best_s[-1]) | torch.isnan(s)  # a NaN goes on, to be refused by the contract
                 s, flat = s[keep], flat[keep]
-            if s.numel() > k:  # keep the block's k best, with every tie at the k-th score
-                keep = s >= torch.topk(s, k).values[-1]
-                s, flat = s[keep], flat[keep]
-            best_s, best_i = _best_of(torch.cat([best_s, s]), torch.cat([best_i, flat]), k)
+            best_s, best_i = merge.top_flat(torch.cat([best_s, s]), torch.cat([best_i, flat]), k)
     return TopK(best_s, best_i // nk, best_i % nk, "global")
 
 
@@ -86,11 +84,10 @@ def _row_topk(request: Request, tile: Tile, block_q: int, block_k: int) -> TopK:
             cols = slice(c0, min(c0 + block_c, n_cols))
             s = tile(cols, rows).T if per_key else tile(rows, cols)
             c = torch.arange(cols.start, cols.stop, device=device).expand(s.shape[0], -1)
-            # Candidates arrive in increasing column order and best_* is already ordered, so a
-            # stable sort by score alone breaks ties by the lower column index.
-            s, c = torch.cat([best_s, s], 1), torch.cat([best_c, c], 1)
-            order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
-            best_s, best_c = torch.gather(s, 1, order), torch.gather(c, 1, order)
+            # Candidates arrive in increasing column order and best_* already holds each tie in
+            # column order, so ties stand in order for the merge.
+            best_s, best_c = merge.top_per_row(torch.cat([best_s, s], 1), torch.cat([best_c, c], 1), k,
+                                               ties_in_order=True)
         out_s.append(best_s)
         out_c.append(best_c)
     scores, cols = torch.cat(out_s), torch.cat(out_c)
@@ -100,9 +97,11 @@ def _row_topk(request: Request, tile: Tile, block_q: int, block_k: int) -> TopK:
     return TopK(scores, rows.clone(), cols, "query")
 
 
-def topk(request: Request, *, block_q: int = 1024, block_k: int = 1024) -> TopK:
+def topk(request: Request, *, block_q: Optional[int] = None, block_k: Optional[int] = None) -> TopK:
     """``engine.pair_topk`` or ``engine.dual_topk`` (the request says which), ``block_q`` queries ×
-    ``block_k`` keys per tile."""
+    ``block_k`` keys per tile (None: 1024)."""
+    block_q = DEFAULT_BLOCK if block_q is None else block_q
+    block_k = DEFAULT_BLOCK if block_k is None else block_k
     if block_q < 1 or block_k < 1:
         raise ValueError(f"block_q and block_k must be positive, got {block_q}, {block_k}")
     tile = _tile_function(request)

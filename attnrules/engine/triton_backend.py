@@ -2,13 +2,19 @@
 
 Each kernel program holds a block of queries (or keys, for ``by="key"``), streams the other side
 past it tile by tile, scores each tile with ``tl.dot`` and keeps only the scores above a running
-k-th threshold; the small candidate set is merged in torch with exact tie-breaking. See
-``kernels/topk_stream.py`` for the scheme and ``notes/readme-gpu-engine.md`` for limits.
+k-th threshold (``kernels/topk_stream.py``; block sizes and grid from ``kernels/plan.py``). The small
+candidate set comes back and is merged by the engine's one merge (``merge.py``), ties by the lower
+(query, key) index.
 
-Options (keyword arguments of ``engine.pair_topk`` / ``engine.dual_topk`` with backend="triton"):
-``precision`` ("ieee" fp32, the default; "tf32"; "tf32x3"), ``block_r``, ``block_c`` (powers of two
-≥ 16; ``block_c=None`` autotunes on a GPU), ``n_splits`` (column splits per row block) and, for
-by="global", ``program_k`` (candidates each program keeps; k above it is verified and repaired).
+Options (keyword arguments of ``engine.pair_topk`` / ``engine.dual_topk``): ``block_q``, ``block_k``
+as on every backend (powers of two ≥ 16; ``None``: planned, the streamed side autotuned on a GPU),
+and its own ``precision`` ("ieee" fp32, the default; "tf32"; "tf32x3"), ``n_splits`` (column splits
+per row block) and, for by="global", ``program_k`` (candidates each program keeps).
+
+by="global" with k above ``program_k``: a program that had to drop pairs may have dropped some of
+the top k. The merge checks each such program's cut-off pair against the merged k-th pair; a program
+whose cut-off ranks above it is run again by the same kernel over its region with programs small
+enough that none drops a pair, and its candidates replace the old ones. No other backend is called.
 
 CPU tensors run only in Triton's interpreter (``TRITON_INTERPRET=1`` set before attnrules is
 imported), which is how the tests check every kernel on this machine.
@@ -16,84 +22,137 @@ imported), which is how the tests check every kernel on this machine.
 from __future__ import annotations
 
 import os
-from dataclasses import replace
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+import triton
 
-from attnrules.engine import torch_backend
+from attnrules.engine import merge
 from attnrules.engine.contract import Request, TopK
 from attnrules.kernels import topk_stream
-from attnrules.kernels.dual_topk import dual_topk as _dual_kernel
-from attnrules.kernels.pair_topk import pair_topk as _pair_kernel
+from attnrules.kernels.dual_topk import dual_candidates
+from attnrules.kernels.launch import GlobalCandidates
+from attnrules.kernels.pair_topk import pair_candidates
+
+REPAIR_BLOCK_R = 16  # rows per program when a region is run again: 16 × 128 pairs per program ≤ K
+
+
+def probe(device_type: str) -> Optional[str]:
+    """None when the kernels can run on tensors of ``device_type`` here, else why not."""
+    if device_type == "cuda":
+        return None if torch.cuda.is_available() else "no CUDA GPU here (torch.cuda.is_available() is False)"
+    if device_type == "cpu":
+        if topk_stream.INTERPRETED:
+            return None
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return "TRITON_INTERPRET=1 is set but attnrules.kernels was imported before it was"
+        return ("CPU tensors run only in Triton's interpreter, which is off: set TRITON_INTERPRET=1 before "
+                "importing attnrules (tests only), or pass CUDA tensors")  # fmt: skip
+    return f"Triton runs on cuda tensors, not {device_type}"
 
 
 def is_available() -> bool:
     """True with a CUDA GPU, or when the kernels were built for Triton's CPU interpreter."""
-    return topk_stream.INTERPRETED or torch.cuda.is_available()
+    return probe("cuda") is None or probe("cpu") is None
 
 
-def _check_inputs(request: Request) -> None:
-    device = request.queries.device
-    if device.type == "cpu" and not topk_stream.INTERPRETED:
-        hint = (
-            "TRITON_INTERPRET=1 is set but attnrules.kernels was imported before it was"
-            if os.environ.get("TRITON_INTERPRET") == "1"
-            else "set TRITON_INTERPRET=1 before importing attnrules to run the kernels in Triton's CPU interpreter"
-        )
-        raise RuntimeError(f"the triton backend needs CUDA tensors, got queries on {device} ({hint})")
-    if request.queries.dtype != torch.float32:
-        raise TypeError(
-            f"the triton backend computes in float32, got queries of dtype {request.queries.dtype}: "
-            "pass float32 tensors or use backend='torch'"
-        )
+def _check_block(name: str, value: Optional[int]) -> None:
+    if value is not None and (value < 16 or value & (value - 1)):
+        raise ValueError(f"{name} must be a power of two ≥ 16 for backend='triton', got {value!r}")
 
 
-def _repair(request: Request, found: topk_stream.Result, run_exact) -> topk_stream.Result:
-    """Merge in the exact top-k of the regions the kernel could not vouch for (global, k > program_k)."""
-    if not found.unresolved:
-        return found
-    scores, rows, cols = [found.scores], [found.query_idx], [found.key_idx]
-    for q0, q1, c0, c1 in found.unresolved:
-        sub = replace(
-            request,
-            queries=request.queries[q0:q1],
-            keys=request.keys[c0:c1],
-            k=min(request.k, (q1 - q0) * (c1 - c0)),
-            key_weight=None if request.key_weight is None else request.key_weight[c0:c1],
-            query_acts=None if request.query_acts is None else request.query_acts[q0:q1],
-            key_acts=None if request.key_acts is None else request.key_acts[c0:c1],
-        )
-        part = run_exact(sub)
-        scores.append(part.scores.to(found.scores.dtype))
-        rows.append(part.query_idx + q0)
-        cols.append(part.key_idx + c0)
-    s, r, c = topk_stream.merge_pairs(
-        torch.cat(scores), torch.cat(rows), torch.cat(cols), request.keys.shape[0], request.k
-    )
-    return topk_stream.Result(s, r, c, [])
+Region = tuple[int, int, int, int]  # (row_start, row_stop, col_start, col_stop)
+Kernel = Callable[..., object]  # (region, k, per_row, **plan options) -> candidates
 
 
-def _result(request: Request, found: topk_stream.Result) -> TopK:
-    return TopK(found.scores, found.query_idx, found.key_idx, request.by)
+def _kernel(request: Request, rows_are_keys: bool) -> tuple[Kernel, int, int]:
+    """The kernel over a region of the (rows × cols) pair matrix, and its shape."""
+    q, kk, w = request.queries, request.keys, request.key_weight
+    rows, cols = (kk, q) if rows_are_keys else (q, kk)
+
+    def run(region: Region, k: int, *, per_row: bool, **plan_options):
+        r0, r1, c0, c1 = region
+        if request.dual:
+            row_x, col_x = (request.key_acts, request.query_acts) if rows_are_keys else \
+                (request.query_acts, request.key_acts)  # fmt: skip
+            return dual_candidates(rows[r0:r1], cols[c0:c1], row_x[r0:r1], col_x[c0:c1], k, per_row=per_row,
+                                   score=request.score, **plan_options)  # fmt: skip
+        row_w = None if w is None or not rows_are_keys else w[r0:r1]
+        col_w = None if w is None or rows_are_keys else w[c0:c1]
+        return pair_candidates(rows[r0:r1], cols[c0:c1], k, per_row=per_row, row_weight=row_w, col_weight=col_w,
+                               score=request.score, **plan_options)  # fmt: skip
+
+    return run, rows.shape[0], cols.shape[0]
+
+
+def _unverified(found: GlobalCandidates, best: tuple[torch.Tensor, ...], k: int, n_cols: int) -> torch.Tensor:
+    """Programs that may have dropped one of the top k: cut, with a cut-off pair above the k-th.
+
+    Every kept candidate is a real pair, so the merged k-th ranks at or below the true k-th: a
+    program whose cut-off ranks at or below the merged k-th dropped nothing of the top k.
+    """
+    cut = found.cut
+    if k <= found.k_program or not bool(cut.any()):
+        return torch.zeros_like(cut)
+    scores, rows, cols = best
+    if scores.numel() < k:  # fewer candidates than k: every cut program may hold more
+        return cut
+    cut_index = found.cut_rows * n_cols + found.cut_cols
+    return cut & merge.ranks_above(found.cut_scores, cut_index, scores[-1], rows[-1] * n_cols + cols[-1])
+
+
+def _global(run: Kernel, region: Region, k: int, plan_options: dict, depth: int = 0):
+    """Exact global top-k (scores, rows, cols) of ``region``, in the region's coordinates."""
+    r0, r1, c0, c1 = region
+    n_cols = c1 - c0
+    k = min(k, (r1 - r0) * n_cols)
+    found = run(region, k, per_row=False, **plan_options)
+    best = merge.top_pairs(found.scores, found.rows, found.cols, n_cols, k)
+    bad = _unverified(found, best, k, n_cols)
+    if not bool(bad.any()):
+        return best
+    if depth > 0:  # cannot happen: a rerun's programs are too small to drop a pair (see REPAIR_BLOCK_R)
+        raise RuntimeError("triton backend: a rerun region still dropped top pairs; please report this")
+    keep = ~bad[found.program]
+    scores, rows, cols = [found.scores[keep]], [found.rows[keep]], [found.cols[keep]]
+    # Each bad region again, in programs of REPAIR_BLOCK_R rows × one column block: at most
+    # 16 × 128 = 2,048 pairs each, which a program keeps whole when K ≥ 2,048 (k > 4,096) and which
+    # k ≤ K covers exactly otherwise.
+    step = topk_stream.AUTOTUNE_BLOCK_C_MAX
+    for b0, b1, d0, d1 in found.regions[bad].tolist():
+        fine = dict(plan_options, block_r=REPAIR_BLOCK_R, n_splits=triton.cdiv(d1 - d0, step), program_k=None)
+        s, r, c = _global(run, (r0 + b0, r0 + b1, c0 + d0, c0 + d1), k, fine, depth + 1)
+        scores.append(s)
+        rows.append(r + b0)
+        cols.append(c + d0)
+    return merge.top_pairs(torch.cat(scores), torch.cat(rows), torch.cat(cols), n_cols, k)
 
 
 def topk(
     request: Request,
     *,
+    block_q: Optional[int] = None,
+    block_k: Optional[int] = None,
     precision: str = "ieee",
-    block_r: Optional[int] = None,
-    block_c: Optional[int] = None,
     n_splits: Optional[int] = None,
     program_k: Optional[int] = None,
 ) -> TopK:
     """``engine.pair_topk`` — fused top-k of (q·k) × key_weight (signed / absolute / exp) — or
     ``engine.dual_topk`` — of (q·k) × (query_acts[q]·key_acts[k]) — on the GPU (the request says which)."""
-    _check_inputs(request)
-    options = dict(by=request.by, score=request.score, precision=precision, block_r=block_r, block_c=block_c,
-                   n_splits=n_splits, program_k=program_k)
-    if request.query_acts is None:
-        found = _pair_kernel(request.queries, request.keys, request.k, key_weight=request.key_weight, **options)
-    else:
-        found = _dual_kernel(request.queries, request.keys, request.query_acts, request.key_acts, request.k, **options)
-    return _result(request, _repair(request, found, torch_backend.topk))
+    _check_block("block_q", block_q)
+    _check_block("block_k", block_k)
+    per_key = request.by == "key"
+    # The kernel's rows are the side it ranks for: keys for by="key", queries otherwise.
+    block_r, block_c = (block_k, block_q) if per_key else (block_q, block_k)
+    names = ("block_k", "block_q") if per_key else ("block_q", "block_k")
+    plan_options = dict(precision=precision, block_r=block_r, block_c=block_c, n_splits=n_splits,
+                        program_k=program_k, names=names)  # fmt: skip
+    run, n_rows, n_cols = _kernel(request, rows_are_keys=per_key)
+    k = request.k
+    if request.by == "global":
+        scores, rows, cols = _global(run, (0, n_rows, 0, n_cols), k, plan_options)
+        return TopK(scores, rows, cols, "global")
+    found = run((0, n_rows, 0, n_cols), k, per_row=True, **plan_options)
+    scores, cols = merge.top_per_row(found.scores, found.cols, k, valid=found.valid)
+    fixed = torch.arange(n_rows, device=cols.device)[:, None].expand_as(cols).clone()
+    return TopK(scores, cols, fixed, "key") if per_key else TopK(scores, fixed, cols, "query")
