@@ -302,7 +302,7 @@ def test_global_threads_share_one_threshold():
     # so about as few candidates are pushed as with one thread (~15k here, against ~28k alone).
     q, k, _, _, _ = random_inputs(4096, 4096, 16, seed=12)
     one = _global(q, k, 1000, threads=1)
-    for attempt in range(3):  # work is shared out at run time: retry if the OS ran one thread only
+    for attempt in range(6):  # work is shared out at run time: retry if the OS ran one thread only
         shared = _global(q, k, 1000, threads=2)
         alone = _global(q, k, 1000, threads=2, share=False)
         assert all(torch.equal(a, b) for a, b in zip(shared[:3], alone[:3])), "sharing changed the answer"
