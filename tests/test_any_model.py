@@ -28,7 +28,7 @@ def run(request):
 
 
 def terms(feature, method: str, n: int = 8) -> list[tuple[int, int]]:
-    return [(t["query"], t["key"]) for t in feature.rules[method]["terms"][:n]]
+    return [(t.query, t.key) for t in feature.rule_set(method).terms[:n]]
 
 
 def test_every_head_runs_without_a_failed_step(run):
@@ -47,10 +47,10 @@ def test_skipgrams_are_recovered_by_every_ordering_and_exact_predictions_are_cle
         pair = (input_feature(planted, rule.query), input_feature(planted, rule.key))
         f = features[rule.name]
         for method in ("weights", "importance", "exact"):
-            assert pair in terms(f, method, 3), (rule.name, method, f.rules[method]["text"])
+            assert pair in terms(f, method, 3), (rule.name, method, f.rule_set(method).text)
     for rule in (f for f in planted.features if f.kind == "skipgram"):
-        exact = [p for p in features[rule.name].sweep if p["method"] == "exact"]
-        assert exact and all(p["f1"] == 1.0 for p in exact), (rule.name, exact)
+        exact = [p for p in features[rule.name].sweep if p.method == "exact"]
+        assert exact and all(p.f1 == 1.0 for p in exact), (rule.name, exact)
 
 
 def test_disjunction_keys_and_unseen_keys(run):
@@ -62,17 +62,17 @@ def test_disjunction_keys_and_unseen_keys(run):
         query = input_feature(planted, rule.query)
         strong, *weak = (input_feature(planted, k) for k in rule.keys)
         both = {(query, strong), *((query, k) for k in weak)}
-        by_weight = [(p["query"], p["key"]) for p in f.pairs if p["ranking"] == "weights_all_pairs"]
+        by_weight = [(p.query, p.key) for p in f.pairs if p.ranking == "weights_all_pairs"]
         assert set(by_weight[: len(both)]) == both
-        assert set(weak) <= {u["key"] for u in f.unseen_keys}
-        assert strong not in {u["key"] for u in f.unseen_keys}
+        assert set(weak) <= {u.key for u in f.unseen_keys}
+        assert strong not in {u.key for u in f.unseen_keys}
         assert not set(weak) & {k for _, k in terms(f, "importance")}
         settings = ExtractSettings(features=(rule.index,), positives="quantiles")
         spread = extract_head(planted.model, planted.input_sae, planted.output_saes[rule.head],
                               planted.corpus(N_SEQUENCES, seed=1), settings=settings, progress=False).features[0]
         assert not spread.unseen_keys
         for method in ("importance", "exact"):
-            assert both <= set(terms(spread, method, 4)), (method, spread.rules[method]["text"])
+            assert both <= set(terms(spread, method, 4)), (method, spread.rule_set(method).text)
 
 
 def test_real_distractors_are_confirmed_and_false_ones_cleared(run):
@@ -81,21 +81,21 @@ def test_real_distractors_are_confirmed_and_false_ones_cleared(run):
         f = features[rule.name]
         pair = (input_feature(planted, rule.query), input_feature(planted, rule.key))
         distractor = input_feature(planted, rule.distractor)
-        kept = {(a["query"], a["key"]): a["kept"] for a in f.absence}
-        checks = {c["distractor"]: c for a in f.absence + f.absence_dropped if (a["query"], a["key"]) == pair
-                  for c in a["checks"]}
+        kept = {(a.query, a.key): a.kept for a in f.absence}
+        checks = {c.distractor: c for a in f.absence + f.absence_dropped if (a.query, a.key) == pair
+                  for c in a.checks}
         if rule.kind == "absence":
             assert distractor in kept.get(pair, ()), (rule.name, f.absence)
-            assert checks[distractor]["status"] == "confirmed"
-            assert any(a["text"].endswith(f"unless [{planted.input_sae.layer and f'L{planted.layer}.in{distractor}'}]")
-                       for a in f.absence if (a["query"], a["key"]) == pair)
+            assert checks[distractor].status == "confirmed"
+            assert any(a.text.endswith(f"unless [{planted.input_sae.layer and f'L{planted.layer}.in{distractor}'}]")
+                       for a in f.absence if (a.query, a.key) == pair)
         else:  # paper mode claims it, insertion and the real logits deny it
             assert distractor in checks, (rule.name, f.absence, f.absence_dropped)
-            assert checks[distractor]["status"] == "cleared"
-            assert checks[distractor]["logit_distractor"] < checks[distractor]["logit_key"]
+            assert checks[distractor].status == "cleared"
+            assert checks[distractor].logit_distractor < checks[distractor].logit_key
             assert distractor not in kept.get(pair, ())
         for a in f.absence:  # no distractor with a float-noise value is ever claimed
-            assert all(abs(v) > 1e-4 for v in a["distractor_value"])
+            assert all(abs(v) > 1e-4 for v in a.distractor_value)
 
 
 def test_query_bias_rule_is_an_exact_mode_term(run):
@@ -103,9 +103,9 @@ def test_query_bias_rule_is_an_exact_mode_term(run):
     for rule in (f for f in planted.features if f.kind == "query_bias"):
         f = features[rule.name]
         key = input_feature(planted, rule.key)
-        assert (-2, key) in terms(f, "exact", 3), f.rules["exact"]["text"]
+        assert (-2, key) in terms(f, "exact", 3), f.rule_set("exact").text
         label = f"L{planted.layer}.in{key}"  # input features above layer 0 without descriptions: their ids
-        assert any(t.startswith(f"[{label}] … [any query, via b_Q] → {rule.name}") for t in f.rules["exact"]["text"])
+        assert any(t.startswith(f"[{label}] … [any query, via b_Q] → {rule.name}") for t in f.rule_set("exact").text)
 
 
 def test_counting_threshold_is_found(run):
@@ -113,8 +113,8 @@ def test_counting_threshold_is_found(run):
     for rule in (f for f in planted.features if f.kind == "counting"):
         f = features[rule.name]
         assert f.counting is not None, (rule.name, f.counting_check)
-        assert (f.counting["kind"], f.counting["threshold"]) == ("threshold", rule.min_count)
-        assert f.counting_check["n_base"] >= f.counting_check["min_base"]
+        assert (f.counting.kind, f.counting.threshold) == ("threshold", rule.min_count)
+        assert f.counting_check.n_base >= f.counting_check.min_base
     for rule in (f for f in planted.features if f.kind in ("skipgram", "absence", "noise")):
         assert features[rule.name].counting is None
 

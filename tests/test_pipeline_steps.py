@@ -5,6 +5,7 @@ import pytest
 
 import attnrules.pipeline.extract as pipeline
 from attnrules.pipeline import ExtractSettings, extract_head
+from attnrules.pipeline.results import StepError
 from attnrules.toy import build_toy
 
 
@@ -33,10 +34,10 @@ def test_a_failing_step_is_recorded_and_the_run_completes(toy, monkeypatch, tmp_
                           out_dir=tmp_path, progress=False)
     by_name = {f.name: f for f in result.features}
     assert sorted(by_name) == ["L0H0.0", "L0H0.1", "L0H0.2", "L0H0.3"]
-    assert by_name["L0H0.2"].errors == [{"step": "counting", "error": "RuntimeError: injected counting failure"}]
-    assert by_name["L0H0.2"].rules["weights"]["terms"] and by_name["L0H0.2"].counting_check is None
-    assert by_name["L0H0.3"].errors == [{"step": "rules", "error": "ValueError: injected rules failure"}]
-    assert by_name["L0H0.3"].rules == {} and by_name["L0H0.3"].sweep == []
+    assert by_name["L0H0.2"].errors == (StepError("counting", "RuntimeError: injected counting failure"),)
+    assert by_name["L0H0.2"].rule_set("weights").terms and by_name["L0H0.2"].counting_check is None
+    assert by_name["L0H0.3"].errors == (StepError("rules", "ValueError: injected rules failure"),)
+    assert by_name["L0H0.3"].rules == () and by_name["L0H0.3"].sweep == ()
     assert not by_name["L0H0.1"].errors and by_name["L0H0.1"].absence  # the others are complete
     assert result.metadata["failed_steps"] == 2
     assert result.metadata["features_with_failures"] == ["L0H0.2", "L0H0.3"]
@@ -50,3 +51,4 @@ def test_a_failing_step_is_recorded_and_the_run_completes(toy, monkeypatch, tmp_
     again = extract_head(toy.model, toy.input_sae, toy.output_saes[0], toy.corpus(1500), settings=settings,
                          out_dir=tmp_path, progress=False)
     assert again.metadata["failed_steps"] == 0 and all(f.rules for f in again.features)
+    assert again.run.computed == ("L0H0.2", "L0H0.3") and again.run.reused == ("L0H0.0", "L0H0.1")

@@ -5,15 +5,15 @@ n_in × n_in (query, key) pairs, by A×V and by importance (``exhaustive_k``; th
 
 :func:`extract_head` runs REF's procedure (reference-behaviour §3–5) for the sampled features of one
 head and returns a :class:`HeadResult`; with ``out_dir`` every finished feature is written at once
-(atomically) and a rerun with the same settings skips it, so long runs can be resumed.
+(atomically) and a rerun with the same inputs skips it, so long runs can be resumed; the folder is
+bound to the content hashes of model, SAEs, corpus and settings, and a rerun with other inputs stops
+with an error unless ``overwrite=True`` (see :mod:`attnrules.pipeline.resume`).
 Where a requested number exceeds what exists (REF's top-100 keys on an SAE with fewer input
 features), it is capped, with a warning kept in the result's metadata.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import sys
 import warnings
 from dataclasses import dataclass
@@ -34,24 +34,31 @@ from attnrules.evaluation.insertion import (
     natural_prevalence,
 )
 from attnrules.exemplars import FeatureScan, exemplar_views, input_activations, sample_exemplars, sample_features, scan_output_features
-from attnrules.files import plain, write_json
+from attnrules.files import plain
 from attnrules.importance import ExactTerms, exact_importance_terms, paper_importance, rank_all_pairs_by_importance
-from attnrules.pipeline.results import FeatureResult, HeadResult
+from attnrules.pipeline.resume import HeadFolder, InputHashes
+from attnrules.pipeline.results import (
+    AbsenceRecord,
+    CountingCheckRecord,
+    CountingRecord,
+    DistractorEvidence,
+    ExemplarRecord,
+    FeatureResult,
+    HeadResult,
+    PairRecord,
+    PaperDistractorRecord,
+    RuleSetView,
+    RunInfo,
+    StepError,
+    SweepRecord,
+    UnseenKey,
+)
 from attnrules.pipeline.settings import ExtractSettings
 from attnrules.rules import SkipgramRuleSet, rules_from_exact, rules_from_importance, rules_from_weights
 from attnrules.rules.absence import absence_rules, paper_distractor, significant_values
 from attnrules.rules.descriptions import InputDescriptions, describe_input_features, token_strings
 from attnrules.scoring import PairTable, candidate_table, rank_all_pairs, value_scores
 from attnrules.sources import as_sources
-
-
-def _rules_to_dict(rules: SkipgramRuleSet, describe: InputDescriptions) -> dict:
-    return {
-        "method": rules.method,
-        "key_power": rules.key_power,
-        "terms": rules.to_frame(describe).drop(columns=["feature", "method"]).to_dict(orient="records"),
-        "text": rules.render(describe),
-    }
 
 
 def _capped(name: str, asked: int, available: int, notes: list[str]) -> int:
@@ -80,12 +87,13 @@ def extract_feature(
     on the validation exemplars, and the candidate table.
 
     ``train`` = (acts ``[N, T, n_in]``, positions); ``val`` = (acts, positions, act_max). With
-    ``exact`` (keys, queries → :class:`~attnrules.importance.ExactTerms`) a third ordering, "exact", ranks
+    ``exact`` (queries, keys → :class:`~attnrules.importance.ExactTerms`) a third ordering, "exact", ranks
     the same candidate cross product and the pseudo-feature terms by the gradient through the real head.
     """
     table = candidate_table(circuit, feature, num_values=settings.num_values, num_queries=settings.num_queries,
                             negative_values=settings.negative_values, backend=settings.backend)
-    keys, queries = _first_appearance(table.keys), _first_appearance(table.queries)
+    queries, keys = _first_appearance(table.queries), _first_appearance(table.keys)
+    # the importance helpers take REF's (keys, queries) order; ours is (queries, keys), as the engine's
     importance = paper_importance(circuit, feature, keys, queries, *train, loss_type=settings.loss_type)
     builders = {
         "weights": lambda n: rules_from_weights(table, n),
@@ -93,7 +101,7 @@ def extract_feature(
                                                       absolute=settings.absolute),
     }
     if exact is not None:
-        terms = exact(keys, queries)
+        terms = exact(queries, keys)
         builders["exact"] = lambda n: rules_from_exact(circuit, feature, keys, queries, terms, n,
                                                        absolute=settings.absolute)
     grid = n_terms_grid(settings.max_rules)
@@ -153,16 +161,18 @@ def beyond_skipgrams(
     describe: InputDescriptions, token_of: TokenLookup, steps: "FeatureSteps",
 ) -> dict:
     """Absence rules of the feature's top terms (tested by insertion; exact mode clears those the real
-    logits reject), REF's distractor check, and the counting detector on the top term."""
+    logits reject), REF's distractor check, and the counting detector on the top term: the
+    :class:`FeatureResult` fields absence, absence_dropped, paper_distractor, counting, counting_check."""
     name = circuit.feature_name(feature)
     significant = significant_values(circuit, feature)
-    out = {"absence": [], "absence_dropped": [], "paper_distractor": None, "counting": None, "counting_check": None}
+    out = {"absence": (), "absence_dropped": (), "paper_distractor": None, "counting": None, "counting_check": None}
     paper = steps.run("paper_distractor", lambda: paper_distractor(circuit, feature))
-    out["paper_distractor"] = paper.to_dict() if paper is not None else None
+    out["paper_distractor"] = PaperDistractorRecord.from_json(paper.to_dict()) if paper is not None else None
     if not bool(significant.any()):
         steps.notes.append("no key's value score rises above float noise (|V| ≤ 1e-4·|value vector|·|u|): "
                            "no absence or counting rule is sought")
-        out["counting_check"] = CountingCheck("not run", "value scores are float noise").to_dict()
+        out["counting_check"] = CountingCheckRecord.from_json(
+            CountingCheck("not run", "value scores are float noise").to_dict())
         return out
     firing = [(q, k) for r in rule_sets.values() for q, k, a, v in zip(r.queries.tolist(), r.keys.tolist(),
                                                                     r.attn_score.tolist(), r.value_score.tolist())
@@ -180,8 +190,8 @@ def beyond_skipgrams(
                                  batch_size=settings.batch_size)
 
     rules = steps.run("absence", absences) or []
-    out["absence"] = [a.to_dict(describe) for a in rules if a.kept]
-    out["absence_dropped"] = [a.to_dict(describe) for a in rules if not a.kept]
+    out["absence"] = tuple(AbsenceRecord.from_rule(a, describe) for a in rules if a.kept)
+    out["absence_dropped"] = tuple(AbsenceRecord.from_rule(a, describe) for a in rules if not a.kept)
     if settings.counting and firing:
         q, k = firing[0]  # the top firing term of the first ordering (weights)
         kept = next((a.kept for a in rules if (a.query, a.key) == (q, k)), ())
@@ -196,15 +206,16 @@ def beyond_skipgrams(
 
         check, rule = steps.run("counting", counting) or (None, None)
         words = token_strings(model)
-        out["counting"] = rule.to_dict(words.__getitem__) if rule is not None else None
-        out["counting_check"] = check.to_dict() if check is not None else None
+        out["counting"] = CountingRecord.from_json(rule.to_dict(words.__getitem__)) if rule is not None else None
+        out["counting_check"] = CountingCheckRecord.from_json(check.to_dict()) if check is not None else None
     elif settings.counting:
-        out["counting_check"] = CountingCheck("not run", "no top term promotes the feature").to_dict()
+        out["counting_check"] = CountingCheckRecord.from_json(
+            CountingCheck("not run", "no top term promotes the feature").to_dict())
     return out
 
 
 def unseen_keys(circuit: HeadCircuit, feature: int, table: PairTable, train: TrainExemplars,
-                describe: InputDescriptions) -> list[dict]:
+                describe: InputDescriptions) -> list[UnseenKey]:
     """Candidate keys with a significant positive value that no train positive holds at or before its
     scored position: their pairs get no importance, whatever their weight (e.g. the weaker key of a
     disjunction under REF's top-activating positives)."""
@@ -215,29 +226,29 @@ def unseen_keys(circuit: HeadCircuit, feature: int, table: PairTable, train: Tra
     acts = train.acts[train.positive][:, :, keys]
     upto = torch.arange(acts.shape[1])[None, :] <= train.positions[train.positive][:, None]
     seen = ((acts > 0) & upto[:, :, None]).any(dim=(0, 1))
-    return [{"key": int(k), "key_desc": describe(int(k)), "value_score": float(v[k])} for k in keys[~seen].tolist()]
+    return [UnseenKey(int(k), describe(int(k)), float(v[k])) for k in keys[~seen].tolist()]
 
 
 class FeatureSteps:
-    """Runs one feature's steps: a step that raises is recorded as {"step", "error"} and gives None,
+    """Runs one feature's steps: a step that raises is recorded as a :class:`StepError` and gives None,
     so one feature's failure never aborts the head."""
 
     def __init__(self) -> None:
-        self.errors: list[dict] = []
+        self.errors: list[StepError] = []
         self.notes: list[str] = []
 
     def run(self, step: str, fn: Callable[[], object]):
         try:
             return fn()
         except Exception as error:  # noqa: BLE001 - recorded in the feature's results, the run goes on
-            self.errors.append({"step": step, "error": f"{type(error).__name__}: {error}"})
+            self.errors.append(StepError(step, f"{type(error).__name__}: {error}"))
             return None
 
 
 def exhaustive_pairs(
     circuit: HeadCircuit, feature: int, train: tuple[torch.Tensor, torch.Tensor], k: int, backend: str,
     describe: InputDescriptions,
-) -> list[dict]:
+) -> list[PairRecord]:
     """The k best of all n_in × n_in pairs by A×V and by |importance| (surrogate over all features)."""
     k = min(k, circuit.n_inputs**2)
     by_weight = rank_all_pairs(circuit, feature, k, backend=backend)
@@ -248,8 +259,7 @@ def exhaustive_pairs(
         ("importance_all_pairs", by_importance.query_idx, by_importance.key_idx, by_importance.scores),
     ):
         for rank, (qi, ki, si) in enumerate(zip(q.tolist(), kk.tolist(), score.tolist())):
-            rows.append({"ranking": ranking, "rank": rank, "query": qi, "key": ki, "score": si,
-                         "query_desc": describe(qi), "key_desc": describe(ki)})
+            rows.append(PairRecord(ranking, rank, qi, ki, si, describe(qi), describe(ki)))
     return rows
 
 
@@ -263,25 +273,49 @@ def extract_head(
     out_dir: Optional[Path | str] = None,
     progress: bool = True,
     scan: Optional[FeatureScan] = None,
+    overwrite: bool = False,
+    inputs: Optional[InputHashes] = None,
 ) -> HeadResult:
     """Run the pipeline on one head (the output SAE's layer and head) over a token corpus. The SAEs
     may be attnrules' containers or sae_lens SAEs (see :func:`attnrules.sources.as_sources`).
 
+    ``out_dir``: the head folder to write (see :mod:`attnrules.pipeline.resume`). It is bound to the
+    content hashes of the model, both SAEs, the corpus and the settings: every finished feature is
+    saved there at once and the corpus scan is cached, so a rerun with the same inputs resumes (a
+    complete folder without failed steps is read back, not recomputed); a folder holding another run's results raises
+    :class:`~attnrules.pipeline.resume.RunMismatchError` naming what differs, unless ``overwrite``
+    (its run files are removed and the run starts afresh). ``result.run`` says what this call
+    computed and what it reused.
+
     ``scan``: this head's :func:`~attnrules.exemplars.scan_output_features` of ``tokens`` when already
-    computed (a sweep scans all heads of a layer in one pass)."""
+    computed (a sweep scans all heads of a layer in one pass). ``inputs``: the inputs' hashes when
+    already computed (a sweep hashes the model and the corpus once)."""
     input_sae, output_sae = as_sources(model, input_sae, output_sae)
+    if inputs is None:
+        inputs = InputHashes.of(model, input_sae, output_sae, tokens, settings)
+    folder = HeadFolder(out_dir, inputs) if out_dir is not None else None
+    if folder is not None:
+        folder.prepare(overwrite=overwrite)
+        done = folder.complete()
+        if done is not None and not done.metadata.get("failed_steps"):  # failed steps are retried
+            return dataclasses.replace(done, run=RunInfo("none", (), tuple(f.name for f in done.features)))
     # The model runs where it lives (e.g. CUDA); the circuit, exemplar activations, rules and
     # evaluation live on the CPU, where the exemplar activations are gathered.
     circuit = HeadCircuit.from_model(model, input_sae, output_sae).to("cpu")
     notes: list[str] = []
-    fingerprint = settings.fingerprint()
     settings = dataclasses.replace(
         settings,
         num_values=_capped("num_values", settings.num_values, circuit.n_inputs, notes),
         num_queries=_capped("num_queries", settings.num_queries, circuit.n_inputs, notes),
     )
+    scan_state = "given"
+    if scan is None:
+        scan, scan_state = (folder.load_scan() if folder is not None else None), "cached"
     if scan is None:
         scan = scan_output_features(model, output_sae, tokens, batch_size=settings.batch_size, progress=progress)
+        scan_state = "computed"
+    if folder is not None and scan_state != "cached":
+        folder.save_scan(scan)
     if settings.features is not None:
         features = [circuit.check_feature(f) for f in settings.features]
     else:
@@ -292,13 +326,15 @@ def extract_head(
                          f"{settings.max_count or scan.n_sequences - settings.min_count} of the {scan.n_sequences} sequences")
     describe = describe_input_features(model, input_sae, backend=settings.backend)
     token_of = TokenLookup(model, input_sae, bos_token(model, tokens))
-    done_dir = Path(out_dir) / "features" if out_dir is not None else None
-    results = []
+    results: list[FeatureResult] = []
+    computed: list[str] = []
+    reused: list[str] = []
     for i, g in enumerate(features):
         name = circuit.feature_name(g)
-        cached = _load_done(done_dir, name, fingerprint) if done_dir else None
+        cached = folder.load_feature(name) if folder is not None else None
         if cached is not None:
             results.append(cached)
+            reused.append(name)
             continue
         if progress:
             print(f"[{i + 1}/{len(features)}] {name}", file=sys.stderr)
@@ -308,14 +344,15 @@ def extract_head(
             notes.append(f"{name} skipped: too few active or inactive sequences")
             continue
         result = extract_one(model, input_sae, output_sae, circuit, g, tokens, scan, ex, settings, describe, token_of)
-        if done_dir is not None and not result.errors:  # a feature with a failed step is retried on resume
-            write_json(done_dir / f"{name}.json", {"settings": fingerprint, **result.to_dict()})
+        computed.append(name)
+        if folder is not None and not result.errors:  # a feature with a failed step is retried on resume
+            folder.save_feature(result)
         results.append(result)
-    flagged = [f for f in results if f.paper_distractor and f.paper_distractor["has_distractor"]]
+    flagged = [f for f in results if f.paper_distractor is not None and f.paper_distractor.has_distractor]
     metadata = {"settings": plain(dataclasses.asdict(settings)), "notes": notes, "n_sequences": scan.n_sequences,
                 "seq_len": tokens.shape[1], "n_inputs": circuit.n_inputs, "n_outputs": circuit.n_outputs,
                 "distractor_share": len(flagged) / len(results) if results else None,
-                "features_with_failures": [f.name for f in results if f.errors]}
+                "features_with_failures": [f.name for f in results if f.errors], "inputs": inputs.to_json()}
     head_steps = FeatureSteps()  # head-level steps: failures recorded in metadata["head_errors"]
     if settings.exact:
         groups = head_steps.run("exact_logit_groups", lambda: reconstruct(model, input_sae, circuit.head, tokens[:16]).summary())
@@ -323,10 +360,11 @@ def extract_head(
             metadata["exact_logit_groups"] = groups.reset_index().to_dict(orient="records")
     evidence = head_steps.run("distractor_evidence", lambda: distractor_evidence(
         model, input_sae, output_sae, tokens, flagged, settings, progress)) or []
-    metadata["head_errors"] = head_steps.errors
+    metadata["head_errors"] = [e.to_json() for e in head_steps.errors]
     metadata["failed_steps"] = sum(len(f.errors) for f in results) + len(head_steps.errors)
-    result = HeadResult(circuit.layer, circuit.head, results, metadata, evidence)
-    if out_dir is not None:
+    result = HeadResult(circuit.layer, circuit.head, tuple(results), metadata, tuple(evidence),
+                        RunInfo(scan_state, tuple(computed), tuple(reused)))
+    if folder is not None:
         result.write(out_dir)
     return result
 
@@ -342,18 +380,20 @@ def extract_one(
     acts = steps.run("input_activations", lambda: {
         s: input_activations(model, input_sae, tokens[getattr(ex, s).sequence], batch_size=batch) for s in ("train", "val")})
     if acts is None:
-        return FeatureResult(g, name, len(ex.train), len(ex.val), {}, [], errors=steps.errors)
+        return FeatureResult(g, name, len(ex.train), len(ex.val), errors=tuple(steps.errors))
     train = TrainExemplars(tokens[ex.train.sequence], ex.train.position, acts["train"], ex.train.positive)
-    exact = None
-    if settings.exact:
-        exact = functools.partial(exact_importance_terms, model, input_sae, output_sae, g,
-                                  tokens=train.tokens, positions=train.positions, batch_size=batch)
+
+    def exact_terms(queries: torch.Tensor, keys: torch.Tensor) -> ExactTerms:
+        return exact_importance_terms(model, input_sae, output_sae, g, keys, queries, tokens=train.tokens,
+                                      positions=train.positions, batch_size=batch)
+
     found = steps.run("rules", lambda: extract_feature(
-        circuit, g, (train.acts, train.positions), (acts["val"], ex.val.position, ex.val.act_max), settings, exact))
+        circuit, g, (train.acts, train.positions), (acts["val"], ex.val.position, ex.val.act_max), settings,
+        exact_terms if settings.exact else None))
     if found is None:
-        return FeatureResult(g, name, len(ex.train), len(ex.val), {}, [], errors=steps.errors)
+        return FeatureResult(g, name, len(ex.train), len(ex.val), errors=tuple(steps.errors))
     rule_sets, points, table = found
-    rules = {method: _rules_to_dict(r, describe) for method, r in rule_sets.items()}
+    rules = tuple(RuleSetView.from_rules(r, describe) for r in rule_sets.values())
     extra = beyond_skipgrams(model, input_sae, output_sae, circuit, g, rule_sets, tokens, scan.act_max[:, g], train,
                              settings, describe, token_of, steps)
     pairs = []
@@ -364,41 +404,32 @@ def extract_one(
     views = steps.run("exemplar_views", lambda: exemplar_views(
         model, output_sae, g, tokens, ex.val.sequence[top], ex.val.position[top])) or []
     unseen = steps.run("unseen_keys", lambda: unseen_keys(circuit, g, table, train, describe)) or []
-    return FeatureResult(g, name, len(ex.train), len(ex.val), rules, [p.to_dict() for p in points], pairs,
-                         exemplars=[v.to_dict() for v in views], unseen_keys=unseen, notes=steps.notes,
-                         errors=steps.errors, **extra)
+    return FeatureResult(g, name, len(ex.train), len(ex.val), rules, tuple(SweepRecord.from_point(p) for p in points),
+                         tuple(pairs), exemplars=tuple(ExemplarRecord.from_json(v.to_dict()) for v in views),
+                         unseen_keys=tuple(unseen), notes=tuple(steps.notes), errors=tuple(steps.errors), **extra)
 
 
 def distractor_evidence(
-    model, input_sae, output_sae, tokens: torch.Tensor, flagged: list, settings: ExtractSettings, progress: bool
-) -> list[dict]:
+    model, input_sae, output_sae, tokens: torch.Tensor, flagged: list[FeatureResult], settings: ExtractSettings,
+    progress: bool,
+) -> list[DistractorEvidence]:
     """For features with a REF distractor key: natural prevalence over the corpus (one shared pass) and
     counterfactual insertion of the distractor's token into its no-distractor examples (§6.2–6.3)."""
     if not flagged:
         return []
-    checks = [(f.feature, f.paper_distractor["k"], f.paper_distractor["k_"], f.paper_distractor["q"]) for f in flagged]
+    # natural_prevalence takes (feature, key, distractor, query)
+    checks = [(f.feature, f.paper_distractor.k, f.paper_distractor.k_, f.paper_distractor.q) for f in flagged]
     prevalences = natural_prevalence(model, input_sae, output_sae, tokens, checks, batch_size=settings.batch_size,
                                      progress=progress)
     evidence = []
     for f, prevalence in zip(flagged, prevalences):
-        row = {**prevalence.to_dict(), "feature": f.name, "insertion": None}
+        insertion = None
         token = insertion_token(model, input_sae, prevalence.distractor)
         clean = [e for e in prevalence.examples if e["kind"] == "no_distractor" and e["act_out"] > 0]
         if token is not None and clean:
             rows = torch.tensor([e["idx"] for e in clean])
             positions = torch.tensor([e["q_pos"] for e in clean])
-            row["insertion"] = counterfactual_insertion(model, output_sae, f.feature, tokens[rows], positions, token,
-                                                        counts=settings.insertion_counts).to_dict()
-        evidence.append(row)
+            insertion = counterfactual_insertion(model, output_sae, f.feature, tokens[rows], positions, token,
+                                                 counts=settings.insertion_counts).to_dict()
+        evidence.append(DistractorEvidence.from_json({**prevalence.to_dict(), "feature": f.name, "insertion": insertion}))
     return evidence
-
-
-def _load_done(done_dir: Path, name: str, fingerprint: str) -> Optional[FeatureResult]:
-    """A feature finished by an earlier run with the same settings, if any."""
-    path = done_dir / f"{name}.json"
-    if not path.exists():
-        return None
-    data = json.loads(path.read_text())
-    if data.pop("settings", None) != fingerprint:
-        return None
-    return FeatureResult.from_dict(data)

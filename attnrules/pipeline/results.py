@@ -1,130 +1,593 @@
 """What an extraction returns and writes: :class:`FeatureResult` per output feature and
-:class:`HeadResult` per head (tables, text summary, the files of an output folder)."""
+:class:`HeadResult` per head (tables, text summary, the files of an output folder).
+
+Every result type is a frozen dataclass of typed fields (:class:`Record`) with ``to_json()`` (a
+JSON-ready dict), ``from_json()`` (the same object back) and ``to_frame()`` (a table). Values are
+kept as they read back from JSON, so a result equals its reloaded copy: tuples (never tensors or
+lists), plain ints and floats, and None for an undefined number (NaN, e.g. Spearman's rho on constant
+input). Input features are named query first, then key, as the engine orders them.
+
+A head folder (written by :meth:`HeadResult.write`, last of all the completion marker ``DONE.json``)::
+
+    results.json                       HeadResult.to_json()
+    rules.csv metrics.csv pairs.csv absence.csv distractor_checks.csv counting.csv
+    DONE.json                          {"inputs": content hashes, "run": RunInfo, "files": [...]}
+
+(plus what resuming needs, see :mod:`attnrules.pipeline.resume`: ``RUN.json``, ``scan.pt`` and
+``features/*.json``).
+"""
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, ClassVar, Optional
 
 import pandas as pd
 
-from attnrules.files import write_csv, write_json
+from attnrules.files import json_copy, write_csv, write_json
+
+RESULTS_FILE = "results.json"
+MARKER_FILE = "DONE.json"  # written last: a head folder without it is not complete
+CSV_FILES = ("rules.csv", "metrics.csv", "pairs.csv", "absence.csv", "distractor_checks.csv", "counting.csv")
+HEAD_FILES = (RESULTS_FILE, *CSV_FILES, MARKER_FILE)
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _norm(hint: Any, value: Any) -> Any:
+    """``value`` in the canonical form of its annotation ``hint`` (from objects or from JSON)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if value is None:
+        return None
+    if origin is typing.Union:  # Optional[X]
+        (inner,) = [a for a in args if a is not type(None)]
+        return _norm(inner, value)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_norm(args[0], v) for v in value)
+        return tuple(_norm(a, v) for a, v in zip(args, value, strict=True))
+    if isinstance(hint, type) and issubclass(hint, Record):
+        return value if isinstance(value, hint) else hint.from_json(value)
+    if hint is float:
+        value = float(value)
+        return None if math.isnan(value) else value
+    if hint is bool:
+        return bool(value)
+    if hint is int:
+        return int(value)
+    if hint is dict:
+        return json_copy(value)
+    return value
+
+
+def _dump(value: Any) -> Any:
+    if isinstance(value, Record):
+        return value.to_json()
+    if isinstance(value, (tuple, list)):
+        return [_dump(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+class Record:
+    """Base of the result dataclasses: fields normalised on construction (see the module docstring),
+    ``to_json`` / ``from_json`` / ``to_frame``."""
+
+    __json_record__: ClassVar[bool] = True  # attnrules.files.plain writes records through to_json
+
+    def __post_init__(self) -> None:
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _norm(hints[f.name], getattr(self, f.name)))
+
+    def _derived(self) -> dict:
+        """JSON keys computed from the fields (written for readers, ignored by :meth:`from_json`)."""
+        return {}
+
+    def to_json(self) -> dict:
+        return {**{f.name: _dump(getattr(self, f.name)) for f in dataclasses.fields(self)}, **self._derived()}
+
+    @classmethod
+    def from_json(cls, data: dict):
+        if isinstance(data, cls):
+            return data
+        if not isinstance(data, dict):
+            raise TypeError(f"{cls.__name__}.from_json needs a dict, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row: the JSON fields (nested values as lists)."""
+        return pd.DataFrame([self.to_json()])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per feature
 
 
 @dataclass(frozen=True)
-class FeatureResult:
+class StepError(Record):
+    """A step of one feature (or of the head) that raised; the run went on without it."""
+
+    step: str
+    error: str  # "ExceptionType: message"
+
+
+@dataclass(frozen=True)
+class RuleTerm(Record):
+    """One term of a rule set as stored: rank, input features (query, key), A and V, their descriptions,
+    and the exact-mode weight (None for the other orderings). A pseudo-feature key has no V (None)."""
+
+    rank: int
+    query: int
+    key: int
+    attn_score: Optional[float]
+    value_score: Optional[float]
+    query_desc: str
+    key_desc: str
+    weight: Optional[float] = None
+
+    def to_json(self) -> dict:  # the columns of SkipgramRuleSet.to_frame, in its order
+        data = {"rank": self.rank, "query": self.query, "key": self.key, "attn_score": self.attn_score,
+                "value_score": self.value_score}
+        if self.weight is not None:
+            data["weight"] = self.weight
+        return {**data, "query_desc": self.query_desc, "key_desc": self.key_desc}
+
+
+@dataclass(frozen=True)
+class RuleSetView(Record):
+    """The top ``show_terms`` terms of one ordering ("weights", "importance", "exact"), with their text."""
+
+    method: str
+    key_power: int
+    terms: tuple[RuleTerm, ...]
+    text: tuple[str, ...]
+
+    @classmethod
+    def from_rules(cls, rules, describe) -> "RuleSetView":
+        """From a :class:`~attnrules.rules.SkipgramRuleSet` and the input descriptions."""
+        terms = rules.to_frame(describe).drop(columns=["feature", "method"]).to_dict(orient="records")
+        return cls(rules.method, rules.key_power, tuple(RuleTerm.from_json(t) for t in terms),
+                   tuple(rules.render(describe)))
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([{"method": self.method, **t.to_json()} for t in self.terms])
+
+
+@dataclass(frozen=True)
+class SweepRecord(Record):
+    """One point of the sweep over N: the ordering, N asked for, the terms the rule really has, and its
+    metrics on the validation exemplars (the row of ``metrics.csv``)."""
+
+    method: str
+    num_rules: int
+    num_terms: int
+    tp: int
+    fp: int
+    fn: int
+    tn: int
+    precision: Optional[float]
+    recall: Optional[float]
+    f1: Optional[float]
+    spearman: Optional[float]  # None: undefined (constant input)
+    pvalue: Optional[float]
+
+    @classmethod
+    def from_point(cls, point) -> "SweepRecord":
+        """From an :class:`~attnrules.evaluation.SweepPoint`."""
+        return cls.from_json(point.to_dict())
+
+
+@dataclass(frozen=True)
+class PairRecord(Record):
+    """One of the exhaustive top pairs over all n_in × n_in (query, key) pairs."""
+
+    ranking: str  # "weights_all_pairs" (by A×V) or "importance_all_pairs" (by |importance|)
+    rank: int
+    query: int
+    key: int
+    score: Optional[float]
+    query_desc: str
+    key_desc: str
+
+
+@dataclass(frozen=True)
+class DistractorCheckRecord(Record):
+    """Insertion evidence for one distractor (see :class:`~attnrules.rules.absence.DistractorCheck`);
+    the means are None when untested."""
+
+    distractor: int
+    token: Optional[int]
+    n_examples: int
+    mean_act_without: Optional[float]
+    mean_act_with: Optional[float]
+    logit_key: Optional[float]
+    logit_distractor: Optional[float]
+    value_key: Optional[float]
+    value_distractor: Optional[float]
+    status: str  # "confirmed" | "unconfirmed" | "cleared" | "untested"
+
+    @property
+    def kept(self) -> bool:
+        return self.status in ("confirmed", "untested")
+
+
+@dataclass(frozen=True)
+class AbsenceRecord(Record):
+    """An absence rule (see :class:`~attnrules.rules.absence.AbsenceRule`): a term (query, key), its
+    distractor keys strongest pull first, their checks, and its text ("" when no distractor is kept)."""
+
+    feature_name: str
+    query: int
+    key: int
+    attn_score: float
+    value_score: float
+    distractors: tuple[int, ...]
+    distractor_attn: tuple[float, ...]
+    distractor_value: tuple[float, ...]
+    checks: tuple[DistractorCheckRecord, ...] = ()
+    text: str = ""
+
+    @classmethod
+    def from_rule(cls, rule, describe) -> "AbsenceRecord":
+        """From an :class:`~attnrules.rules.absence.AbsenceRule` and the input descriptions."""
+        return cls.from_json(rule.to_dict(describe))
+
+    def status(self, distractor: int) -> str:
+        return next((c.status for c in self.checks if c.distractor == distractor), "untested")
+
+    @property
+    def statuses(self) -> tuple[str, ...]:
+        """The status of each distractor, in order."""
+        return tuple(self.status(d) for d in self.distractors)
+
+    @property
+    def kept(self) -> tuple[int, ...]:
+        """The distractors the rule claims: those not unconfirmed or cleared by the evidence."""
+        return tuple(d for d, s in zip(self.distractors, self.statuses) if s in ("confirmed", "untested"))
+
+    def _derived(self) -> dict:
+        return {"kept": list(self.kept), "status": list(self.statuses)}
+
+    def to_json(self) -> dict:  # AbsenceRule.to_dict's order: fields, kept, status, then text
+        data = super().to_json()
+        text = data.pop("text")
+        return {**data, "text": text}
+
+
+@dataclass(frozen=True)
+class PaperDistractorRecord(Record):
+    """REF's single distractor check of a feature (see :class:`~attnrules.rules.absence.PaperDistractor`):
+    q, the best query of the top value key k, and k_, the first key by q's attention with V < 0."""
+
+    feature: int
+    q: int
+    k: int
+    attn_score: float
+    value_score: float
+    k_rank: int
+    k_: Optional[int]
+    attn_score_: Optional[float]
+    value_score_: Optional[float]
+    k_rank_: Optional[int]
+
+    @property
+    def has_distractor(self) -> bool:
+        return self.k_rank_ is not None and self.k_rank > self.k_rank_
+
+    def _derived(self) -> dict:
+        return {"has_distractor": self.has_distractor}
+
+
+@dataclass(frozen=True)
+class CountEvidence(Record):
+    """The feature's response to (key copies, other-key copies) (see :class:`~attnrules.rules.counting.CountResponse`)."""
+
+    counts: tuple[tuple[int, int], ...]
+    mean_act: tuple[Optional[float], ...]
+    active_share: tuple[Optional[float], ...]
+    n_base: int
+
+
+@dataclass(frozen=True)
+class CountingRecord(Record):
+    """A counting rule (see :class:`~attnrules.rules.counting.CountingRule`) and its text."""
+
+    feature_name: str
+    kind: str  # "threshold" | "monotone" | "difference"
+    query_token: int
+    key_token: int
+    other_token: Optional[int]
+    threshold: Optional[int]
+    evidence: CountEvidence
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class CountingCheckRecord(Record):
+    """What the counting detector did (see :class:`~attnrules.evaluation.counts.CountingCheck`)."""
+
+    status: str  # "rule" | "no rule" | "undetermined" | "not run"
+    reason: str = ""
+    n_base: int = 0
+    n_synthetic: int = 0
+    min_base: int = 16
+    query_token: Optional[int] = None
+    key_token: Optional[int] = None
+    avoided: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class ExemplarRecord(Record):
+    """A top validation exemplar (see :class:`~attnrules.exemplars.ExemplarView`): tokens, the feature's
+    activation at every position, and each key position's DFA to the scored one."""
+
+    sequence: int
+    position: int
+    tokens: tuple[str, ...]
+    acts: tuple[float, ...]
+    dfa: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class UnseenKey(Record):
+    """A candidate key with a significant positive value that no train positive holds."""
+
+    key: int
+    key_desc: str
+    value_score: float
+
+
+@dataclass(frozen=True)
+class FeatureResult(Record):
     """Rules and their evaluation for one output feature."""
 
     feature: int
     name: str
     n_train: int
     n_val: int
-    rules: dict  # method -> {"terms": [...], "text": [...]} for the top ``show_terms`` terms
-    sweep: list  # SweepPoint.to_dict() rows
-    pairs: list = field(default_factory=list)  # exhaustive top pairs: {"ranking", "rank", "query", "key", "score"}
-    absence: list = field(default_factory=list)  # AbsenceRule.to_dict() of the top terms that have distractors
-    paper_distractor: Optional[dict] = None  # REF's single check (reference §6.1)
-    counting: Optional[dict] = None  # CountingRule.to_dict() when the feature counts
-    exemplars: list = field(default_factory=list)  # ExemplarView.to_dict() of the top validation exemplars
-    absence_dropped: list = field(default_factory=list)  # absence terms whose every tested distractor was
-    # unconfirmed by insertion or cleared by exact mode (AbsenceRule.to_dict() with the evidence)
-    counting_check: Optional[dict] = None  # CountingCheck.to_dict(): what the counting detector did, and why
-    unseen_keys: list = field(default_factory=list)  # candidate keys with V > 0 never present in a train positive
-    notes: list = field(default_factory=list)  # e.g. "no key's value score rises above float noise"
-    errors: list = field(default_factory=list)  # {"step", "error"} of each step that failed for this feature
+    rules: tuple[RuleSetView, ...] = ()  # one per ordering, the top ``show_terms`` terms
+    sweep: tuple[SweepRecord, ...] = ()
+    pairs: tuple[PairRecord, ...] = ()  # exhaustive top pairs
+    absence: tuple[AbsenceRecord, ...] = ()  # top terms with a distractor kept
+    paper_distractor: Optional[PaperDistractorRecord] = None  # REF's single check (reference §6.1)
+    counting: Optional[CountingRecord] = None  # when the feature counts
+    exemplars: tuple[ExemplarRecord, ...] = ()  # the top validation exemplars
+    absence_dropped: tuple[AbsenceRecord, ...] = ()  # absence terms whose every tested distractor was
+    # unconfirmed by insertion or cleared by exact mode (with the evidence)
+    counting_check: Optional[CountingCheckRecord] = None  # what the counting detector did, and why
+    unseen_keys: tuple[UnseenKey, ...] = ()  # candidate keys with V > 0 never present in a train positive
+    notes: tuple[str, ...] = ()  # e.g. "no key's value score rises above float noise"
+    errors: tuple[StepError, ...] = ()  # each step that failed for this feature
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return tuple(r.method for r in self.rules)
+
+    def rule_set(self, method: str) -> RuleSetView:
+        """The rules of one ordering ("weights", "importance", "exact")."""
+        for r in self.rules:
+            if r.method == method:
+                return r
+        raise KeyError(f"{self.name} has no {method!r} rules (it has {list(self.methods)})")
+
+    def to_json(self) -> dict:
+        data = super().to_json()
+        data["rules"] = {r.method: r.to_json() for r in self.rules}
+        return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "FeatureResult":
-        return cls(**data)
+    def from_json(cls, data: dict) -> "FeatureResult":
+        if isinstance(data, cls):
+            return data
+        rules = data.get("rules") or {}
+        if isinstance(rules, dict):
+            rules = [{"method": m, **r} for m, r in rules.items()]
+        return super().from_json({**data, "rules": rules})
+
+    def summary_row(self) -> dict:
+        """The feature's row of the sweep's ``features`` table."""
+        return {"feature": self.name,
+                "has_distractor": bool(self.paper_distractor and self.paper_distractor.has_distractor),
+                "n_absence_rules": len(self.absence),
+                "counting_rule": self.counting.text if self.counting else None,
+                "counting_status": self.counting_check.status if self.counting_check else None,
+                "failed_steps": "; ".join(e.step for e in self.errors),
+                "n_train": self.n_train, "n_val": self.n_val}
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row: :meth:`summary_row`."""
+        return pd.DataFrame([self.summary_row()])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per head
 
 
 @dataclass(frozen=True)
-class HeadResult:
+class PrevalenceExample(Record):
+    """A corpus sequence with the skip-gram: first key (k1), distractor (k2, when before q) and query positions."""
+
+    idx: int
+    kind: str  # "no_distractor" | "has_distractor"
+    q_pos: int
+    act_out: float
+    k1_pos: Optional[int] = None
+    k2_pos: Optional[int] = None
+
+    def to_json(self) -> dict:
+        data = {"idx": self.idx}
+        data.update({k: v for k, v in (("k1_pos", self.k1_pos), ("k2_pos", self.k2_pos)) if v is not None})
+        return {**data, "q_pos": self.q_pos, "kind": self.kind, "act_out": _dump(self.act_out)}
+
+
+@dataclass(frozen=True)
+class InsertionRecord(Record):
+    """Mean activation at the query after inserting the distractor n times (see
+    :class:`~attnrules.evaluation.insertion.InsertionResult`); None where no example was left."""
+
+    feature: int
+    token_id: int
+    counts: tuple[int, ...]
+    mean_act: tuple[Optional[float], ...]
+    n_examples: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class DistractorEvidence(Record):
+    """REF's distractor evidence for a flagged feature: natural prevalence of the skip-gram (key … query)
+    with and without the distractor over the corpus, and counterfactual insertion."""
+
+    feature: str  # the feature's name
+    query: int
+    key: int
+    distractor: int
+    kq_count: int
+    kkq_count: int
+    mean_act_without: Optional[float]
+    mean_act_with: Optional[float]
+    examples: tuple[PrevalenceExample, ...] = ()
+    insertion: Optional[InsertionRecord] = None
+
+    @property
+    def share_with_distractor(self) -> Optional[float]:
+        total = self.kq_count + self.kkq_count
+        return self.kkq_count / total if total else None
+
+    def _derived(self) -> dict:
+        return {"share_with_distractor": self.share_with_distractor}
+
+
+@dataclass(frozen=True)
+class RunInfo(Record):
+    """How a run produced its result (not part of result equality): the corpus scan ("computed",
+    "cached": read from the folder, "given": passed in, "none": the head was complete and only read),
+    and the features computed by this run and those reused from an earlier one."""
+
+    scan: str = "computed"
+    computed: tuple[str, ...] = ()
+    reused: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class HeadResult(Record):
+    """The results of one head. ``metadata`` is the run's JSON-ready record (settings, notes, sizes,
+    ``inputs``: the content hashes of model, SAEs, corpus and settings, ...); ``run`` says how this
+    object was produced and is left out of equality and of ``results.json`` (it goes to ``DONE.json``)."""
+
     layer: int
     head: int
-    features: list
+    features: tuple[FeatureResult, ...]
     metadata: dict = field(default_factory=dict)
-    distractors: list = field(default_factory=list)  # distractor_evidence() rows
+    distractors: tuple[DistractorEvidence, ...] = ()
+    run: Optional[RunInfo] = field(default=None, compare=False)
+
+    def feature(self, name: str) -> FeatureResult:
+        for f in self.features:
+            if f.name == name:
+                return f
+        raise KeyError(f"no feature {name!r} in L{self.layer}H{self.head}")
+
+    def to_json(self) -> dict:
+        return {"layer": self.layer, "head": self.head, "metadata": self.metadata,
+                "features": [f.to_json() for f in self.features], "distractors": [d.to_json() for d in self.distractors]}
+
+    @classmethod
+    def from_json(cls, data: dict, run: Optional[RunInfo] = None) -> "HeadResult":
+        if isinstance(data, cls):
+            return data
+        return cls(data["layer"], data["head"], tuple(FeatureResult.from_json(f) for f in data["features"]),
+                   data.get("metadata") or {}, tuple(DistractorEvidence.from_json(d) for d in data.get("distractors") or ()),
+                   run)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per feature (layer, head and :meth:`FeatureResult.summary_row`)."""
+        columns = ["layer", "head", "feature", "has_distractor", "n_absence_rules", "counting_rule", "counting_status",
+                   "failed_steps", "n_train", "n_val"]
+        return pd.DataFrame([{"layer": self.layer, "head": self.head, **f.summary_row()} for f in self.features],
+                            columns=columns)
 
     def metrics_frame(self) -> pd.DataFrame:
-        rows = [{"feature": f.name, **point} for f in self.features for point in f.sweep]
-        return pd.DataFrame(rows)
+        return pd.DataFrame([{"feature": f.name, **p.to_json()} for f in self.features for p in f.sweep])
 
     def rules_frame(self) -> pd.DataFrame:
-        rows = [
-            {"feature": f.name, "method": method, **term}
-            for f in self.features
-            for method, rules in f.rules.items()
-            for term in rules["terms"]
-        ]
-        return pd.DataFrame(rows)
+        return pd.DataFrame([{"feature": f.name, "method": r.method, **t.to_json()}
+                             for f in self.features for r in f.rules for t in r.terms])
 
     def absence_frame(self) -> pd.DataFrame:
-        rows = [{"feature": f.name, "query": a["query"], "key": a["key"], "distractors": list(a["distractors"]),
-                 "text": a["text"]} for f in self.features for a in f.absence]
+        rows = [{"feature": f.name, "query": a.query, "key": a.key, "distractors": list(a.distractors), "text": a.text}
+                for f in self.features for a in f.absence]
         return pd.DataFrame(rows, columns=["feature", "query", "key", "distractors", "text"])
 
     def distractor_checks_frame(self) -> pd.DataFrame:
         """One row per distractor tested by insertion: its status (confirmed / unconfirmed / cleared /
         untested), the mean activation without and with it, and the real logits and values."""
-        rows = [{"feature": f.name, "query": a["query"], "key": a["key"], **c}
-                for f in self.features for a in f.absence + f.absence_dropped for c in a["checks"]]
+        rows = [{"feature": f.name, "query": a.query, "key": a.key, **c.to_json()}
+                for f in self.features for a in f.absence + f.absence_dropped for c in a.checks]
         columns = ["feature", "query", "key", "distractor", "token", "status", "n_examples", "mean_act_without",
                    "mean_act_with", "logit_key", "logit_distractor", "value_key", "value_distractor"]
         return pd.DataFrame(rows, columns=columns)
 
     def counting_frame(self) -> pd.DataFrame:
-        rows = [{"feature": f.name, "kind": f.counting["kind"], "threshold": f.counting["threshold"],
-                 "text": f.counting["text"], "counts": f.counting["evidence"]["counts"],
-                 "mean_act": f.counting["evidence"]["mean_act"]} for f in self.features if f.counting]
+        """One row per counting rule; ``counts`` is a list of [key copies, other copies] and ``mean_act``
+        the mean activation at each (JSON lists, the same for fresh and resumed features)."""
+        rows = [{"feature": f.name, "kind": f.counting.kind, "threshold": f.counting.threshold, "text": f.counting.text,
+                 "counts": _dump(f.counting.evidence.counts), "mean_act": _dump(f.counting.evidence.mean_act)}
+                for f in self.features if f.counting]
         return pd.DataFrame(rows, columns=["feature", "kind", "threshold", "text", "counts", "mean_act"])
 
     def pairs_frame(self) -> pd.DataFrame:
-        return pd.DataFrame([{"feature": f.name, **row} for f in self.features for row in f.pairs])
+        return pd.DataFrame([{"feature": f.name, **row.to_json()} for f in self.features for row in f.pairs])
 
-    def to_dict(self) -> dict:
-        return {"layer": self.layer, "head": self.head, "metadata": self.metadata,
-                "features": [f.to_dict() for f in self.features], "distractors": self.distractors}
+    def marker(self) -> dict:
+        """The completion marker's content: the inputs' hashes, how the run went, the files it completes."""
+        return {"layer": self.layer, "head": self.head, "inputs": self.metadata.get("inputs"),
+                "run": self.run.to_json() if self.run is not None else None, "files": list(HEAD_FILES[:-1])}
 
     def write(self, out_dir: Path | str) -> list[Path]:
         """results.json and rules, metrics, pairs, absence, distractor-check and counting CSVs in
-        ``out_dir`` (each written atomically)."""
+        ``out_dir`` (each written atomically), then the completion marker DONE.json (an older marker is
+        removed first, so a folder killed while being written never looks complete)."""
         out = Path(out_dir)
-        return [
-            write_json(out / "results.json", self.to_dict()),
-            write_csv(out / "rules.csv", self.rules_frame()),
-            write_csv(out / "metrics.csv", self.metrics_frame()),
-            write_csv(out / "pairs.csv", self.pairs_frame()),
-            write_csv(out / "absence.csv", self.absence_frame()),
-            write_csv(out / "distractor_checks.csv", self.distractor_checks_frame()),
-            write_csv(out / "counting.csv", self.counting_frame()),
-        ]
+        (out / MARKER_FILE).unlink(missing_ok=True)
+        frames = (self.rules_frame(), self.metrics_frame(), self.pairs_frame(), self.absence_frame(),
+                  self.distractor_checks_frame(), self.counting_frame())
+        written = [write_json(out / RESULTS_FILE, self.to_json())]
+        written += [write_csv(out / name, frame) for name, frame in zip(CSV_FILES, frames)]
+        return written + [write_json(out / MARKER_FILE, self.marker())]
 
     def summary(self, n_terms: Optional[int] = None) -> str:
         """The top rules of each feature as text and a P/R/F1 table by method and N."""
         lines = [f"Head L{self.layer}H{self.head}: {len(self.features)} features"]
         for f in self.features:
             lines.append(f"\n{f.name}  (train {f.n_train}, val {f.n_val} exemplars)")
-            for method, rules in f.rules.items():
-                lines.append(f"  {method}:")
-                lines += [f"    {t}" for t in rules["text"][:n_terms]]
+            for rules in f.rules:
+                lines.append(f"  {rules.method}:")
+                lines += [f"    {t}" for t in rules.text[:n_terms]]
             if f.absence:
                 lines.append("  absence:")
-                lines += [f"    {a['text']}" for a in f.absence]
-            status = [st for a in f.absence + f.absence_dropped for st in a["status"]]
+                lines += [f"    {a.text}" for a in f.absence]
+            status = [st for a in f.absence + f.absence_dropped for st in a.statuses]
             if "cleared" in status or "unconfirmed" in status:
                 lines.append(f"  paper-mode distractors dropped: {status.count('cleared')} cleared by exact mode, "
                              f"{status.count('unconfirmed')} unconfirmed by insertion")
             if f.counting:
-                lines.append(f"  counting:\n    {f.counting['text']}")
-            elif f.counting_check and f.counting_check["status"] == "undetermined":
-                lines.append(f"  counting: undetermined ({f.counting_check['reason']})")
+                lines.append(f"  counting:\n    {f.counting.text}")
+            elif f.counting_check and f.counting_check.status == "undetermined":
+                lines.append(f"  counting: undetermined ({f.counting_check.reason})")
             lines += [f"  note: {n}" for n in f.notes]
-            lines += [f"  failed step {e['step']}: {e['error']}" for e in f.errors]
+            lines += [f"  failed step {e.step}: {e.error}" for e in f.errors]
         failed = [e for f in self.features for e in f.errors]
         if failed:
             lines.append(f"\n{len(failed)} failed steps in {sum(bool(f.errors) for f in self.features)} features "
@@ -135,12 +598,12 @@ class HeadResult:
             lines.append("\nExact mode: the real attention logit by term group (share of mean |term|): "
                          + ", ".join(f"{g['group']} {g['share']:.1%}" for g in top))
         for d in self.distractors:
-            line = (f"\n{d['feature']}: distractor in {d['kkq_count']} of {d['kkq_count'] + d['kq_count']} natural "
-                    f"skip-gram sequences; mean activation {d['mean_act_without']:.3f} without, {d['mean_act_with']:.3f} with")
-            lines.append(line)
-            if d["insertion"]:
-                ins = d["insertion"]
-                lines.append("  inserted n times: " + ", ".join(f"n={n}: {a:.3f}" for n, a in zip(ins["counts"], ins["mean_act"])))
+            lines.append(f"\n{d.feature}: distractor in {d.kkq_count} of {d.kkq_count + d.kq_count} natural "
+                         f"skip-gram sequences; mean activation {_fmt(d.mean_act_without)} without, "
+                         f"{_fmt(d.mean_act_with)} with")
+            if d.insertion:
+                lines.append("  inserted n times: " + ", ".join(
+                    f"n={n}: {_fmt(a)}" for n, a in zip(d.insertion.counts, d.insertion.mean_act)))
         frame = self.metrics_frame()
         if not frame.empty:
             table = frame.pivot_table(index="num_rules", columns="method", values=["precision", "recall", "f1"],
@@ -148,3 +611,7 @@ class HeadResult:
             lines += ["", "Mean precision / recall / F1 over features, by number of terms N:",
                       table.to_string(float_format=lambda v: f"{v:.3f}")]
         return "\n".join(lines)
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "nan" if value is None else f"{value:.3f}"

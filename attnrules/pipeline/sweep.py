@@ -1,10 +1,12 @@
 """Whole-model sweeps: extraction for many heads, sharded by (layer, head), resumable, on torchrun.
 
 Every process (one per ``torchrun`` rank; gloo on CPU, nccl on GPU) takes every world_size-th shard.
-A shard is one head: its results go to ``OUT/shards/L{l}H{h}/`` (features written one by one, so a
-killed shard resumes where it stopped) and, when complete, a manifest entry
-``OUT/manifest/L{l}H{h}.json`` is written atomically. A restarted sweep skips shards whose manifest
-entry has the same settings. When all ranks are done, rank 0 merges the shards into one Parquet
+A shard is one head: its results go to ``OUT/shards/L{l}H{h}/`` (a head folder, see
+:mod:`attnrules.pipeline.resume`: features written one by one and the corpus scan cached, so a killed
+shard resumes where it stopped) and, when complete, a manifest entry ``OUT/manifest/L{l}H{h}.json``
+is written atomically. A restarted sweep skips shards whose manifest entry names the same inputs
+(content hashes of model, SAEs, corpus and settings) and stops on shards of other inputs unless
+``overwrite``. When all ranks are done, rank 0 merges the shards into one Parquet
 dataset (``OUT/merged/{metrics,features,rules,distractors}.parquet``) and a summary table (``OUT/summary.csv``).
 """
 from __future__ import annotations
@@ -21,9 +23,22 @@ import pandas as pd
 import torch
 
 from attnrules.exemplars import scan_heads
-from attnrules.pipeline import ExtractSettings, extract_head
-from attnrules.files import write_csv, write_json
+from attnrules.files import clean_temporaries, write_csv, write_json, write_with
+from attnrules.pipeline.extract import extract_head
+from attnrules.pipeline.resume import (
+    HeadFolder,
+    InputHashes,
+    RunMismatchError,
+    hash_corpus,
+    hash_input_sae,
+    hash_model,
+    hash_output_sae,
+    read_head,
+)
+from attnrules.pipeline.results import MARKER_FILE
+from attnrules.pipeline.settings import ExtractSettings
 from attnrules.pipeline.workload import Workload
+from attnrules.sources import as_sources
 
 
 def shard_name(layer: int, head: int) -> str:
@@ -46,14 +61,63 @@ def _start_distributed(device: str) -> Rank:
     return Rank(rank, world)
 
 
-def _is_done(out: Path, name: str, fingerprint: str) -> bool:
-    path = out / "manifest" / f"{name}.json"
-    if not path.exists():
-        return False
+def _manifest(out: Path, name: str) -> Path:
+    return out / "manifest" / f"{name}.json"
+
+
+def _is_done(out: Path, name: str, inputs: InputHashes) -> bool:
+    """The shard's manifest entry names these inputs and its head folder is complete."""
     try:
-        return json.loads(path.read_text()).get("settings") == fingerprint
-    except json.JSONDecodeError:
-        return False  # a torn manifest cannot happen (atomic writes) but would mean "redo"
+        entry = json.loads(_manifest(out, name).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False  # no entry (a torn one cannot happen: atomic writes)
+    return entry.get("inputs") == inputs.to_json() and (out / "shards" / name / MARKER_FILE).exists()
+
+
+class _Hashes:
+    """The inputs' hashes of each head, hashing the model and the corpus once and each SAE once."""
+
+    def __init__(self, work: Workload, settings: ExtractSettings, mine: list) -> None:
+        self.work, self.settings, self.mine = work, settings, set(mine)
+        self.model, self.corpus = hash_model(work.model), hash_corpus(work.tokens)
+        self._input: dict[int, str] = {}
+        self._heads: dict[tuple[int, int], InputHashes] = {}
+
+    def __call__(self, layer: int, head: int) -> InputHashes:
+        if (layer, head) not in self._heads:
+            # another rank's output SAE is loaded to be hashed, not kept
+            load = self.work.output_sae if (layer, head) in self.mine else self.work.load_output
+            input_sae, output_sae = as_sources(self.work.model, self.work.input_sae(layer), load(layer, head))
+            if layer not in self._input:
+                self._input[layer] = hash_input_sae(input_sae)
+            self._heads[layer, head] = InputHashes(self.model, self._input[layer], hash_output_sae(output_sae),
+                                                   self.corpus, self.settings.fingerprint())
+        return self._heads[layer, head]
+
+
+def _mismatches(out: Path, shards: list, hashes: _Hashes) -> dict[tuple[int, int], list[str]]:
+    """Shards with a manifest entry or a head folder from a run with other inputs: what differs."""
+    found = {}
+    for layer, head in shards:
+        name = shard_name(layer, head)
+        folder = out / "shards" / name
+        entry_path = _manifest(out, name)
+        if not entry_path.exists() and not folder.exists():
+            continue
+        inputs = hashes(layer, head)
+        differs = HeadFolder(folder, inputs).mismatch() if folder.exists() else None
+        problem = differs[0] if differs else None
+        if problem is None and entry_path.exists():
+            try:
+                theirs = json.loads(entry_path.read_text()).get("inputs")
+            except (OSError, json.JSONDecodeError):
+                theirs = None
+            if theirs != inputs.to_json():
+                diff = inputs.differences(InputHashes.from_json(theirs)) if isinstance(theirs, dict) else []
+                problem = diff or ["its inputs (unknown)"]
+        if problem:
+            found[layer, head] = problem
+    return found
 
 
 def _log(rank: Rank, message: str) -> None:
@@ -61,41 +125,63 @@ def _log(rank: Rank, message: str) -> None:
 
 
 def run_sweep(
-    work: Workload, out_dir: Path | str, settings: ExtractSettings, *, device: str = "cpu", progress: bool = True
+    work: Workload, out_dir: Path | str, settings: ExtractSettings, *, device: str = "cpu", progress: bool = True,
+    overwrite: bool = False,
 ) -> Optional[pd.DataFrame]:
-    """Run (or resume) the sweep over ``work.heads``; rank 0 returns the summary table, others None."""
+    """Run (or resume) the sweep over ``work.heads``; rank 0 returns the summary table, others None.
+
+    Each shard is bound to the content hashes of the model, its SAEs, the corpus and the settings
+    (:mod:`attnrules.pipeline.resume`): a restarted sweep skips finished shards and resumes the
+    others; an output folder with shards of a run with other inputs raises
+    :class:`~attnrules.pipeline.resume.RunMismatchError` naming them, unless ``overwrite`` (their
+    files and manifest entries are removed and they are run afresh)."""
     out = Path(out_dir)
     rank = _start_distributed(device)
     shards = list(work.heads)
     mine = shards[rank.rank:: rank.world_size]
-    fingerprint = settings.fingerprint()
+    hashes = _Hashes(work, settings, mine)
+    # every rank checks every shard, so that all of them stop (or none does)
+    stale = _mismatches(out, shards, hashes)
+    if stale and not overwrite:
+        what = list(dict.fromkeys(w for lh in sorted(stale) for w in stale[lh]))
+        listed = "; ".join(f"{shard_name(*lh)}: {', '.join(stale[lh])}" for lh in sorted(stale))
+        raise RunMismatchError(out, what, f" (shards {listed})")
+    for lh in stale:
+        if lh in mine:  # only the owner touches a shard
+            _manifest(out, shard_name(*lh)).unlink(missing_ok=True)
     start, finished_here, scans = time.time(), 0, {}
     for i, (layer, head) in enumerate(mine):
         name = shard_name(layer, head)
-        if _is_done(out, name, fingerprint):
+        inputs = hashes(layer, head)
+        if _is_done(out, name, inputs):
             _log(rank, f"{name}: already done, skipped")
             continue
         t0 = time.time()
-        if (layer, head) not in scans:  # one corpus pass for all of this rank's unfinished heads of the layer
-            todo = [h for l, h in mine if l == layer and not _is_done(out, shard_name(l, h), fingerprint)]
+        if (layer, head) not in scans:  # one corpus pass for this rank's unfinished, unscanned heads of the layer
+            todo = [h for l, h in mine if l == layer and not _is_done(out, shard_name(l, h), hashes(l, h))
+                    and not HeadFolder(out / "shards" / shard_name(l, h), hashes(l, h)).has_scan()]
             found = scan_heads(work.model, [work.output_sae(layer, h) for h in todo], work.tokens,
-                               batch_size=settings.batch_size, progress=progress)
+                               batch_size=settings.batch_size, progress=progress) if todo else []
             scans = {(layer, h): s for h, s in zip(todo, found)}
         result = extract_head(work.model, work.input_sae(layer), work.output_sae(layer, head), work.tokens,
                               settings=settings, out_dir=out / "shards" / name, progress=progress,
-                              scan=scans.pop((layer, head)))
-        write_json(out / "manifest" / f"{name}.json", {
-            "shard": name, "layer": layer, "head": head, "settings": fingerprint, "rank": rank.rank,
-            "seconds": round(time.time() - t0, 3), "n_features": len(result.features),
+                              scan=scans.pop((layer, head), None), overwrite=overwrite, inputs=inputs)
+        write_json(_manifest(out, name), {
+            "shard": name, "layer": layer, "head": head, "settings": settings.fingerprint(), "inputs": inputs.to_json(),
+            "rank": rank.rank, "seconds": round(time.time() - t0, 3), "n_features": len(result.features),
+            "scan": result.run.scan if result.run else None,
         })
         finished_here += 1
-        left = sum(1 for lh in mine[i + 1:] if not _is_done(out, shard_name(*lh), fingerprint))
+        left = sum(1 for lh in mine[i + 1:] if not _is_done(out, shard_name(*lh), hashes(*lh)))
         eta = (time.time() - start) / finished_here * left
         overall = len(list((out / "manifest").glob("*.json")))
         _log(rank, f"{name}: done in {time.time() - t0:.1f}s; overall {overall}/{len(shards)} shards; "
                    f"this rank {left} left, about {eta:.0f}s")
     if rank.world_size > 1:
         torch.distributed.barrier()
+    if rank.rank == 0:  # every rank is done writing: temporaries left by killed writers can go
+        for folder, names in ((out / "manifest", None), (out / "merged", None), (out, ("summary.csv",))):
+            clean_temporaries(folder, names)
     summary = merge_sweep(out, shards) if rank.rank == 0 else None
     if rank.world_size > 1:
         torch.distributed.barrier()
@@ -106,38 +192,29 @@ def run_sweep(
 def _frames(out: Path, shards: list) -> dict[str, pd.DataFrame]:
     metrics, features, rules, distractors = [], [], [], []
     for layer, head in shards:
-        path = out / "shards" / shard_name(layer, head) / "results.json"
-        if not (out / "manifest" / f"{shard_name(layer, head)}.json").exists() or not path.exists():
-            raise FileNotFoundError(f"shard {shard_name(layer, head)} is not finished: no manifest entry or {path}")
-        data = json.loads(path.read_text())
-        for f in data["features"]:
-            key = {"layer": layer, "head": head, "feature": f["name"]}
-            metrics += [{**key, **row} for row in f["sweep"]]
-            distractor = f.get("paper_distractor") or {}
-            counting = f.get("counting") or {}
-            features.append({**key, "has_distractor": bool(distractor.get("has_distractor")),
-                             "n_absence_rules": len(f.get("absence", [])),
-                             "counting_rule": counting.get("text"),
-                             "counting_status": (f.get("counting_check") or {}).get("status"),
-                             "failed_steps": "; ".join(e["step"] for e in f.get("errors", [])),
-                             "n_train": f["n_train"], "n_val": f["n_val"]})
-            rules += [{**key, "method": m, "rank": i, "text": t} for m, r in f["rules"].items() for i, t in enumerate(r["text"])]
-        for d in data.get("distractors", []):
-            insertion = d.get("insertion") or {}
-            row = {"layer": layer, "head": head, "feature": d["feature"], "kq_count": d["kq_count"],
-                   "kkq_count": d["kkq_count"], "mean_act_without": d["mean_act_without"],
-                   "mean_act_with": d["mean_act_with"]}
-            row.update({f"insert_{n}": a for n, a in zip(insertion.get("counts", []), insertion.get("mean_act", []))})
+        folder = out / "shards" / shard_name(layer, head)
+        if not _manifest(out, shard_name(layer, head)).exists() or not (folder / MARKER_FILE).exists():
+            raise FileNotFoundError(f"shard {shard_name(layer, head)} is not finished: no manifest entry or "
+                                    f"no {folder / MARKER_FILE}")
+        result = read_head(folder)
+        for f in result.features:
+            key = {"layer": layer, "head": head, "feature": f.name}
+            metrics += [{**key, **p.to_json()} for p in f.sweep]
+            features.append({"layer": layer, "head": head, **f.summary_row()})
+            rules += [{**key, "method": r.method, "rank": i, "text": t} for r in f.rules for i, t in enumerate(r.text)]
+        for d in result.distractors:
+            row = {"layer": layer, "head": head, "feature": d.feature, "kq_count": d.kq_count,
+                   "kkq_count": d.kkq_count, "mean_act_without": d.mean_act_without, "mean_act_with": d.mean_act_with}
+            if d.insertion is not None:
+                row.update({f"insert_{n}": a for n, a in zip(d.insertion.counts, d.insertion.mean_act)})
             distractors.append(row)
     return {"metrics": pd.DataFrame(metrics), "features": pd.DataFrame(features), "rules": pd.DataFrame(rules),
             "distractors": pd.DataFrame(distractors)}
 
 
 def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    path.with_name(f".{path.name}.tmp").unlink(missing_ok=True)  # an older attnrules' temporary
+    write_with(path, lambda f: frame.to_parquet(f, index=False))
 
 
 def merge_sweep(out_dir: Path | str, shards: list) -> pd.DataFrame:
