@@ -22,7 +22,15 @@ from attnrules.engine import TopK, dual_topk, pair_topk
 from attnrules.evaluation import Metrics, SweepPoint
 from attnrules.exemplars import ExemplarView
 from attnrules.importance import ExactTerms
-from attnrules.pipeline import ExtractSettings, FeatureResult, HeadResult, extract_head
+from attnrules.pipeline import (
+    ExtractSettings,
+    FeatureResult,
+    HeadResult,
+    IncompleteResultsError,
+    RunMismatchError,
+    extract_head,
+    load_results,
+)
 from attnrules.rules import AbsenceRule, CountingRule, DistractorCheck, SkipgramRuleSet
 from attnrules.sources import (
     InputSAE,
@@ -39,8 +47,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AbsenceRule", "CountingRule", "DistractorCheck", "ExactTerms", "ExemplarView", "ExtractSettings",
-    "FeatureResult", "HeadCircuit", "HeadResult", "InputSAE", "LogitDecomposition", "Metrics", "OutputSAE",
-    "SkipgramRuleSet", "SourceUnavailableError", "SweepPoint", "TopK", "dual_topk", "extract_head",
-    "load_head_sae", "load_input_sae", "load_layer_z_sae", "load_model", "pair_topk", "process_model",
+    "FeatureResult", "HeadCircuit", "HeadResult", "IncompleteResultsError", "InputSAE", "LogitDecomposition", "Metrics", "OutputSAE",
+    "RunMismatchError", "SkipgramRuleSet", "SourceUnavailableError", "SweepPoint", "TopK", "dual_topk", "extract_head",
+    "load_head_sae", "load_input_sae", "load_layer_z_sae", "load_model", "load_results", "pair_topk", "process_model",
     "reconstruct",
 ]
