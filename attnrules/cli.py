@@ -1,72 +1,201 @@
-"""The ``attnrules`` command. Every subcommand is a thin layer over the library API."""
+"""The ``attnrules`` command. Every subcommand is a thin layer over the library API.
+
+The method options of ``extract`` and ``sweep`` are generated from :class:`ExtractSettings` (names,
+types, defaults, choices and help all come from its fields' metadata; see
+:mod:`attnrules.pipeline.settings`). Bad input of any kind ends the command with one line,
+``attnrules <command>: error: ...``, and exit status 2, before any long work starts; notes (e.g. a
+setting capped to what exists) are said once, as ``attnrules <command>: note: ...`` on stderr, and not
+at all with ``--quiet``.
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import io
+import logging
+import os
 import sys
+import typing
+import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from attnrules.pipeline import ExtractSettings, extract_head
+from attnrules.pipeline.settings import GROUPS as SETTING_GROUPS
+from attnrules.pipeline.settings import RUN, InvalidSetting, field_type
 from attnrules.pipeline.sweep import run_sweep as sweep
-from attnrules.pipeline.workload import TOY, TOY_LN, Workload, pretrained_workload, toy_workload
+from attnrules.pipeline.workload import TOY, TOY_LN, CorpusError, Workload, pretrained_workload, read_token_file, toy_workload
 from attnrules.report import write_report
-from attnrules.sources import SourceUnavailableError
+from attnrules.sources import SourceUnavailableError, find_head_sae_checkpoint
+
+PROG = "attnrules"
+DEFAULT_SAE_IN = "gpt2-small-res-jb"
+
+
+class UsageError(Exception):
+    """Bad input from the command line: said as ``attnrules <command>: error: <message>``, exit status 2."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Option types
+
+
+def _int_arg(least: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int ≥ {least}, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected an int ≥ {least}, got {text!r}")
+        return value
+    parse.__name__ = "int"
+    return parse
 
 
 def _int_list(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
+        values = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    return values
+
+
+def _head_list(text: str) -> tuple[int, ...]:
+    values = _int_list(text)
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected head indices ≥ 0, got {text!r}")
+    return values
+
+
+def _setting_type(scalar: type, is_tuple: bool, none: Optional[str]) -> Callable[[str], Any]:
+    """The argparse ``type`` of a setting: its scalar type or a comma list of it; ``none`` → None."""
+    def parse(text: str) -> Any:
+        if none is not None and text.strip().lower() == none:
+            return None
+        if is_tuple:
+            return _int_list(text)
+        try:
+            return scalar(text)
+        except ValueError:
+            what = {int: "an int", float: "a number"}.get(scalar, scalar.__name__)
+            alt = f" or {none!r}" if none is not None else ""
+            raise argparse.ArgumentTypeError(f"expected {what}{alt}, got {text!r}") from None
+    parse.__name__ = scalar.__name__
+    return parse
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults as they are typed (tuples as comma lists); none for flags, for None, or when the help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if (action.option_strings == [] or action.nargs == 0 or action.default in (None, argparse.SUPPRESS)
+                or "(default" in help_text):
+            return help_text
+        default = action.default
+        text = ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
+        return f"{help_text} (default: {text.replace('%', '%%')})"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Options generated from ExtractSettings
+
+
+def setting_flag(f: dataclasses.Field) -> str:
+    """The CLI option of setting ``f``: metadata ``flag``, else ``--name`` (``--no-name`` for a bool that defaults to True)."""
+    if "flag" in f.metadata:
+        return f.metadata["flag"]
+    kebab = f.name.replace("_", "-")
+    return f"--no-{kebab}" if f.default is True else f"--{kebab}"
+
+
+def setting_flags() -> dict[str, str]:
+    """Setting name → its CLI option, for every field of :class:`ExtractSettings`."""
+    return {f.name: setting_flag(f) for f in dataclasses.fields(ExtractSettings)}
+
+
+def _add_setting_options(group_of: Callable[[str], Any]) -> None:
+    """One option per :class:`ExtractSettings` field, in field order, in the group its metadata names."""
+    hints = typing.get_type_hints(ExtractSettings)
+    for f in dataclasses.fields(ExtractSettings):
+        meta, flag = f.metadata, setting_flag(f)
+        group = group_of(meta["group"])
+        scalar, is_tuple, _ = field_type(hints[f.name])
+        if scalar is bool and not is_tuple:
+            group.add_argument(flag, dest=f.name, action="store_false" if f.default else "store_true", default=f.default,
+                               help=meta.get("flag_help", meta["help"]))
+            continue
+        group.add_argument(flag, dest=f.name, type=_setting_type(scalar, is_tuple, meta.get("none")),
+                           default=f.default, choices=meta.get("choices"), help=meta["help"],
+                           metavar=f"{f.name.upper()}[,...]" if is_tuple else None)
+
+
+def settings_from_args(args: argparse.Namespace) -> ExtractSettings:
+    """The :class:`ExtractSettings` the options give; a bad value is a :class:`UsageError` naming its option."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ExtractSettings)}
+    try:
+        return ExtractSettings(**values)
+    except InvalidSetting as err:
+        flags = setting_flags()
+        expected = err.expected
+        for name, flag in flags.items():  # "at least min_count (150)" → "at least --min-count (150)"
+            expected = expected.replace(f"{name} (", f"{flag} (")
+        if expected.endswith(" or None"):  # None as it is typed: "all", "auto", ...
+            expected = expected[: -len("None")] + repr(_cli_text(err.setting, None))
+        raise UsageError(f"argument {flags[err.setting]}: expected {expected}, got {_cli_text(err.setting, err.got)}") from None
+
+
+def _cli_text(name: str, value: Any) -> str:
+    """``value`` of setting ``name`` as it is typed on the command line."""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if value is None:
+        f = next(f for f in dataclasses.fields(ExtractSettings) if f.name == name)
+        return f.metadata.get("none", "None")
+    return str(value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parser
 
 
 def _add_run_options(p: argparse.ArgumentParser, default_out: str) -> argparse.ArgumentParser:
-    """The options extract and sweep share: sources, corpus, method, run."""
+    """The options extract and sweep share: sources, corpus, method (from ExtractSettings), run."""
     src = p.add_argument_group("model and SAEs")
-    src.add_argument("--model", default=TOY, help=f"'{TOY}' (embedded planted model), '{TOY_LN}' (its variant with LayerNorm and biases) or a transformer_lens model name, e.g. gpt2-small")
-    src.add_argument("--layer", type=int, default=None, help="layer of the head(s) (default: 0 for the toy; all layers for sweep)")
-    src.add_argument("--head", type=_int_list, default=None, help="head index or comma list (default: all planted heads of the toy; required otherwise)")
-    src.add_argument("--sae-in", default="gpt2-small-res-jb", help="input SAE: sae_lens release (with blocks.{L}.hook_resid_pre) or a local sae_lens folder")
-    src.add_argument("--sae-out-dir", type=Path, default=None, help="directory of per-head output-SAE checkpoints (REF's .pt + _cfg.json)")
-    src.add_argument("--sae-out-z", default=None, help="instead: a layer-level hook_z SAE (sae_lens release or folder) sliced to each head")
+    src.add_argument("--model", default=TOY, help=f"'{TOY}' (embedded planted model), '{TOY_LN}' (its variant with "
+                     "LayerNorm and biases), a transformer_lens model name, e.g. gpt2-small, or a model folder")
+    src.add_argument("--layer", type=_int_arg(0), default=None,
+                     help="layer of the head(s) (default: 0 for the toy; all layers for sweep)")
+    src.add_argument("--head", type=_head_list, default=None,
+                     help="head index or comma list (default: all planted heads of the toy; required otherwise)")
+    src.add_argument("--sae-in", default=None, help="input SAE: sae_lens release (with blocks.{L}.hook_resid_pre) or a "
+                     f"local sae_lens folder (default: {DEFAULT_SAE_IN}; not used with the toy)")
+    src.add_argument("--sae-out-dir", type=Path, default=None,
+                     help="directory of per-head output-SAE checkpoints (REF's .pt + _cfg.json)")
+    src.add_argument("--sae-out-z", default=None,
+                     help="instead: a layer-level hook_z SAE (sae_lens release or folder) sliced to each head")
     src.add_argument("--sae-out-z-id", default=None, help="sae_id of --sae-out-z within its release")
-    src.add_argument("--device", default="cpu", help="torch device for the model and SAEs")
+    src.add_argument("--device", default="cpu", help="torch device for the model and SAEs: cpu, cuda or cuda:N "
+                     "(the toy runs on the CPU)")
     data = p.add_argument_group("corpus")
-    data.add_argument("--corpus", type=Path, default=None, help="token ids (.pt tensor [n, seq_len]) or text (.txt, one document per line); required for real models")
-    data.add_argument("--n-sequences", type=int, default=None, help="sequences to use (default: 3000 for the toy, 50000 otherwise)")
-    data.add_argument("--seq-len", type=int, default=None, help="tokens per sequence for text corpora (default: 32 for the toy, 64 otherwise)")
-    ref = p.add_argument_group("method (REF defaults)")
-    ref.add_argument("--features", type=_int_list, default=None, help="output features to explain (default: sample as REF)")
-    ref.add_argument("--num-features", type=int, default=100, help="features sampled per head")
-    ref.add_argument("--min-count", type=int, default=150, help="a sampled feature is active in at least this many sequences ...")
-    ref.add_argument("--max-count", type=int, default=None, help="... and at most this many (default: n_sequences - min_count)")
-    ref.add_argument("--examples-per-bin", type=int, default=150, help="positive and negative exemplars per feature (split 1/3 each into train/val/test)")
-    ref.add_argument("--positives", choices=("top", "quantiles"), default="top", help="positive exemplars: the top-activating sequences (REF) or spread over activation quantiles")
-    ref.add_argument("--num-values", type=int, default=100, help="candidate keys by value score (capped to the number of input features)")
-    ref.add_argument("--num-queries", type=int, default=100, help="candidate queries per key by attention score (capped likewise)")
-    ref.add_argument("--max-rules", type=int, default=4096, help="largest number of terms in the N = 4, 8, ... sweep")
-    ref.add_argument("--negative-values", action="store_true", help="rank candidate keys by |value score|")
-    ref.add_argument("--signed", action="store_true", help="select importance terms by relu(I) instead of |I|")
-    ref.add_argument("--loss-type", choices=("activation", "post_activation"), default="activation", help="surrogate output for the importance gradient")
-    ref.add_argument("--threshold", type=float, default=0.0, help="activation threshold for truth and prediction")
-    ref.add_argument("--seed", type=int, default=0, help="seed for feature and exemplar sampling")
-    beyond = p.add_argument_group("absence and counting rules")
-    beyond.add_argument("--max-distractors", type=int, default=100, help="distractor keys kept per skip-gram term")
-    beyond.add_argument("--distractor-checks", type=int, default=3, help="distractors per term tested by insertion (unconfirmed ones are not reported as rules)")
-    beyond.add_argument("--counting-bases", type=int, default=64, help="base sequences for the counting detector (silent corpus sequences, then filler)")
-    beyond.add_argument("--counting-min-bases", type=int, default=16, help="fewer base sequences than this: counting is 'undetermined'")
-    beyond.add_argument("--no-exact", action="store_true", help="skip exact mode (the exact-importance ordering and the logit decomposition)")
-    beyond.add_argument("--no-counting", action="store_true", help="skip the counting detector")
-    beyond.add_argument("--counting-max", type=int, default=8, help="largest number of key copies the counting detector tries")
-    beyond.add_argument("--insertion-counts", type=_int_list, default=(0, 1, 2, 3), help="copies of the distractor inserted (REF: 0,1,2,3)")
-    run = p.add_argument_group("run")
-    run.add_argument("--batch-size", type=int, default=64, help="sequences per model forward pass")
-    run.add_argument("--backend", choices=("auto", "torch", "cpu", "triton"), default="auto", help="engine backend")
-    run.add_argument("--exhaustive-k", type=int, default=100, help="also rank all n_in x n_in pairs by A×V and by importance, keeping this many (0: skip)")
-    run.add_argument("--show-exemplars", type=int, default=5, help="top-activating validation exemplars stored per feature (with activations and DFA)")
-    run.add_argument("--show-terms", type=int, default=8, help="rule terms printed and stored per feature and method")
-    run.add_argument("--out", type=Path, default=Path(default_out), help="output directory (one subfolder per head); finished work is reused on rerun")
-    run.add_argument("--quiet", action="store_true", help="no progress output")
+    data.add_argument("--corpus", type=Path, default=None, help="token ids (.pt tensor [n, seq_len], seq_len ≥ 2) or "
+                      "text (.txt, one document per line); required for real models")
+    data.add_argument("--n-sequences", type=_int_arg(1), default=None,
+                      help="sequences to use (default: 3000 for the toy, 50000 otherwise)")
+    data.add_argument("--seq-len", type=_int_arg(2), default=None, help="tokens per sequence for text corpora "
+                      "(default: 32 for the toy, or the .pt corpus's; 64 otherwise)")
+    groups = {title: p.add_argument_group(title) for title in SETTING_GROUPS}
+    _add_setting_options(groups.__getitem__)
+    run = groups[RUN]
+    run.add_argument("--out", type=Path, default=Path(default_out),
+                     help="output directory (one subfolder per head); finished work is reused on rerun")
+    run.add_argument("--overwrite", action="store_true", help="an --out folder holding results of a run with other "
+                     "inputs (model, SAEs, corpus or settings) is cleared and run afresh, instead of an error")
+    run.add_argument("--quiet", action="store_true", help="no progress output and no notes: only results and errors")
     return p
 
 
@@ -77,7 +206,7 @@ def _add_extract(sub) -> argparse.ArgumentParser:
         description="Run scores → candidates → importances → rules → evaluation for one or more heads; print "
         "the top rules and the P/R/F1 table; write results.json, rules.csv, metrics.csv and pairs.csv per head "
         "into --out. Defaults follow the paper's code (REF); without --model it runs on the embedded planted model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Formatter,
     ), "out/extract")
 
 
@@ -89,7 +218,7 @@ def _add_sweep(sub) -> argparse.ArgumentParser:
         "sharded by head over torchrun ranks (e.g. `torchrun --nproc-per-node 2 -m attnrules.cli sweep ...`; "
         "gloo on CPU, nccl on GPU). Finished shards are skipped on restart. Results merge into OUT/merged/*.parquet "
         "and OUT/summary.csv (mean P/R/F1 by layer and N, share of features with distractors, counting features).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Formatter,
     ), "out/sweep")
 
 
@@ -99,33 +228,16 @@ def _add_report(sub) -> argparse.ArgumentParser:
         help="write one self-contained HTML report of extraction results",
         description="Read the results of `attnrules extract` (a head folder with results.json, or a folder of them) "
         "and write one self-contained HTML file with rules, plots and highlighted exemplars.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Formatter,
     )
     p.add_argument("results_dir", type=Path, help="folder written by `attnrules extract --out` (or one of its L{l}H{h} folders)")
     p.add_argument("--out", type=Path, default=None, help="HTML file to write (default: RESULTS_DIR/report.html)")
     return p
 
 
-def run_sweep(args) -> int:
-
-    summary = sweep(workload_from_args(args, whole_model=True), args.out, settings_from_args(args),
-                    device=args.device, progress=not args.quiet)
-    if summary is not None:
-        print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-        print(f"wrote {args.out}/merged/*.parquet and {args.out}/summary.csv")
-    return 0
-
-
-def run_report(args) -> int:
-
-    path = write_report(args.results_dir, args.out)
-    print(f"wrote {path}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="attnrules",
+        prog=PROG,
         description="Explain the features of transformer attention heads as human-readable rules.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -135,65 +247,257 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def workload_from_args(args, *, whole_model: bool) -> Workload:
-    """The workload the source arguments describe; bad arguments end the command with their message."""
+# ----------------------------------------------------------------------------------------------------------
+# Checks before any long work
+
+
+def check_device(device: str, model: str) -> None:
+    """``--device`` names a torch device that exists here and that the model uses."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"argument --device: expected a torch device such as cpu, cuda or cuda:0, got {device!r}") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"argument --device: expected cpu, cuda, cuda:N or mps, got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"argument --device: {device!r} asked for, but CUDA is not available here "
+                             f"(torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"argument --device: {device!r} asked for, but this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"argument --device: {device!r} asked for, but MPS is not available here; use --device cpu")
+    if model in (TOY, TOY_LN) and dev.type != "cpu":
+        raise UsageError(f"argument --device: the planted model (--model {model}) runs on the CPU; "
+                         f"--device {device} is not used with it")
+
+
+def check_backend(backend: str) -> None:
+    """An explicit ``--backend`` can run here (triton: a CUDA GPU, or TRITON_INTERPRET=1 for its CPU interpreter)."""
+    if backend == "auto":
+        return
+    from attnrules.engine import available_backends
+
+    if backend == "triton":
+        import torch
+
+        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            raise UsageError("argument --backend: triton needs a CUDA GPU and none is available here; use --backend "
+                             "auto, cpu or torch (or set TRITON_INTERPRET=1 to run the kernels in Triton's slow CPU "
+                             "interpreter)")
+    usable = available_backends()
+    if backend not in usable:
+        raise UsageError(f"argument --backend: {backend} is not available here (available: {', '.join(usable)})")
+
+
+def check_out_dir(out: Path) -> list[Path]:
+    """``--out`` is a folder this process can write: created if missing, and a probe file written and removed.
+    Returns the folders it created, deepest first."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"argument --out: {out} is a file, expected a folder")
+    created = [p for p in (out, *out.parents) if not p.exists()]
+    probe = out / f".attnrules-write-probe-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"argument --out: cannot write to {out} ({err.strerror or err}); expected a folder "
+                         "that can be created and written") from None
+    return created
+
+
+def check_sources(args: argparse.Namespace, *, whole_model: bool) -> None:
+    """Model, SAE and corpus options that fit together, and files that exist, checked without loading anything."""
+    toy = args.model in (TOY, TOY_LN)
+    if toy:
+        for flag, value in (("--sae-in", args.sae_in), ("--sae-out-dir", args.sae_out_dir),
+                            ("--sae-out-z", args.sae_out_z), ("--sae-out-z-id", args.sae_out_z_id)):
+            if value is not None:
+                raise UsageError(f"argument {flag}: not used with the planted model (--model {args.model}), which "
+                                 "brings its own SAEs; drop it, or give a real model with --model")
+    else:
+        if not whole_model and (not args.head or args.layer is None):
+            raise UsageError("--layer and --head are required with a real model (e.g. --layer 0 --head 0)")
+        if (args.sae_out_dir is None) == (args.sae_out_z is None):
+            raise UsageError("give exactly one of --sae-out-dir (a folder of per-head output-SAE checkpoints) or "
+                             "--sae-out-z (a layer-level hook_z SAE) with a real model")
+        if args.sae_out_z_id is not None and args.sae_out_z is None:
+            raise UsageError("argument --sae-out-z-id: only used with --sae-out-z")
+        if args.sae_out_dir is not None and not args.sae_out_dir.is_dir():
+            what = "is not a folder" if args.sae_out_dir.exists() else "does not exist"
+            raise UsageError(f"argument --sae-out-dir: {args.sae_out_dir} {what}; expected the folder of per-head "
+                             "output-SAE checkpoints (REF's .pt + _cfg.json)")
+        if args.sae_out_dir is not None and args.layer is not None and args.head:
+            for head in args.head:  # the checkpoints asked for exist (before the model loads)
+                try:
+                    find_head_sae_checkpoint(args.sae_out_dir, args.layer, head)
+                except (FileNotFoundError, ValueError) as err:
+                    raise UsageError(f"argument --sae-out-dir: {err}") from None
+        if args.corpus is None:
+            raise UsageError("--corpus is required with a real model (a .txt file, one document per line, e.g. "
+                             "OpenWebText; or a .pt tensor of token ids)")
+    if args.corpus is not None:
+        if not args.corpus.exists():
+            raise UsageError(f"argument --corpus: {args.corpus} does not exist")
+        if not args.corpus.is_file():
+            raise UsageError(f"argument --corpus: {args.corpus} is not a file; expected a .pt tensor of token ids "
+                             "or a .txt file (one document per line)")
+
+
+def _corpus_seq_len(args: argparse.Namespace) -> Optional[int]:
+    """A ``.pt`` corpus read and checked now (its ids are checked against the model later); its seq_len."""
+    if args.corpus is None or args.corpus.suffix != ".pt":
+        return None
+    try:
+        return int(read_token_file(args.corpus).shape[1])
+    except CorpusError as err:
+        raise UsageError(f"argument --corpus: {err}") from None
+
+
+def workload_from_args(args: argparse.Namespace, *, whole_model: bool) -> Workload:
+    """The workload the source arguments describe (their options checked by :func:`check_sources` first)."""
+    corpus_len = _corpus_seq_len(args)
     try:
         if args.model in (TOY, TOY_LN):
+            seq_len = args.seq_len or corpus_len or 32
             return toy_workload(layer=args.layer if args.layer is not None else 0, heads=args.head,
-                                n_sequences=args.n_sequences or 3000, seq_len=args.seq_len or 32, seed=args.seed,
-                                corpus=args.corpus, variant=args.model)
-        if not whole_model and (not args.head or args.layer is None):
-            raise ValueError("--layer and --head are required with a real model")
-        if args.corpus is None:
-            raise ValueError("--corpus is required with a real model (a .txt file, one document per line, e.g. "
-                             "OpenWebText; or a .pt tensor of token ids)")
+                                n_sequences=3000 if args.n_sequences is None else args.n_sequences, seq_len=seq_len,
+                                seed=args.seed, corpus=args.corpus, variant=args.model)
         layers = None if args.layer is None else (args.layer,)
         return pretrained_workload(
-            args.model, corpus=args.corpus, layers=layers, heads=args.head, sae_in=args.sae_in,
+            args.model, corpus=args.corpus, layers=layers, heads=args.head, sae_in=args.sae_in or DEFAULT_SAE_IN,
             sae_out_dir=args.sae_out_dir, sae_out_z=args.sae_out_z, sae_out_z_id=args.sae_out_z_id,
-            n_sequences=args.n_sequences or 50_000, seq_len=args.seq_len or 64, device=args.device)
-    except ValueError as err:
-        raise SystemExit(str(err)) from None
+            n_sequences=50_000 if args.n_sequences is None else args.n_sequences, seq_len=args.seq_len or 64,
+            device=args.device)
+    except CorpusError as err:
+        raise UsageError(f"argument --corpus: {err}") from None
 
 
-def settings_from_args(args) -> ExtractSettings:
-    return ExtractSettings(
-        features=args.features, num_features=args.num_features, min_count=args.min_count, max_count=args.max_count,
-        examples_per_bin=args.examples_per_bin, positives=args.positives, num_values=args.num_values, num_queries=args.num_queries,
-        max_rules=args.max_rules, negative_values=args.negative_values, absolute=not args.signed,
-        loss_type=args.loss_type, threshold=args.threshold, seed=args.seed, batch_size=args.batch_size,
-        backend=args.backend, show_terms=args.show_terms, exhaustive_k=args.exhaustive_k,
-        max_distractors=args.max_distractors, distractor_checks=args.distractor_checks, counting=not args.no_counting,
-        counting_max=args.counting_max, counting_bases=args.counting_bases, counting_min_bases=args.counting_min_bases,
-        insertion_counts=args.insertion_counts, show_exemplars=args.show_exemplars, exact=not args.no_exact,
-    )
+def check_features(settings: ExtractSettings, work: Workload) -> None:
+    """``--features`` are output features of every head asked for."""
+    if settings.features is None:
+        return
+    for layer, head in work.heads:
+        n_out = int(work.output_sae(layer, head).W_enc.shape[-1])
+        bad = [f for f in settings.features if f >= n_out]
+        if bad:
+            raise UsageError(f"argument --features: L{layer}H{head} has output features 0..{n_out - 1}, "
+                             f"got {','.join(map(str, bad))}")
 
 
-def run_extract(args) -> int:
+def prepare_run(args: argparse.Namespace, *, whole_model: bool) -> tuple[ExtractSettings, Workload]:
+    """Every check that needs no long work, then the workload (model, corpus, SAEs loaded)."""
     settings = settings_from_args(args)
-    work = workload_from_args(args, whole_model=False)
+    check_device(args.device, args.model)
+    check_backend(settings.backend)
+    check_sources(args, whole_model=whole_model)
+    created = check_out_dir(args.out)
+    try:
+        with contextlib.redirect_stdout(io.StringIO() if args.quiet else sys.stderr):  # loaders' messages are not results
+            work = workload_from_args(args, whole_model=whole_model)
+        check_features(settings, work)
+    except BaseException:
+        for folder in created:  # nothing was written: leave no empty --out behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    return settings, work
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Notes
+
+
+class Notes:
+    """Notes for the user, each said once on stderr as ``attnrules <command>: note: ...``; none when quiet."""
+
+    def __init__(self, command: str, quiet: bool) -> None:
+        self.command, self.quiet, self.said = command, quiet, set()
+
+    def say(self, text: str) -> None:
+        if self.quiet or text in self.said:
+            return
+        self.said.add(text)
+        print(f"{PROG} {self.command}: note: {text}", file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def from_warnings(self) -> Iterator[None]:
+        """Warnings raised inside become notes, without source lines (and without the category for
+        attnrules' own UserWarnings); deprecation warnings, meant for developers, are not shown."""
+        def show(message, category, filename, lineno, file=None, line=None):
+            text = str(message)
+            own = category is UserWarning and "attnrules" in Path(filename).parts
+            self.say(text if own else f"{category.__name__}: {text}")
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", PendingDeprecationWarning)
+            warnings.showwarning = show
+            yield
+
+    @contextlib.contextmanager
+    def quiet_logging(self) -> Iterator[None]:
+        """With --quiet, library log records below ERROR are not shown."""
+        if not self.quiet:
+            yield
+            return
+        before = logging.root.manager.disable
+        logging.disable(logging.WARNING)
+        try:
+            yield
+        finally:
+            logging.disable(before)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def run_extract(args: argparse.Namespace, notes: Notes) -> int:
+    settings, work = prepare_run(args, whole_model=False)
     for layer, head in work.heads:
         out_dir = args.out / f"L{layer}H{head}"
         result = extract_head(work.model, work.input_sae(layer), work.output_sae(layer, head), work.tokens,
-                              settings=settings, out_dir=out_dir, progress=not args.quiet)
+                              settings=settings, out_dir=out_dir, progress=not args.quiet, overwrite=args.overwrite)
         print(result.summary())
         for note in result.metadata["notes"]:
-            print(f"note: {note}")
+            notes.say(note)
         print(f"wrote {out_dir}/results.json and rules, metrics, pairs, absence, counting .csv\n")
+    return 0
+
+
+def run_sweep(args: argparse.Namespace, notes: Notes) -> int:
+    settings, work = prepare_run(args, whole_model=True)
+    summary = sweep(work, args.out, settings, device=args.device, progress=not args.quiet, overwrite=args.overwrite)
+    if summary is not None:
+        print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        print(f"wrote {args.out}/merged/*.parquet and {args.out}/summary.csv")
+    return 0
+
+
+def run_report(args: argparse.Namespace, notes: Notes) -> int:
+    path = write_report(args.results_dir, args.out)
+    print(f"wrote {path}")
     return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # argparse's own errors: "attnrules <command>: error: ...", exit 2
     if args.command is None:
-        parser.print_help()
+        parser.print_usage(sys.stderr)
+        print(f"{PROG}: error: choose a command: extract, sweep or report (see {PROG} --help)", file=sys.stderr)
         return 2
-
+    notes = Notes(args.command, getattr(args, "quiet", False))
     try:
-        return {"extract": run_extract, "sweep": run_sweep, "report": run_report}[args.command](args)
-    except (ValueError, OSError, SourceUnavailableError) as err:  # bad input: one clear line, no traceback
-        print(f"attnrules {args.command}: error: {err}", file=sys.stderr)
+        with notes.from_warnings(), notes.quiet_logging():
+            return {"extract": run_extract, "sweep": run_sweep, "report": run_report}[args.command](args, notes)
+    except (UsageError, ValueError, OSError, SourceUnavailableError) as err:  # bad input: one clear line, no traceback
+        print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
         return 2
 
 

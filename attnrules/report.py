@@ -63,18 +63,111 @@ def find_results(results_dir: Path | str) -> list[Path]:
 
 
 def load_results(results_dir: Path | str) -> list[dict]:
-    """Every head's results under ``results_dir``, ordered by (layer, head)."""
+    """Every head's results under ``results_dir``, ordered by (layer, head). A file that is not valid
+    JSON, or lacks something the report reads, is a ValueError naming the file and what is missing."""
     heads = []
     for path in find_results(results_dir):
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
-        missing = [k for k in ("layer", "head", "features") if not isinstance(data, dict) or k not in data]
-        if missing:
-            raise ValueError(f"{path} is not an attnrules results file (missing {', '.join(missing)})")
+        check_results(data, path)
         heads.append(data)
     return sorted(heads, key=lambda h: (h["layer"], h["head"]))
+
+
+class _Results:
+    """Checks one results file against what the report reads; the first problem is a ValueError."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = path
+
+    def fail(self, where: str, problem: str) -> None:
+        raise ValueError(f"{self.path} is not a complete attnrules results file: {where} {problem} "
+                         "(write it again with `attnrules extract`)")
+
+    def obj(self, value: Any, where: str, keys: Sequence[str] = ()) -> dict:
+        if not isinstance(value, dict):
+            self.fail(where, f"must be a JSON object, got {_json_kind(value)}")
+        missing = [k for k in keys if k not in value]
+        if missing:
+            self.fail(where, f"has no key {missing[0]!r}" + (f" (nor {', '.join(map(repr, missing[1:]))})"
+                                                            if missing[1:] else ""))
+        return value
+
+    def items(self, value: Any, where: str, keys: Sequence[str] = ()) -> list[dict]:
+        """``value`` as a list of objects with ``keys`` (None or absent: empty)."""
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            self.fail(where, f"must be a JSON list, got {_json_kind(value)}")
+        return [self.obj(v, f"{where}[{i}]", keys) for i, v in enumerate(value)]
+
+    def int(self, value: Any, where: str) -> None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(where, f"must be an integer, got {_json_kind(value)}")
+
+
+def _json_kind(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def check_results(data: Any, path: Path | str) -> dict:
+    """``data`` (one head's ``results.json``) if it holds everything the report reads, else a ValueError
+    naming ``path``, where in the file (e.g. ``features[1] (L0H0.1).sweep[3]``) and the missing key."""
+    r = _Results(path)
+    missing = [k for k in ("layer", "head", "features") if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise ValueError(f"{path} is not an attnrules results file (missing {', '.join(missing)})")
+    head = r.obj(data, "the file")
+    r.int(head["layer"], "layer")
+    r.int(head["head"], "head")
+    if head.get("metadata") is not None:
+        meta = r.obj(head["metadata"], "metadata")
+        if meta.get("notes") is not None and not isinstance(meta["notes"], list):
+            r.fail("metadata.notes", f"must be a JSON list, got {_json_kind(meta['notes'])}")
+    if not isinstance(head["features"], list):
+        r.fail("features", f"must be a JSON list, got {_json_kind(head['features'])}")
+    for i, f in enumerate(r.items(head["features"], "features")):
+        where = f"features[{i}]" + (f" ({f['name']})" if isinstance(f.get("name"), str) else "")
+        r.obj(f, where, ("name", "sweep", "rules"))
+        r.items(f["sweep"], f"{where}.sweep", ("method", "num_rules", "precision", "recall", "f1"))
+        for method, rules in r.obj(f["rules"], f"{where}.rules").items():
+            rules = r.obj(rules, f"{where}.rules.{method}")
+            if rules.get("text") is not None and not isinstance(rules["text"], list):
+                r.fail(f"{where}.rules.{method}.text", f"must be a JSON list, got {_json_kind(rules['text'])}")
+            r.items(rules.get("terms"), f"{where}.rules.{method}.terms", ("query", "key", "query_desc", "key_desc"))
+        r.items(f.get("pairs"), f"{where}.pairs", ("query", "key", "query_desc", "key_desc"))
+        r.items(f.get("exemplars"), f"{where}.exemplars", ("sequence", "position", "tokens", "acts", "dfa"))
+        absence = r.items(f.get("absence"), f"{where}.absence", ("text",))
+        dropped = r.items(f.get("absence_dropped"), f"{where}.absence_dropped")
+        for kind, rows in (("absence", absence), ("absence_dropped", dropped)):
+            for j, a in enumerate(rows):
+                checks = r.items(a.get("checks"), f"{where}.{kind}[{j}].checks", ("status",))
+                if any(c["status"] in ("cleared", "unconfirmed") for c in checks):
+                    r.obj(a, f"{where}.{kind}[{j}]", ("query", "key"))
+                    for k, c in enumerate(checks):
+                        if c["status"] in ("cleared", "unconfirmed"):
+                            r.obj(c, f"{where}.{kind}[{j}].checks[{k}]", ("distractor", "mean_act_without",
+                                                                         "mean_act_with", "logit_distractor", "logit_key"))
+        if f.get("counting") is not None:
+            counting = r.obj(f["counting"], f"{where}.counting", ("text", "kind", "threshold", "evidence"))
+            r.obj(counting["evidence"], f"{where}.counting.evidence", ("counts", "mean_act", "active_share"))
+        check = f.get("counting_check")
+        if check is not None and r.obj(check, f"{where}.counting_check").get("status") == "undetermined":
+            r.obj(check, f"{where}.counting_check", ("reason",))
+        if f.get("paper_distractor") is not None:
+            pd_ = r.obj(f["paper_distractor"], f"{where}.paper_distractor", ("has_distractor", "k", "q"))
+            if pd_["has_distractor"]:
+                r.obj(pd_, f"{where}.paper_distractor", ("k_", "attn_score_", "value_score_", "k_rank_",
+                                                          "attn_score", "value_score", "k_rank"))
+    for i, d in enumerate(r.items(head.get("distractors"), "distractors",
+                                  ("feature", "kq_count", "kkq_count", "mean_act_without", "mean_act_with"))):
+        if d.get("insertion") is not None:
+            r.obj(d["insertion"], f"distractors[{i}].insertion", ("counts", "mean_act", "n_examples"))
+    return head
 
 
 def write_report(results_dir: Path | str, out: Path | str | None = None) -> Path:

@@ -1,23 +1,35 @@
-"""The attnrules command on the embedded default, and its errors."""
+"""The attnrules command on the embedded default, its options (generated from ExtractSettings), and its errors."""
+import dataclasses
 import json
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
 
-from attnrules.cli import build_parser, main
+from attnrules.cli import build_parser, main, setting_flags, settings_from_args
+from attnrules.pipeline import ExtractSettings
+
+
+def run(argv, capsys):
+    """main(argv) as the command runs it: (exit status, stdout, stderr)."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def test_extract_on_the_toy_writes_results(tmp_path, capsys):
-    code = main(["extract", "--head", "0", "--max-rules", "16", "--quiet", "--out", str(tmp_path)])
+    code, printed, err = run(["extract", "--head", "0", "--max-rules", "16", "--quiet", "--out", str(tmp_path)], capsys)
     assert code == 0
-    printed = capsys.readouterr().out
+    assert err == ""  # --quiet: no progress, no notes, no warnings
     assert "[If] … [then] → L0H0.0" in printed and "[http] … [com] → L0H0.1" in printed
-    assert "Mean precision / recall / F1" in printed and "capped to 81" in printed
+    assert "Mean precision / recall / F1" in printed and "capped to 81" not in printed
     assert "[http] … [com] → L0H0.1 unless [twitter]" in printed
     head_dir = tmp_path / "L0H0"
     results = json.loads((head_dir / "results.json").read_text())
+    assert results["metadata"]["notes"] == ["num_values=100 capped to 81 (the number of input features)",
+                                            "num_queries=100 capped to 81 (the number of input features)"]
     names = [f["name"] for f in results["features"]]
     assert names == ["L0H0.0", "L0H0.1", "L0H0.2", "L0H0.3"]  # the dead L0H0.4 is never sampled
     metrics = pd.read_csv(head_dir / "metrics.csv")
@@ -49,30 +61,90 @@ def test_counting_rule_on_the_counting_head(tmp_path, capsys):
     assert counting["L0H1.0"]["kind"] == "threshold" and counting["L0H1.1"] is None
 
 
-def test_help_documents_every_option(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "attnrules.cli", "--help"], capture_output=True, text=True, check=True,
-                         cwd=tmp_path).stdout
+# Every ExtractSettings field, the option that sets it (the names README and users rely on) and a
+# value other than its default, as typed and as parsed.
+OPTIONS = {
+    "features": (["--features", "1,3"], (1, 3)),
+    "num_features": (["--num-features", "all"], None),
+    "min_count": (["--min-count", "7"], 7),
+    "max_count": (["--max-count", "900"], 900),
+    "examples_per_bin": (["--examples-per-bin", "30"], 30),
+    "positives": (["--positives", "quantiles"], "quantiles"),
+    "num_values": (["--num-values", "5"], 5),
+    "num_queries": (["--num-queries", "6"], 6),
+    "max_rules": (["--max-rules", "16"], 16),
+    "negative_values": (["--negative-values"], True),
+    "absolute": (["--signed"], False),
+    "loss_type": (["--loss-type", "post_activation"], "post_activation"),
+    "threshold": (["--threshold", "0.25"], 0.25),
+    "seed": (["--seed", "3"], 3),
+    "batch_size": (["--batch-size", "8"], 8),
+    "backend": (["--backend", "torch"], "torch"),
+    "show_terms": (["--show-terms", "2"], 2),
+    "exhaustive_k": (["--exhaustive-k", "0"], 0),
+    "max_distractors": (["--max-distractors", "9"], 9),
+    "distractor_checks": (["--distractor-checks", "1"], 1),
+    "counting": (["--no-counting"], False),
+    "counting_max": (["--counting-max", "4"], 4),
+    "counting_bases": (["--counting-bases", "32"], 32),
+    "counting_min_bases": (["--counting-min-bases", "8"], 8),
+    "insertion_counts": (["--insertion-counts", "0,2"], (0, 2)),
+    "show_exemplars": (["--show-exemplars", "1"], 1),
+    "exact": (["--no-exact"], False),
+}
+
+
+@pytest.mark.parametrize("command", ["extract", "sweep"])
+def test_every_setting_is_an_option_and_the_defaults_are_the_settings(command):
+    fields = [f.name for f in dataclasses.fields(ExtractSettings)]
+    assert sorted(OPTIONS) == sorted(fields)  # a new setting needs a line here
     parser = build_parser()
+    assert settings_from_args(parser.parse_args([command])) == ExtractSettings()
+    default = ExtractSettings()
+    for name, (argv, value) in OPTIONS.items():
+        assert getattr(default, name) != value, name
+        got = settings_from_args(parser.parse_args([command, *argv]))
+        assert got == dataclasses.replace(default, **{name: value}), name  # that setting and no other
+        assert setting_flags()[name] == argv[0]
+    everything = [token for argv, _ in OPTIONS.values() for token in argv]
+    assert settings_from_args(parser.parse_args([command, *everything])) == ExtractSettings(
+        **{name: value for name, (_, value) in OPTIONS.items()})
+
+
+def test_help_comes_from_the_settings_and_lists_every_option():
+    parser = build_parser()
+    extract = parser._subparsers._group_actions[0].choices["extract"]
+    by_dest = {a.dest: a for a in extract._actions}
+    for f in dataclasses.fields(ExtractSettings):
+        action = by_dest[f.name]
+        assert action.help == f.metadata.get("flag_help", f.metadata["help"]), f.name
+        assert action.default == f.default, f.name
+        group = next(g for g in extract._action_groups if action in g._group_actions)
+        assert group.title == f.metadata["group"], f.name
+    text = parser.format_help()  # the epilog holds every command's help
     for command in parser._subparsers._group_actions[0].choices.values():
         for action in command._actions:
             for flag in action.option_strings:
-                assert flag in out, flag
+                assert flag in text, flag
+    assert "--insertion-counts INSERTION_COUNTS[,...]" in text and "(default: 0,1,2,3)" in text
+    assert "{top,quantiles}" in text and "{auto,torch,cpu,triton}" in text
 
 
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["extract", "--head", "5"], "the toy model has planted heads"),
+        (["extract", "--head", "5"], "the toy model has planted heads L0H0, L0H1 (layer 0) only; got head 5"),
+        (["extract", "--layer", "2"], "the toy model has planted heads L0H0, L0H1 (layer 0) only; got layer 2"),
         (["extract", "--model", "gpt2-small"], "--layer and --head are required"),
-        (["extract", "--model", "gpt2-small", "--layer", "0", "--head", "0"], "--corpus is required"),
-        (["extract", "--features", "a,b"], "expected comma-separated integers"),
+        (["extract", "--features", "a,b"], "argument --features: expected comma-separated integers, got 'a,b'"),
+        (["extract", "--threshold", "x"], "argument --threshold: expected a number, got 'x'"),
+        (["extract", "--num-features", "some"], "argument --num-features: expected an int or 'all', got 'some'"),
     ],
 )
 def test_bad_arguments_are_explained(argv, message, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    text = str(exc.value) + capsys.readouterr().err
-    assert message in text
+    code, _, err = run(argv, capsys)
+    assert code == 2
+    assert f"attnrules {argv[0]}: error: {message}" in err and "Traceback" not in err
 
 
 def test_library_errors_become_one_line(tmp_path, capsys):
@@ -81,7 +153,15 @@ def test_library_errors_become_one_line(tmp_path, capsys):
     assert err.startswith("attnrules report: error:") and "missing" in err and "Traceback" not in err
 
 
-def test_no_eligible_feature_is_said(tmp_path, capsys):
-    assert main(["extract", "--head", "1", "--min-count", "100000", "--quiet", "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "0 features" in out and "note: no output feature is active in at least 100000" in out
+def test_no_command_is_a_usage_error(capsys):
+    code, _, err = run([], capsys)
+    assert code == 2 and "attnrules: error: choose a command: extract, sweep or report" in err
+
+
+def test_no_eligible_feature_is_said_once_unless_quiet(tmp_path, capsys):
+    code, out, err = run(["extract", "--head", "1", "--min-count", "100000", "--out", str(tmp_path)], capsys)
+    assert code == 0 and "0 features" in out and "note:" not in out
+    note = "attnrules extract: note: no output feature is active in at least 100000"
+    assert err.count(note) == 1
+    code, out, err = run(["extract", "--head", "1", "--min-count", "100000", "--quiet", "--out", str(tmp_path)], capsys)
+    assert code == 0 and "0 features" in out and err == ""

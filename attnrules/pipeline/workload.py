@@ -6,13 +6,14 @@ per-head checkpoint files (:func:`pretrained_workload`). SAEs are loaded when fi
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from attnrules import sources
+import attnrules.sources as sources
 from attnrules.sources import check_tokens, tokenize_corpus
 from attnrules.toy import build_toy, build_toy_ln
 
@@ -41,16 +42,75 @@ class Workload:
         return self._cache["out", layer, head]
 
 
-def load_corpus(path: Path, model, *, n_sequences: int, seq_len: int) -> torch.Tensor:
-    """Token ids from a ``.pt`` tensor ``[n, T]``, or text (one document per line) chunked as REF does."""
+class CorpusError(ValueError):
+    """A corpus file that cannot be used; the message starts with the file's path."""
+
+
+def read_token_file(path: Path) -> torch.Tensor:
+    """The token ids of a ``.pt`` corpus (a 2-D integer tensor ``[n, T]``, T ≥ 2), checked without a model:
+    a missing, unreadable, truncated or corrupt file, or a tensor of the wrong kind, is a :class:`CorpusError`."""
     path = Path(path)
-    if not path.exists():
-        raise ValueError(f"corpus: no such file {path}")
-    if path.suffix == ".pt":
+    _check_corpus_path(path)
+    try:
         tokens = torch.load(path, map_location="cpu", weights_only=True)
-        return check_tokens(tokens, model)[:n_sequences]
-    with path.open() as f:
-        return tokenize_corpus(model, (line for line in f if line.strip()), seq_len=seq_len, n_sequences=n_sequences)
+    except Exception as err:  # noqa: BLE001 - torch.load raises many kinds (RuntimeError, EOFError, UnpicklingError...)
+        raise CorpusError(f"{path}: cannot be read as a torch tensor file (truncated or corrupt? "
+                          f"{type(err).__name__}: {_first_line(err)}); expected a tensor saved with torch.save, "
+                          "token ids of shape [n_sequences, seq_len]") from None
+    if not isinstance(tokens, torch.Tensor):
+        raise CorpusError(f"{path}: holds a {type(tokens).__name__}, expected one tensor of token ids "
+                          "[n_sequences, seq_len]")
+    if tokens.dim() != 2:
+        raise CorpusError(f"{path}: holds a tensor of shape {tuple(tokens.shape)}, expected 2-D token ids "
+                          "[n_sequences, seq_len]")
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise CorpusError(f"{path}: holds {tokens.dtype} values, expected integer token ids (e.g. "
+                          "torch.save(tokens.long(), path))")
+    if tokens.shape[0] < 1:
+        raise CorpusError(f"{path}: holds no sequences (shape {tuple(tokens.shape)})")
+    if tokens.shape[1] < 2:
+        raise CorpusError(f"{path}: holds sequences of {tokens.shape[1]} token(s), expected seq_len ≥ 2 (a query "
+                          "attends to earlier keys)")
+    return tokens
+
+
+def load_corpus(path: Path, model, *, n_sequences: int, seq_len: int) -> torch.Tensor:
+    """Token ids from a ``.pt`` tensor ``[n, T]``, or text (one document per line, UTF-8) chunked as REF does.
+    A file that cannot be used is a :class:`CorpusError` naming it and what was expected."""
+    path = Path(path)
+    if isinstance(n_sequences, bool) or not isinstance(n_sequences, int) or n_sequences < 1:
+        raise ValueError(f"n_sequences must be an int ≥ 1, got {n_sequences!r}")
+    if path.suffix == ".pt":
+        tokens = read_token_file(path)
+        try:
+            return check_tokens(tokens, model)[:n_sequences]
+        except (ValueError, TypeError) as err:
+            raise CorpusError(f"{path}: {err}") from None
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len must be an int ≥ 2, got {seq_len!r}")
+    _check_corpus_path(path)
+    try:
+        with path.open(encoding="utf-8") as f:
+            return tokenize_corpus(model, (line for line in f if line.strip()), seq_len=seq_len, n_sequences=n_sequences)
+    except UnicodeDecodeError as err:
+        raise CorpusError(f"{path}: is not UTF-8 text ({err}); expected a .txt file with one document per line, "
+                          "or a .pt tensor of token ids") from None
+    except ValueError as err:  # e.g. no document as long as seq_len
+        raise CorpusError(f"{path}: {err}") from None
+
+
+def _check_corpus_path(path: Path) -> None:
+    if not path.exists():
+        raise CorpusError(f"{path}: no such file")
+    if not path.is_file():
+        raise CorpusError(f"{path}: is not a file; expected a .pt tensor of token ids or a .txt file "
+                          "(one document per line)")
+
+
+def _first_line(err: BaseException) -> str:
+    """The first sentence of an error's message."""
+    text = str(err).strip()
+    return text.splitlines()[0].split(". ")[0].rstrip(".") if text else "no message"
 
 
 def toy_workload(
@@ -67,19 +127,34 @@ def toy_workload(
     unless ``heads`` says otherwise."""
     if variant not in (TOY, TOY_LN):
         raise ValueError(f"variant must be {TOY!r} or {TOY_LN!r}, got {variant!r}")
+    for name, value, least in (("n_sequences", n_sequences, 1), ("seq_len", seq_len, 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an int ≥ {least}, got {value!r}")
     toy = (build_toy if variant == TOY else build_toy_ln)(seq_len=seq_len)
     heads = tuple(heads) if heads else tuple(toy.output_saes)
     missing = [h for h in heads if h not in toy.output_saes]
     if missing or layer != 0:
-        raise ValueError(f"layer/head: the toy model has planted heads L0H{sorted(toy.output_saes)}, not L{layer}H{missing}")
+        planted = ", ".join(f"L0H{h}" for h in sorted(toy.output_saes))
+        asked = f"layer {layer}" if layer != 0 else "head " + ",".join(map(str, missing))
+        raise ValueError(f"the toy model has planted heads {planted} (layer 0) only; got {asked}")
     tokens = toy.corpus(n_sequences, seed=seed) if corpus is None else load_corpus(
         corpus, toy.model, n_sequences=n_sequences, seq_len=seq_len)
     return Workload(variant, toy.model, tokens, tuple((0, h) for h in heads),
                     lambda _layer: toy.input_sae, lambda _layer, h: toy.output_saes[h])
 
 
+def _model_source(model_name: Union[str, os.PathLike]) -> Union[str, Path]:
+    """``--model``: an existing folder (a local model) as a Path, else the transformer_lens model name."""
+    if isinstance(model_name, os.PathLike):
+        return Path(model_name)
+    if not isinstance(model_name, str) or not model_name:
+        raise ValueError(f"model must be a transformer_lens model name or a model folder, got {model_name!r}")
+    path = Path(model_name).expanduser()
+    return path if (path / "config.json").is_file() else model_name
+
+
 def pretrained_workload(
-    model_name: str,
+    model_name: Union[str, os.PathLike],
     *,
     corpus: Path,
     layers: Optional[Sequence[int]] = None,
@@ -94,10 +169,14 @@ def pretrained_workload(
 ) -> Workload:
     """A transformer_lens model (processed as from_pretrained does) with sae_lens input SAEs and
     per-head checkpoints (``sae_out_dir``) or a layer-level hook_z SAE (``sae_out_z``); all layers and
-    heads unless given."""
+    heads unless given.
+
+    ``model_name`` is a transformer_lens model name (e.g. ``gpt2-small``) or the path of a local model
+    folder: one written by :func:`attnrules.sources.save_model`, or a Hugging Face model folder (see
+    :func:`attnrules.sources.load_model`)."""
     if (sae_out_dir is None) == (sae_out_z is None):
         raise ValueError("give exactly one of sae_out_dir (per-head checkpoints) or sae_out_z (layer-level hook_z SAE)")
-    model = sources.load_model(model_name, device=device)
+    model = sources.load_model(_model_source(model_name), device=device)
     layers = tuple(layers) if layers else tuple(range(model.cfg.n_layers))
     heads = tuple(heads) if heads else tuple(range(model.cfg.n_heads))
     for layer in layers:
@@ -114,5 +193,5 @@ def pretrained_workload(
         sources.check_compatible(model, None, out)
         return out
 
-    return Workload(model_name, model, tokens, tuple((l, h) for l in layers for h in heads),
+    return Workload(str(model_name), model, tokens, tuple((l, h) for l in layers for h in heads),
                     lambda layer: sources.load_input_sae(sae_in, layer=layer, device=device), load_output)
