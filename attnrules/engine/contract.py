@@ -135,8 +135,9 @@ CAPABILITIES: Mapping[str, Capability] = MappingProxyType({
             "n_splits": "column ranges per row block run by separate programs (None: ~4 programs per SM)",
             "program_k": "by='global': candidates kept per program (None: min(k, 4096))",
         }),
-        requires="Triton and a CUDA GPU; CPU tensors only in Triton's interpreter (TRITON_INTERPRET=1 "
-                 "set before attnrules is imported, for tests)",
+        requires="Triton and a CUDA GPU (CPU tensors are copied to it and the answer back); without one, "
+                 "CPU tensors only in Triton's interpreter (TRITON_INTERPRET=1 set before attnrules is imported, "
+                 "for tests)",
     ),
 })  # fmt: skip
 

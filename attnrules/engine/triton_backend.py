@@ -16,7 +16,9 @@ the top k. The merge checks each such program's cut-off pair against the merged 
 whose cut-off ranks above it is run again by the same kernel over its region with programs small
 enough that none drops a pair, and its candidates replace the old ones. No other backend is called.
 
-CPU tensors run only in Triton's interpreter (``TRITON_INTERPRET=1`` set before attnrules is
+CPU tensors are copied to the GPU when there is one (and the answer copied back), so a caller whose
+tensors live on the CPU — the pipeline keeps its circuit there — can still ask for ``backend="triton"``;
+without a GPU they run only in Triton's interpreter (``TRITON_INTERPRET=1`` set before attnrules is
 imported), which is how the tests check every kernel on this machine.
 """
 from __future__ import annotations
@@ -42,12 +44,12 @@ def probe(device_type: str) -> Optional[str]:
     if device_type == "cuda":
         return None if torch.cuda.is_available() else "no CUDA GPU here (torch.cuda.is_available() is False)"
     if device_type == "cpu":
-        if topk_stream.INTERPRETED:
+        if topk_stream.INTERPRETED or torch.cuda.is_available():  # interpreted, or run on the GPU and copied back
             return None
         if os.environ.get("TRITON_INTERPRET") == "1":
             return "TRITON_INTERPRET=1 is set but attnrules.kernels was imported before it was"
-        return ("CPU tensors run only in Triton's interpreter, which is off: set TRITON_INTERPRET=1 before "
-                "importing attnrules (tests only), or pass CUDA tensors")  # fmt: skip
+        return ("there is no CUDA GPU to copy CPU tensors to, and Triton's interpreter is off: set "
+                "TRITON_INTERPRET=1 before importing attnrules (tests only), or use backend='cpu'")  # fmt: skip
     return f"Triton runs on cuda tensors, not {device_type}"
 
 
@@ -141,6 +143,11 @@ def topk(
     ``engine.dual_topk`` — of (q·k) × (query_acts[q]·key_acts[k]) — on the GPU (the request says which)."""
     _check_block("block_q", block_q)
     _check_block("block_k", block_k)
+    if request.queries.device.type == "cpu" and not topk_stream.INTERPRETED:  # run on the GPU, answer on the CPU
+        on_gpu = Request(**{**vars(request), **{n: x.cuda() for n, x in request.tensors().items()}})
+        found = topk(on_gpu, block_q=block_q, block_k=block_k, precision=precision, n_splits=n_splits,
+                     program_k=program_k)
+        return TopK(found.scores.cpu(), found.query_idx.cpu(), found.key_idx.cpu(), found.by)
     per_key = request.by == "key"
     # The kernel's rows are the side it ranks for: keys for by="key", queries otherwise.
     block_r, block_c = (block_k, block_q) if per_key else (block_q, block_k)
