@@ -13,7 +13,6 @@ call, so the sizes and the procedure are REF's but the particular random draws a
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Sequence, TYPE_CHECKING
 
@@ -23,6 +22,7 @@ import torch
 
 from attnrules.files import plain
 from attnrules.sources.runner import hook_names, run_batches
+from attnrules.records import Record
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -196,7 +196,7 @@ def sample_exemplars(
 
 
 @dataclass(frozen=True)
-class ExemplarView:
+class ExemplarView(Record):
     """What a reader sees of one exemplar: its tokens, the feature's activation at every position, and
     the direct feature attribution of every key position to the scored one (paper §4.1)."""
 
@@ -205,9 +205,6 @@ class ExemplarView:
     tokens: tuple[str, ...]
     acts: tuple[float, ...]
     dfa: tuple[float, ...]  # a[t, t'] · (v[t'] · u), 0 after t
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def exemplar_views(

@@ -109,7 +109,7 @@ def test_insertion_suppresses_the_absence_feature(toy):
     assert insertion_token(toy.model, toy.input_sae, len(toy.model.tokenizer.get_vocab()) + 2) is None  # a position
     res = counterfactual_insertion(toy.model, toy.output_saes[0], 1, tokens, positions, tw, counts=(0, 1, 2, 3))
     assert res.mean_act[0] > 0.3 and res.mean_act[1:3] == (0.0, 0.0) and res.n_examples == (2, 2, 1, 0)
-    assert np.isnan(res.mean_act[3])  # both scored positions fell off the end
+    assert res.mean_act[3] is None  # both scored positions fell off the end: no number (None, as in JSON)
 
 
 def test_insert_copies_moves_and_drops():

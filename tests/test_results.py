@@ -11,18 +11,16 @@ import torch
 import attnrules.pipeline.extract as pipeline
 from attnrules.pipeline import ExtractSettings, extract_feature, extract_head, load_results
 from attnrules.pipeline.results import (
-    AbsenceRecord,
-    CountEvidence,
-    CountingRecord,
-    DistractorCheckRecord,
     FeatureResult,
     HeadResult,
-    Record,
     RuleSetView,
     RuleTerm,
     StepError,
     SweepRecord,
 )
+from attnrules.records import Record
+from attnrules.rules.absence import AbsenceRule, DistractorCheck
+from attnrules.rules.counting import CountingRule, CountResponse
 from attnrules.toy import build_toy
 
 SETTINGS = ExtractSettings(features=(0, 1), max_rules=8, exhaustive_k=4, show_exemplars=2, show_terms=4)
@@ -77,14 +75,14 @@ def test_every_record_round_trips_and_is_typed(extracted):
             assert not isinstance(value, (list, torch.Tensor)), (type(record).__name__, f.name)
             if isinstance(value, dict):
                 assert type(record) is HeadResult and f.name == "metadata"
-    assert {"FeatureResult", "RuleSetView", "RuleTerm", "SweepRecord", "PairRecord", "AbsenceRecord",
-            "DistractorCheckRecord", "PaperDistractorRecord", "ExemplarRecord", "DistractorEvidence",
-            "InsertionRecord", "PrevalenceExample", "CountingCheckRecord"} <= kinds
+    assert {"FeatureResult", "RuleSetView", "RuleTerm", "SweepRecord", "PairRecord", "AbsenceRule",
+            "DistractorCheck", "PaperDistractor", "ExemplarView", "DistractorEvidence",
+            "InsertionResult", "PrevalenceExample", "CountingCheck"} <= kinds
     f = result.feature("L0H0.1")
     assert f.rule_set("weights").text[0].startswith("[http] … [com] → L0H0.1")
     top = f.rule_set("weights").terms[0]
     assert (top.query_desc, top.key_desc) == ("com", "http")
-    assert isinstance(f.absence[0], AbsenceRecord) and f.absence[0].text.endswith("unless [twitter]")
+    assert isinstance(f.absence[0], AbsenceRule) and f.absence[0].text.endswith("unless [twitter]")
     assert f.paper_distractor.has_distractor and result.distractors[0].feature == "L0H0.1"
     with pytest.raises(KeyError, match="no 'nope' rules"):
         f.rule_set("nope")
@@ -114,14 +112,14 @@ def test_nan_is_none_and_equality_holds():
     assert point.spearman is None and point.pvalue is None
     assert point.to_json()["spearman"] is None
     assert SweepRecord.from_json(json.loads(json.dumps(point.to_json()))) == point
-    check = DistractorCheckRecord(5, None, 0, *(float("nan"),) * 6, "untested")
+    check = DistractorCheck(5, None, 0, *(float("nan"),) * 6, "untested")
     assert check.mean_act_with is None and check.kept
     term = RuleTerm(0, -2, 3, 1.5, float("nan"), "any query, via b_Q", "x")
     assert term.value_score is None and "weight" not in term.to_json()
     # lists and numpy / torch scalars are stored as tuples and plain numbers
-    evidence = CountEvidence([[1, 0], [2, 0]], [torch.tensor(0.5).item(), 1], (1.0, 1.0), 64)
+    evidence = CountResponse([[1, 0], [2, 0]], [torch.tensor(0.5).item(), 1], (1.0, 1.0), 64)
     assert evidence.counts == ((1, 0), (2, 0)) and evidence.mean_act == (0.5, 1.0)
-    rule = CountingRecord("L0H1.0", "threshold", 3, 4, None, 2, evidence.to_json(), "count([games]) ≥ 2 → L0H1.0")
+    rule = CountingRule("L0H1.0", "threshold", 3, 4, None, 2, evidence.to_json(), "count([games]) ≥ 2 → L0H1.0")
     assert rule.evidence == evidence
     feature = FeatureResult(0, "L0H0.0", 1, 1, errors=[{"step": "rules", "error": "boom"}])
     assert feature.errors == (StepError("rules", "boom"),)
@@ -129,8 +127,8 @@ def test_nan_is_none_and_equality_holds():
 
 
 def test_counting_frame_cells_are_json_lists():
-    evidence = CountEvidence(((1, 0), (2, 0)), (0.0, 0.5), (0.0, 1.0), 64)
-    rule = CountingRecord("L0H1.0", "threshold", 3, 4, None, 2, evidence, "count([games]) ≥ 2 → L0H1.0")
+    evidence = CountResponse(((1, 0), (2, 0)), (0.0, 0.5), (0.0, 1.0), 64)
+    rule = CountingRule("L0H1.0", "threshold", 3, 4, None, 2, evidence, "count([games]) ≥ 2 → L0H1.0")
     head = HeadResult(0, 1, (FeatureResult(0, "L0H1.0", 10, 10, counting=rule),))
     frame = pd.read_csv(pd.io.common.StringIO(head.counting_frame().to_csv(index=False)))
     assert json.loads(frame.loc[0, "counts"]) == [[1, 0], [2, 0]] and json.loads(frame.loc[0, "mean_act"]) == [0.0, 0.5]

@@ -9,7 +9,7 @@ built from the corpus's frequent tokens; BOS never avoided) and says what it did
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional, Sequence, TYPE_CHECKING
 
 import numpy as np
@@ -17,6 +17,7 @@ import torch
 
 from attnrules.rules.counting import CountingRule, CountResponse, classify_counts, classify_difference
 from attnrules.sources.runner import check_tokens, hook_names, run_batches
+from attnrules.records import Record
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -118,7 +119,7 @@ MIN_BASE = 16  # fewer base sequences than this cannot support a counting claim
 
 
 @dataclass(frozen=True)
-class CountingCheck:
+class CountingCheck(Record):
     """What the counting detector did for one feature: ``status`` is "rule", "no rule",
     "undetermined" (with the reason) or "not run"; ``n_base`` base sequences were used
     (``n_synthetic`` of them built from frequent tokens), at least ``min_base`` were required."""
@@ -131,9 +132,6 @@ class CountingCheck:
     query_token: Optional[int] = None
     key_token: Optional[int] = None
     avoided: tuple[int, ...] = ()
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def silent_base(tokens: torch.Tensor, act_max: torch.Tensor, avoid: Sequence[int], n: int = 64) -> torch.Tensor:

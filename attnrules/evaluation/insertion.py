@@ -19,6 +19,7 @@ import torch
 
 from attnrules.rules.absence import MIN_DROP, VALUE_RATIO, AbsenceRule, DistractorCheck
 from attnrules.sources.runner import check_tokens, hook_names, run_batches
+from attnrules.records import Record
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -255,17 +256,14 @@ def insert_copies(tokens: torch.Tensor, positions: torch.Tensor, token_id: int, 
 
 
 @dataclass(frozen=True)
-class InsertionResult:
+class InsertionResult(Record):
     """Mean output activation at the query after inserting the distractor n times (Fig. 6c)."""
 
     feature: int
     token_id: int
     counts: tuple[int, ...]
-    mean_act: tuple[float, ...]
+    mean_act: tuple[Optional[float], ...]  # None where every scored position fell off the end
     n_examples: tuple[int, ...]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def counterfactual_insertion(

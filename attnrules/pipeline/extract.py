@@ -38,15 +38,10 @@ from attnrules.files import plain
 from attnrules.importance import ExactTerms, exact_importance_terms, paper_importance, rank_all_pairs_by_importance
 from attnrules.pipeline.resume import HeadFolder, InputHashes
 from attnrules.pipeline.results import (
-    AbsenceRecord,
-    CountingCheckRecord,
-    CountingRecord,
     DistractorEvidence,
-    ExemplarRecord,
     FeatureResult,
     HeadResult,
     PairRecord,
-    PaperDistractorRecord,
     RuleSetView,
     RunInfo,
     StepError,
@@ -167,12 +162,11 @@ def beyond_skipgrams(
     significant = significant_values(circuit, feature)
     out = {"absence": (), "absence_dropped": (), "paper_distractor": None, "counting": None, "counting_check": None}
     paper = steps.run("paper_distractor", lambda: paper_distractor(circuit, feature))
-    out["paper_distractor"] = PaperDistractorRecord.from_json(paper.to_dict()) if paper is not None else None
+    out["paper_distractor"] = paper
     if not bool(significant.any()):
         steps.notes.append("no key's value score rises above float noise (|V| ≤ 1e-4·|value vector|·|u|): "
                            "no absence or counting rule is sought")
-        out["counting_check"] = CountingCheckRecord.from_json(
-            CountingCheck("not run", "value scores are float noise").to_dict())
+        out["counting_check"] = CountingCheck("not run", "value scores are float noise")
         return out
     firing = [(q, k) for r in rule_sets.values() for q, k, a, v in zip(r.queries.tolist(), r.keys.tolist(),
                                                                     r.attn_score.tolist(), r.value_score.tolist())
@@ -190,8 +184,8 @@ def beyond_skipgrams(
                                  batch_size=settings.batch_size)
 
     rules = steps.run("absence", absences) or []
-    out["absence"] = tuple(AbsenceRecord.from_rule(a, describe) for a in rules if a.kept)
-    out["absence_dropped"] = tuple(AbsenceRecord.from_rule(a, describe) for a in rules if not a.kept)
+    out["absence"] = tuple(a.with_text(describe) for a in rules if a.kept)
+    out["absence_dropped"] = tuple(a.with_text(describe) for a in rules if not a.kept)
     if settings.counting and firing:
         q, k = firing[0]  # the top firing term of the first ordering (weights)
         kept = next((a.kept for a in rules if (a.query, a.key) == (q, k)), ())
@@ -206,11 +200,10 @@ def beyond_skipgrams(
 
         check, rule = steps.run("counting", counting) or (None, None)
         words = token_strings(model)
-        out["counting"] = CountingRecord.from_json(rule.to_dict(words.__getitem__)) if rule is not None else None
-        out["counting_check"] = CountingCheckRecord.from_json(check.to_dict()) if check is not None else None
+        out["counting"] = rule.with_text(words.__getitem__) if rule is not None else None
+        out["counting_check"] = check
     elif settings.counting:
-        out["counting_check"] = CountingCheckRecord.from_json(
-            CountingCheck("not run", "no top term promotes the feature").to_dict())
+        out["counting_check"] = CountingCheck("not run", "no top term promotes the feature")
     return out
 
 
@@ -405,7 +398,7 @@ def extract_one(
         model, output_sae, g, tokens, ex.val.sequence[top], ex.val.position[top])) or []
     unseen = steps.run("unseen_keys", lambda: unseen_keys(circuit, g, table, train, describe)) or []
     return FeatureResult(g, name, len(ex.train), len(ex.val), rules, tuple(SweepRecord.from_point(p) for p in points),
-                         tuple(pairs), exemplars=tuple(ExemplarRecord.from_json(v.to_dict()) for v in views),
+                         tuple(pairs), exemplars=tuple(views),
                          unseen_keys=tuple(unseen), notes=tuple(steps.notes), errors=tuple(steps.errors), **extra)
 
 
@@ -430,6 +423,6 @@ def distractor_evidence(
             rows = torch.tensor([e["idx"] for e in clean])
             positions = torch.tensor([e["q_pos"] for e in clean])
             insertion = counterfactual_insertion(model, output_sae, f.feature, tokens[rows], positions, token,
-                                                 counts=settings.insertion_counts).to_dict()
+                                                 counts=settings.insertion_counts)
         evidence.append(DistractorEvidence.from_json({**prevalence.to_dict(), "feature": f.name, "insertion": insertion}))
     return evidence

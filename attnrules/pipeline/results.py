@@ -18,98 +18,24 @@ A head folder (written by :meth:`HeadResult.write`, last of all the completion m
 """
 from __future__ import annotations
 
-import dataclasses
-import math
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Optional
 
 import pandas as pd
 
-from attnrules.files import json_copy, write_csv, write_json
+from attnrules.files import write_csv, write_json
+from attnrules.evaluation.counts import CountingCheck
+from attnrules.evaluation.insertion import InsertionResult
+from attnrules.exemplars import ExemplarView
+from attnrules.records import Record, _dump
+from attnrules.rules.absence import AbsenceRule, PaperDistractor
+from attnrules.rules.counting import CountingRule
 
 RESULTS_FILE = "results.json"
 MARKER_FILE = "DONE.json"  # written last: a head folder without it is not complete
 CSV_FILES = ("rules.csv", "metrics.csv", "pairs.csv", "absence.csv", "distractor_checks.csv", "counting.csv")
 HEAD_FILES = (RESULTS_FILE, *CSV_FILES, MARKER_FILE)
-
-_HINTS: dict[type, dict[str, Any]] = {}
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
-    return _HINTS[cls]
-
-
-def _norm(hint: Any, value: Any) -> Any:
-    """``value`` in the canonical form of its annotation ``hint`` (from objects or from JSON)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if value is None:
-        return None
-    if origin is typing.Union:  # Optional[X]
-        (inner,) = [a for a in args if a is not type(None)]
-        return _norm(inner, value)
-    if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_norm(args[0], v) for v in value)
-        return tuple(_norm(a, v) for a, v in zip(args, value, strict=True))
-    if isinstance(hint, type) and issubclass(hint, Record):
-        return value if isinstance(value, hint) else hint.from_json(value)
-    if hint is float:
-        value = float(value)
-        return None if math.isnan(value) else value
-    if hint is bool:
-        return bool(value)
-    if hint is int:
-        return int(value)
-    if hint is dict:
-        return json_copy(value)
-    return value
-
-
-def _dump(value: Any) -> Any:
-    if isinstance(value, Record):
-        return value.to_json()
-    if isinstance(value, (tuple, list)):
-        return [_dump(v) for v in value]
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
-
-
-class Record:
-    """Base of the result dataclasses: fields normalised on construction (see the module docstring),
-    ``to_json`` / ``from_json`` / ``to_frame``."""
-
-    __json_record__: ClassVar[bool] = True  # attnrules.files.plain writes records through to_json
-
-    def __post_init__(self) -> None:
-        hints = _hints(type(self))
-        for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, _norm(hints[f.name], getattr(self, f.name)))
-
-    def _derived(self) -> dict:
-        """JSON keys computed from the fields (written for readers, ignored by :meth:`from_json`)."""
-        return {}
-
-    def to_json(self) -> dict:
-        return {**{f.name: _dump(getattr(self, f.name)) for f in dataclasses.fields(self)}, **self._derived()}
-
-    @classmethod
-    def from_json(cls, data: dict):
-        if isinstance(data, cls):
-            return data
-        if not isinstance(data, dict):
-            raise TypeError(f"{cls.__name__}.from_json needs a dict, got {type(data).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-    def to_frame(self) -> pd.DataFrame:
-        """One row: the JSON fields (nested values as lists)."""
-        return pd.DataFrame([self.to_json()])
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Per feature
@@ -203,144 +129,6 @@ class PairRecord(Record):
 
 
 @dataclass(frozen=True)
-class DistractorCheckRecord(Record):
-    """Insertion evidence for one distractor (see :class:`~attnrules.rules.absence.DistractorCheck`);
-    the means are None when untested."""
-
-    distractor: int
-    token: Optional[int]
-    n_examples: int
-    mean_act_without: Optional[float]
-    mean_act_with: Optional[float]
-    logit_key: Optional[float]
-    logit_distractor: Optional[float]
-    value_key: Optional[float]
-    value_distractor: Optional[float]
-    status: str  # "confirmed" | "unconfirmed" | "cleared" | "untested"
-
-    @property
-    def kept(self) -> bool:
-        return self.status in ("confirmed", "untested")
-
-
-@dataclass(frozen=True)
-class AbsenceRecord(Record):
-    """An absence rule (see :class:`~attnrules.rules.absence.AbsenceRule`): a term (query, key), its
-    distractor keys strongest pull first, their checks, and its text ("" when no distractor is kept)."""
-
-    feature_name: str
-    query: int
-    key: int
-    attn_score: float
-    value_score: float
-    distractors: tuple[int, ...]
-    distractor_attn: tuple[float, ...]
-    distractor_value: tuple[float, ...]
-    checks: tuple[DistractorCheckRecord, ...] = ()
-    text: str = ""
-
-    @classmethod
-    def from_rule(cls, rule, describe) -> "AbsenceRecord":
-        """From an :class:`~attnrules.rules.absence.AbsenceRule` and the input descriptions."""
-        return cls.from_json(rule.to_dict(describe))
-
-    def status(self, distractor: int) -> str:
-        return next((c.status for c in self.checks if c.distractor == distractor), "untested")
-
-    @property
-    def statuses(self) -> tuple[str, ...]:
-        """The status of each distractor, in order."""
-        return tuple(self.status(d) for d in self.distractors)
-
-    @property
-    def kept(self) -> tuple[int, ...]:
-        """The distractors the rule claims: those not unconfirmed or cleared by the evidence."""
-        return tuple(d for d, s in zip(self.distractors, self.statuses) if s in ("confirmed", "untested"))
-
-    def _derived(self) -> dict:
-        return {"kept": list(self.kept), "status": list(self.statuses)}
-
-    def to_json(self) -> dict:  # AbsenceRule.to_dict's order: fields, kept, status, then text
-        data = super().to_json()
-        text = data.pop("text")
-        return {**data, "text": text}
-
-
-@dataclass(frozen=True)
-class PaperDistractorRecord(Record):
-    """REF's single distractor check of a feature (see :class:`~attnrules.rules.absence.PaperDistractor`):
-    q, the best query of the top value key k, and k_, the first key by q's attention with V < 0."""
-
-    feature: int
-    q: int
-    k: int
-    attn_score: float
-    value_score: float
-    k_rank: int
-    k_: Optional[int]
-    attn_score_: Optional[float]
-    value_score_: Optional[float]
-    k_rank_: Optional[int]
-
-    @property
-    def has_distractor(self) -> bool:
-        return self.k_rank_ is not None and self.k_rank > self.k_rank_
-
-    def _derived(self) -> dict:
-        return {"has_distractor": self.has_distractor}
-
-
-@dataclass(frozen=True)
-class CountEvidence(Record):
-    """The feature's response to (key copies, other-key copies) (see :class:`~attnrules.rules.counting.CountResponse`)."""
-
-    counts: tuple[tuple[int, int], ...]
-    mean_act: tuple[Optional[float], ...]
-    active_share: tuple[Optional[float], ...]
-    n_base: int
-
-
-@dataclass(frozen=True)
-class CountingRecord(Record):
-    """A counting rule (see :class:`~attnrules.rules.counting.CountingRule`) and its text."""
-
-    feature_name: str
-    kind: str  # "threshold" | "monotone" | "difference"
-    query_token: int
-    key_token: int
-    other_token: Optional[int]
-    threshold: Optional[int]
-    evidence: CountEvidence
-    text: str = ""
-
-
-@dataclass(frozen=True)
-class CountingCheckRecord(Record):
-    """What the counting detector did (see :class:`~attnrules.evaluation.counts.CountingCheck`)."""
-
-    status: str  # "rule" | "no rule" | "undetermined" | "not run"
-    reason: str = ""
-    n_base: int = 0
-    n_synthetic: int = 0
-    min_base: int = 16
-    query_token: Optional[int] = None
-    key_token: Optional[int] = None
-    avoided: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True)
-class ExemplarRecord(Record):
-    """A top validation exemplar (see :class:`~attnrules.exemplars.ExemplarView`): tokens, the feature's
-    activation at every position, and each key position's DFA to the scored one."""
-
-    sequence: int
-    position: int
-    tokens: tuple[str, ...]
-    acts: tuple[float, ...]
-    dfa: tuple[float, ...]
-
-
-@dataclass(frozen=True)
 class UnseenKey(Record):
     """A candidate key with a significant positive value that no train positive holds."""
 
@@ -360,13 +148,13 @@ class FeatureResult(Record):
     rules: tuple[RuleSetView, ...] = ()  # one per ordering, the top ``show_terms`` terms
     sweep: tuple[SweepRecord, ...] = ()
     pairs: tuple[PairRecord, ...] = ()  # exhaustive top pairs
-    absence: tuple[AbsenceRecord, ...] = ()  # top terms with a distractor kept
-    paper_distractor: Optional[PaperDistractorRecord] = None  # REF's single check (reference §6.1)
-    counting: Optional[CountingRecord] = None  # when the feature counts
-    exemplars: tuple[ExemplarRecord, ...] = ()  # the top validation exemplars
-    absence_dropped: tuple[AbsenceRecord, ...] = ()  # absence terms whose every tested distractor was
+    absence: tuple[AbsenceRule, ...] = ()  # top terms with a distractor kept
+    paper_distractor: Optional[PaperDistractor] = None  # REF's single check (reference §6.1)
+    counting: Optional[CountingRule] = None  # when the feature counts
+    exemplars: tuple[ExemplarView, ...] = ()  # the top validation exemplars
+    absence_dropped: tuple[AbsenceRule, ...] = ()  # absence terms whose every tested distractor was
     # unconfirmed by insertion or cleared by exact mode (with the evidence)
-    counting_check: Optional[CountingCheckRecord] = None  # what the counting detector did, and why
+    counting_check: Optional[CountingCheck] = None  # what the counting detector did, and why
     unseen_keys: tuple[UnseenKey, ...] = ()  # candidate keys with V > 0 never present in a train positive
     notes: tuple[str, ...] = ()  # e.g. "no key's value score rises above float noise"
     errors: tuple[StepError, ...] = ()  # each step that failed for this feature
@@ -433,18 +221,6 @@ class PrevalenceExample(Record):
 
 
 @dataclass(frozen=True)
-class InsertionRecord(Record):
-    """Mean activation at the query after inserting the distractor n times (see
-    :class:`~attnrules.evaluation.insertion.InsertionResult`); None where no example was left."""
-
-    feature: int
-    token_id: int
-    counts: tuple[int, ...]
-    mean_act: tuple[Optional[float], ...]
-    n_examples: tuple[int, ...]
-
-
-@dataclass(frozen=True)
 class DistractorEvidence(Record):
     """REF's distractor evidence for a flagged feature: natural prevalence of the skip-gram (key … query)
     with and without the distractor over the corpus, and counterfactual insertion."""
@@ -458,7 +234,7 @@ class DistractorEvidence(Record):
     mean_act_without: Optional[float]
     mean_act_with: Optional[float]
     examples: tuple[PrevalenceExample, ...] = ()
-    insertion: Optional[InsertionRecord] = None
+    insertion: Optional[InsertionResult] = None
 
     @property
     def share_with_distractor(self) -> Optional[float]:

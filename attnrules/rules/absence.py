@@ -13,13 +13,15 @@ q attends to k' instead of k. Here:
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import dataclasses
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 
 import attnrules.engine as engine
 from attnrules.circuit import HeadCircuit
+from attnrules.records import Record
 from attnrules.rules.skipgram import SkipgramRuleSet
 from attnrules.scoring import value_scores
 
@@ -40,7 +42,7 @@ def significant_values(circuit: HeadCircuit, feature: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class DistractorCheck:
+class DistractorCheck(Record):
     """Insertion evidence for one distractor of a term: the distractor's token inserted once after
     BOS into the exemplars where the term matches and the feature fires, read at the moved query.
 
@@ -54,12 +56,12 @@ class DistractorCheck:
     distractor: int
     token: Optional[int]
     n_examples: int
-    mean_act_without: float
-    mean_act_with: float
-    logit_key: float
-    logit_distractor: float
-    value_key: float
-    value_distractor: float
+    mean_act_without: Optional[float]  # None when untested
+    mean_act_with: Optional[float]
+    logit_key: Optional[float]
+    logit_distractor: Optional[float]
+    value_key: Optional[float]
+    value_distractor: Optional[float]
     status: str
 
     @property
@@ -68,11 +70,13 @@ class DistractorCheck:
 
 
 @dataclass(frozen=True)
-class AbsenceRule:
+class AbsenceRule(Record):
     """A skip-gram term and the distractor keys that suppress it, strongest pull first.
 
-    ``checks`` (one per tested distractor, from :func:`check_distractors`) decide which distractors
-    the rule keeps: untested ones stay, unconfirmed and cleared ones are reported but not rendered."""
+    ``checks`` (one per tested distractor, from
+    :func:`~attnrules.evaluation.insertion.check_distractors`) decide which distractors the rule keeps:
+    untested ones stay, unconfirmed and cleared ones are reported but not rendered. ``text`` is the
+    rule as read (:meth:`with_text`; "" when no distractor is kept)."""
 
     feature_name: str
     query: int
@@ -83,14 +87,20 @@ class AbsenceRule:
     distractor_attn: tuple[float, ...]
     distractor_value: tuple[float, ...]
     checks: tuple[DistractorCheck, ...] = ()
+    text: str = ""
 
     def status(self, distractor: int) -> str:
         return next((c.status for c in self.checks if c.distractor == distractor), "untested")
 
     @property
+    def statuses(self) -> tuple[str, ...]:
+        """The status of each distractor, in order."""
+        return tuple(self.status(d) for d in self.distractors)
+
+    @property
     def kept(self) -> tuple[int, ...]:
         """The distractors this rule claims: those not unconfirmed or cleared by the evidence."""
-        return tuple(d for d in self.distractors if self.status(d) in ("confirmed", "untested"))
+        return tuple(d for d, s in zip(self.distractors, self.statuses) if s in ("confirmed", "untested"))
 
     def render(self, describe: Callable[[int], str], limit: int = 3) -> str:
         kept = self.kept
@@ -98,13 +108,12 @@ class AbsenceRule:
         more = f" (+{len(kept) - limit} more)" if len(kept) > limit else ""
         return f"[{describe(self.key)}] … [{describe(self.query)}] → {self.feature_name} unless {names}{more}"
 
-    def to_dict(self, describe: Optional[Callable[[int], str]] = None) -> dict:
-        data = asdict(self)
-        data["kept"] = list(self.kept)
-        data["status"] = [self.status(d) for d in self.distractors]
-        if describe is not None:
-            data["text"] = self.render(describe) if self.kept else ""
-        return data
+    def with_text(self, describe: Callable[[int], str]) -> "AbsenceRule":
+        """The rule with ``text`` rendered (empty when no distractor is kept)."""
+        return dataclasses.replace(self, text=self.render(describe) if self.kept else "")
+
+    def _derived(self) -> dict:
+        return {"kept": list(self.kept), "status": list(self.statuses)}
 
 
 def absence_rules(
@@ -157,7 +166,7 @@ def absence_rules(
 
 
 @dataclass(frozen=True)
-class PaperDistractor:
+class PaperDistractor(Record):
     """REF's distractor check for one feature (reference §6.1); ``k_`` is None without a negative key."""
 
     feature: int
@@ -176,8 +185,8 @@ class PaperDistractor:
         """REF: A(q, k') > A(q, k) and V(k') < 0, i.e. k' ranks above k in q's attention."""
         return self.k_rank_ is not None and self.k_rank > self.k_rank_
 
-    def to_dict(self) -> dict:
-        return {**asdict(self), "has_distractor": self.has_distractor}
+    def _derived(self) -> dict:
+        return {"has_distractor": self.has_distractor}
 
 
 def paper_distractor(circuit: HeadCircuit, feature: int) -> PaperDistractor:

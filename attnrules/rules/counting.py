@@ -15,24 +15,29 @@ A plain skip-gram (one copy is enough, more copies add little) gets no counting 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import dataclasses
+from dataclasses import dataclass
 from typing import Callable, Optional
+
+from attnrules.records import Record
 
 ACTIVE, SILENT = 0.9, 0.1  # shares of base sequences that count as "always" and "never" active
 
 
 @dataclass(frozen=True)
-class CountResponse:
+class CountResponse(Record):
     """Activation at the query for each tried (count of key, count of other key)."""
 
     counts: tuple[tuple[int, int], ...]
-    mean_act: tuple[float, ...]
-    active_share: tuple[float, ...]
+    mean_act: tuple[Optional[float], ...]
+    active_share: tuple[Optional[float], ...]
     n_base: int
 
 
 @dataclass(frozen=True)
-class CountingRule:
+class CountingRule(Record):
+    """A counting rule of one feature, the response it was read from, and its ``text`` (:meth:`with_text`)."""
+
     feature_name: str
     kind: str  # "threshold" | "monotone" | "difference"
     query_token: int
@@ -40,6 +45,7 @@ class CountingRule:
     other_token: Optional[int]
     threshold: Optional[int]
     evidence: CountResponse
+    text: str = ""
 
     def render(self, token_str: Callable[[int], str]) -> str:
         k = f"[{token_str(self.key_token)}]"
@@ -49,11 +55,9 @@ class CountingRule:
             return f"count({k}) − count([{token_str(self.other_token)}]) ≥ {self.threshold} → {self.feature_name}"
         return f"more {k} → more {self.feature_name}"
 
-    def to_dict(self, token_str: Optional[Callable[[int], str]] = None) -> dict:
-        data = asdict(self)
-        if token_str is not None:
-            data["text"] = self.render(token_str)
-        return data
+    def with_text(self, token_str: Callable[[int], str]) -> "CountingRule":
+        """The rule with ``text`` rendered from the token strings."""
+        return dataclasses.replace(self, text=self.render(token_str))
 
 
 def classify_counts(response: CountResponse, *, growth: float = 2.0) -> tuple[Optional[str], Optional[int]]:
