@@ -97,6 +97,7 @@ nb::dict topk(Matrix rows, Matrix cols, int64_t k, bool per_row, const std::stri
     nb::dict out;
     out["pushed"] = stats.pushed;
     out["selections"] = stats.selections;
+    out["redone"] = stats.redone;
     return out;
 }
 
@@ -134,7 +135,8 @@ NB_MODULE(_C, m) {
           "threads/block_rows/block_cols <= 0 and sample_cols < 0 mean automatic; sample_cols = 0 turns off\n"
           "the per-row threshold guess from a sample of cols. share_threshold (global): threads prune with one\n"
           "threshold, a k-th best score known over all of them (False: each with its own; same answer).\n"
-          "Returns stats of a global call: {'pushed': candidates collected, 'selections': cut-backs to k}.\n"
+          "Returns stats: {'pushed': candidates collected, 'selections': cut-backs to k} of a global call,\n"
+          "{'redone': rows scored again because their sampled threshold guess was too high} of a per-row one.\n"
           "test_throw (test hook): 'bad_alloc' / 'runtime_error' makes one worker thread throw that, to check\n"
           "that it reaches Python as MemoryError / RuntimeError.");
 }

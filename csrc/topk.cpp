@@ -450,8 +450,11 @@ public:
             else complete = output(r0 + i, keys, m) && complete;
         }
         if (!redo.empty()) complete = this->redo(op, r0, redo, t) && complete;
+        redone_ += static_cast<int64_t>(redo.size());
         return complete;
     }
+
+    int64_t redone() const { return redone_; }
 
 private:
     // Empties out[0, count), the buffers of thread t's rows list[f] (or f), for a sweep keeping k;
@@ -521,6 +524,7 @@ private:
     std::vector<float> scores_;
     std::vector<uint32_t> cols_idx_;
     std::vector<RowKey::type> keys_;
+    std::atomic<int64_t> redone_{0};
     std::vector<RowBuffer> buffers_, redo_buffers_;
     std::vector<float> thresholds_, guesses_, scratch_, redo_;
 };
@@ -560,6 +564,7 @@ TopKStats run_topk(const TopKCall& c) {
             });
         }
         error.rethrow();
+        stats.redone = work.redone();
     } else {
         const Packed cols = pack_cols(c, kernel.nr, 1, c.n_cols, threads);
         const Operands op = operands(c, cols, c.n_cols);

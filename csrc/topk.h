@@ -41,7 +41,8 @@ struct TopKCall {
 // What a global call did: candidates pushed into the threads' collectors, and the selections that
 // cut a full collector back to its k best (both 0 per row).
 struct TopKStats {
-    int64_t pushed = 0, selections = 0;
+    int64_t pushed = 0, selections = 0;  // global mode: candidates collected, cut-backs to k
+    int64_t redone = 0;                  // per-row mode: rows scored again because their sampled guess was too high
 };
 
 // Runs the call (throws std::invalid_argument on bad options, std::runtime_error when scores are
