@@ -14,6 +14,8 @@ from attnrules.kernels.dual_topk import dual_candidates
 from attnrules.kernels.pair_topk import pair_candidates
 from topk_oracle import assert_exact, assert_matches, random_inputs, score_matrix, tolerance
 
+pytestmark = pytest.mark.interpreter
+
 NQ, NK, D = 37, 53, 20  # 3 query blocks of 16, 4 key blocks of 16, d padded to 32
 
 
