@@ -17,7 +17,7 @@ import torch
 from attnrules.engine.contract import Request, TopK
 
 try:
-    from attnrules import _C
+    import attnrules._C as _C
 except ImportError:  # the package was installed without building the C++ core
     _C = None
 

@@ -13,8 +13,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-import attnrules.sources as sources
-from attnrules.sources import check_tokens, tokenize_corpus
+from attnrules.sources import check_compatible, check_head, check_tokens, load_head_sae, load_input_sae, load_layer_z_sae, load_model, tokenize_corpus
 from attnrules.toy import build_toy, build_toy_ln
 
 TOY = "toy"
@@ -176,22 +175,22 @@ def pretrained_workload(
     :func:`attnrules.sources.load_model`)."""
     if (sae_out_dir is None) == (sae_out_z is None):
         raise ValueError("give exactly one of sae_out_dir (per-head checkpoints) or sae_out_z (layer-level hook_z SAE)")
-    model = sources.load_model(_model_source(model_name), device=device)
+    model = load_model(_model_source(model_name), device=device)
     layers = tuple(layers) if layers else tuple(range(model.cfg.n_layers))
     heads = tuple(heads) if heads else tuple(range(model.cfg.n_heads))
     for layer in layers:
         for head in heads:
-            sources.check_head(model, layer, head)
+            check_head(model, layer, head)
     tokens = load_corpus(corpus, model, n_sequences=n_sequences, seq_len=seq_len)
 
     def load_output(layer: int, head: int):
         if sae_out_dir is not None:
-            out = sources.load_head_sae(sae_out_dir, layer, head, n_heads=model.cfg.n_heads, device=device)
+            out = load_head_sae(sae_out_dir, layer, head, n_heads=model.cfg.n_heads, device=device)
         else:
-            out = sources.load_layer_z_sae(sae_out_z, layer=layer, head=head, n_heads=model.cfg.n_heads,
+            out = load_layer_z_sae(sae_out_z, layer=layer, head=head, n_heads=model.cfg.n_heads,
                                            d_head=model.cfg.d_head, sae_id=sae_out_z_id, device=device)
-        sources.check_compatible(model, None, out)
+        check_compatible(model, None, out)
         return out
 
     return Workload(str(model_name), model, tokens, tuple((l, h) for l in layers for h in heads),
-                    lambda layer: sources.load_input_sae(sae_in, layer=layer, device=device), load_output)
+                    lambda layer: load_input_sae(sae_in, layer=layer, device=device), load_output)
