@@ -10,7 +10,13 @@ trap 'rm -rf "$SCRATCH"' EXIT
   2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip --disable-pip-version-check -q install --no-deps --target "$SCRATCH/site" "$SCRATCH"/wheel/attnrules-*.whl \
   2>&1 | grep -v "^WARNING: Location" || true
-(cd / && PYTHONPATH="$SCRATCH/site" "$ROOT/.venv/bin/python" - "$SCRATCH/site" <<'PY'
+# A scratch interpreter that sees the wheel first and the project's dependencies from .venv, but not
+# .venv's own site hooks (the editable install would redirect `import attnrules` to the checkout).
+"$ROOT/.venv/bin/python" -m venv --without-pip "$SCRATCH/venv"
+DEPS=$("$ROOT/.venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+SITE=$("$SCRATCH/venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+printf '%s\n%s\n' "$SCRATCH/site" "$DEPS" > "$SITE/attnrules-check.pth"
+(cd / && "$SCRATCH/venv/bin/python" - "$SCRATCH/site" <<'PY'
 import sys
 import attnrules, attnrules._C, attnrules.kernels
 site = sys.argv[1]
