@@ -31,6 +31,10 @@ from typing import Callable, Optional
 import psutil
 import torch
 
+# Imported before any measurement: `import attnrules` loads the whole library (transformer_lens, pandas,
+# ...), whose resident memory is not the engine's.
+import attnrules.engine as engine
+
 CASES = ("global", "per_key", "per_query", "dual")
 PROVIDERS = ("cpu", "gemm", "torch", "torch_chunked", "faiss")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "cpu_engine.json"
@@ -64,8 +68,6 @@ def flops(case: str, cfg: dict) -> float:
 
 
 def run_cpu(case: str, x: dict, cfg: dict, threads: Optional[int]) -> Callable[[], float]:
-    from attnrules import engine
-
     def go() -> float:
         t = time.perf_counter()
         if case == "dual":

@@ -123,20 +123,20 @@ def main() -> None:
     keys, queries = _first_appearance(table.keys), _first_appearance(table.queries)
 
     def importance():
-        box["imp"] = paper_importance(circuit, 0, keys, queries, *train)
+        box["imp"] = paper_importance(circuit, 0, queries, keys, *train)
 
     results["paper_importance"] = timed(importance, args.repeats)
     act_max = torch.rand(n_ex) * (torch.arange(n_ex) < n_ex // 2)
     grid = n_terms_grid(4096)
     results["sweep_both_orderings"] = timed(lambda: [
         sweep(lambda n: rules_from_weights(table, n), *val, act_max, grid),
-        sweep(lambda n: rules_from_importance(circuit, 0, keys, queries, box["imp"], n), *val, act_max, grid),
+        sweep(lambda n: rules_from_importance(circuit, 0, queries, keys, box["imp"], n), *val, act_max, grid),
     ], 1)
     results["exhaustive_top100"] = timed(
         lambda: exhaustive_pairs(circuit, 0, train, 100, args.backend, lambda j: str(j)), 1)
     train_tokens = tokens[:n_ex]
     results["exact_importance_terms"] = timed(lambda: exact_importance_terms(
-        model, sae_in, sae_out, 0, keys, queries, train_tokens, positions[:n_ex]), 1)
+        model, sae_in, sae_out, 0, queries, keys, train_tokens, positions[:n_ex]), 1)
     # distractor checks: 8 terms x 3 distractors inserted into the exemplars where each term matches
     # (the pair most often present in the train exemplars stands for every term)
     q_on = acts[torch.arange(n_ex), positions[:n_ex]] > 0

@@ -166,7 +166,7 @@ def autograd_exact_importance(model, sae_in, sae_out, feature, tokens, positions
     delta = lambda: torch.einsum("btq,bik,qk->bti", f_scaled, f_scaled, (mask - 1) * A.detach()) / att.attn_scale  # noqa: E731
     acts = activation_with_logit_delta(model, sae_out, feature, tokens, positions, lambda: delta() * causal)
     acts.sum().backward()
-    return mask.grad.T.double(), acts.detach()  # [keys, queries]
+    return mask.grad.double(), acts.detach()  # [queries, keys]
 
 
 @pytest.mark.parametrize("case", [0, 1, 2, 4, 5])
@@ -191,10 +191,10 @@ def test_exact_importance_equals_autograd_through_transformer_lens(tiny, toy, to
     got = exact_importance(model, sae_in, sae_out, feature, everything, everything, tokens, positions, batch_size=5)
     assert want.abs().max() > 0
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
-    some_keys, some_queries = torch.tensor([4, 0, 11]), torch.tensor([2, 9])
+    some_queries, some_keys = torch.tensor([2, 9]), torch.tensor([4, 0, 11])
     torch.testing.assert_close(
-        exact_importance(model, sae_in, sae_out, feature, some_keys, some_queries, tokens, positions),
-        got[some_keys][:, some_queries], rtol=1e-9, atol=1e-12)
+        exact_importance(model, sae_in, sae_out, feature, some_queries, some_keys, tokens, positions),
+        got[some_queries][:, some_keys], rtol=1e-9, atol=1e-12)
 
 
 def test_all_pairs_factors_and_engine_ranking(tiny):
@@ -206,7 +206,7 @@ def test_all_pairs_factors_and_engine_ranking(tiny):
     qa, ka = exact_factors_all_pairs(tiny, sae_in, sae_out, 1, tokens, positions)
     qp, kp = exact_projections(tiny, sae_in, 2)
     s = score_matrix(qp, kp, query_acts=qa, key_acts=ka)  # [queries, keys]
-    torch.testing.assert_close(torch.from_numpy(s), full.T, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(torch.from_numpy(s), full, rtol=1e-9, atol=1e-12)
     for score in ("signed", "absolute"):
         res = rank_all_pairs_by_exact_importance(tiny, sae_in, sae_out, 1, tokens, positions, 40, score=score,
                                                  backend="torch")
@@ -247,12 +247,12 @@ def test_exact_mode_recovers_the_planted_pair_where_paper_mode_is_misled(toy_ln,
     tokens, positions = ln_corpus[ex.train.sequence], ex.train.position
     keys, queries = _first_appearance(table.keys), _first_appearance(table.queries)
 
-    def best(importance):
-        k, q = divmod(int(importance.abs().argmax()), importance.shape[1])
+    def best(importance):  # [queries, keys]
+        q, k = divmod(int(importance.abs().argmax()), importance.shape[1])
         return (queries[q].item(), keys[k].item())
 
-    paper = paper_importance(circuit, 0, keys, queries, input_activations(model, sae_in, tokens), positions)
-    exact = exact_importance(model, sae_in, sae_out, 0, keys, queries, tokens, positions)
+    paper = paper_importance(circuit, 0, queries, keys, input_activations(model, sae_in, tokens), positions)
+    exact = exact_importance(model, sae_in, sae_out, 0, queries, keys, tokens, positions)
     assert best(paper) == loud and best(exact) == planted
     ranked = rank_all_pairs_by_exact_importance(model, sae_in, sae_out, 0, tokens, positions, 2, backend="torch")
     assert [(q, k) for q, k, _ in ranked.pairs()] == [planted, loud]
@@ -292,9 +292,9 @@ def test_bad_inputs_are_refused(tiny, toy):
     with pytest.raises(ValueError, match="positions must lie in"):
         exact_importance(tiny, sae_in, sae_out, 0, keys, keys, tokens, positions + 50)
     with pytest.raises(ValueError, match="keys must lie in"):
-        exact_importance(tiny, sae_in, sae_out, 0, keys + 100, keys, tokens, positions)
+        exact_importance(tiny, sae_in, sae_out, 0, keys, keys + 100, tokens, positions)
     with pytest.raises(ValueError, match="queries must be"):
-        exact_importance(tiny, sae_in, sae_out, 0, keys, keys.float(), tokens, positions)
+        exact_importance(tiny, sae_in, sae_out, 0, keys.float(), keys, tokens, positions)
     with pytest.raises(ValueError, match="feature must be"):
         exact_importance(tiny, sae_in, sae_out, 9, keys, keys, tokens, positions)
     with pytest.raises(ValueError, match="tokens must be"):

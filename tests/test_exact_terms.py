@@ -116,13 +116,13 @@ def test_pseudo_terms_equal_autograd_through_transformer_lens(tiny, toy_ln, name
         want, _ = autograd_exact_importance(model, sae_in, sae_out, 0, tokens, positions)
         torch.testing.assert_close(got.features, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
     # a subset of candidates is the same rows, in the given order
-    some_keys, some_queries = torch.tensor([4, 0, 11]), torch.tensor([2, 9])
-    sub = exact_importance_terms(model, sae_in, sae_out, 0, some_keys, some_queries, tokens, positions)
+    some_queries, some_keys = torch.tensor([2, 9]), torch.tensor([4, 0, 11])
+    sub = exact_importance_terms(model, sae_in, sae_out, 0, some_queries, some_keys, tokens, positions)
     for field, index in (("query_pseudo", some_keys), ("key_pseudo", some_queries),
                          ("query_pseudo_score", some_keys), ("key_pseudo_score", some_queries)):
         torch.testing.assert_close(getattr(sub, field), getattr(got, field)[:, index], rtol=1e-9, atol=1e-12,
                                    equal_nan=True, msg=field)
-    torch.testing.assert_close(sub.features, got.features[some_keys][:, some_queries], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(sub.features, got.features[some_queries][:, some_keys], rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["tiny L1", "toy_ln"])
@@ -194,7 +194,7 @@ def test_bad_inputs_are_refused(tiny):  # noqa: F811
     keys = torch.arange(3)
 
     def call(*, model=tiny, sae_in=sae_in, feature=0, keys=keys, queries=keys, tokens=tokens, positions=positions):
-        return exact_importance_terms(model, sae_in, sae_out, feature, keys, queries, tokens, positions)
+        return exact_importance_terms(model, sae_in, sae_out, feature, queries, keys, tokens, positions)
 
     with pytest.raises(ValueError, match="(?i)layernorm|value bias"):
         call(model=build_tiny_gpt2(processed=False))

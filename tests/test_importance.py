@@ -29,8 +29,9 @@ def random_acts(n=7, t=9, n_in=40, seed=1, dtype=torch.float64):
     return acts, positions
 
 
-def autograd_importance(circuit, feature, keys, queries, acts, positions, loss_type="activation"):
-    """REF's eval_at_position, literally: an explicit mask parameter and backward per example."""
+def autograd_importance(circuit, feature, queries, keys, acts, positions, loss_type="activation"):
+    """REF's eval_at_position, literally: an explicit mask parameter and backward per example; REF's
+    mask is [keys, queries], returned transposed as [queries, keys], attnrules' one order."""
     kq = circuit.key_proj[keys] @ circuit.query_proj[queries].T
     dv = circuit.value_proj[keys]
     w, b = circuit.out_encoder[:, feature], circuit.out_bias[feature]
@@ -43,7 +44,7 @@ def autograd_importance(circuit, feature, keys, queries, acts, positions, loss_t
         if loss_type == "post_activation":
             pred = torch.relu(pred + b)
         pred.backward()
-    return mask.grad
+    return mask.grad.T
 
 
 @pytest.mark.parametrize("loss_type", ["activation", "post_activation"])
@@ -55,8 +56,8 @@ def test_closed_form_equals_autograd(loss_type, seed):
     acts, positions = random_acts(n=30, seed=seed + 10)
     keys = torch.tensor([3, 0, 17, 25, 8, 39])
     queries = torch.tensor([5, 3, 30, 11])
-    got = paper_importance(circuit, 2, keys, queries, acts, positions, loss_type=loss_type)
-    want = autograd_importance(circuit, 2, keys, queries, acts, positions, loss_type)
+    got = paper_importance(circuit, 2, queries, keys, acts, positions, loss_type=loss_type)
+    want = autograd_importance(circuit, 2, queries, keys, acts, positions, loss_type)
     assert want.abs().max() > 0
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-12)
 
@@ -65,19 +66,19 @@ def test_single_key_or_query_keeps_its_dimension():
     # REF's mask.grad.squeeze() drops a dimension when |K| or |Q| is 1; ours does not.
     circuit = random_circuit()
     acts, positions = random_acts()
-    got = paper_importance(circuit, 0, torch.tensor([4]), torch.tensor([9, 2]), acts, positions)
-    assert got.shape == (1, 2)
-    torch.testing.assert_close(got, autograd_importance(circuit, 0, torch.tensor([4]), torch.tensor([9, 2]), acts, positions))
+    got = paper_importance(circuit, 0, torch.tensor([9, 2]), torch.tensor([4]), acts, positions)
+    assert got.shape == (2, 1)
+    torch.testing.assert_close(got, autograd_importance(circuit, 0, torch.tensor([9, 2]), torch.tensor([4]), acts, positions))
 
 
 def test_all_pairs_factors_reproduce_the_full_cross_product():
     circuit = random_circuit()
     acts, positions = random_acts()
     everything = torch.arange(circuit.n_inputs)
-    full = paper_importance(circuit, 1, everything, everything, acts, positions)  # [keys, queries]
+    full = paper_importance(circuit, 1, everything, everything, acts, positions)  # [queries, keys]
     qa, ka = exemplar_factors_all_pairs(circuit, 1, acts, positions)
     s = score_matrix(circuit.query_proj, circuit.key_proj, query_acts=qa, key_acts=ka)  # [queries, keys]
-    torch.testing.assert_close(torch.from_numpy(s), full.T, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(torch.from_numpy(s), full, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("score", ["signed", "absolute"])
@@ -107,16 +108,16 @@ def test_bad_exemplars_are_rejected():
     acts, positions = random_acts()
     keys = queries = torch.arange(3)
     with pytest.raises(ValueError, match="acts must be"):
-        paper_importance(circuit, 0, keys, queries, acts[:, :, :5], positions)
+        paper_importance(circuit, 0, queries, keys, acts[:, :, :5], positions)
     with pytest.raises(ValueError, match="positions must be"):
-        paper_importance(circuit, 0, keys, queries, acts, positions[:3])
+        paper_importance(circuit, 0, queries, keys, acts, positions[:3])
     with pytest.raises(ValueError, match="positions must lie in"):
-        paper_importance(circuit, 0, keys, queries, acts, positions + 100)
+        paper_importance(circuit, 0, queries, keys, acts, positions + 100)
     with pytest.raises(ValueError, match="feature must be an output-feature index"):
         paper_importance(circuit, 6, keys, queries, acts, positions)
     with pytest.raises(ValueError, match="loss_type must be"):
-        paper_importance(circuit, 0, keys, queries, acts, positions, loss_type="mse")
+        paper_importance(circuit, 0, queries, keys, acts, positions, loss_type="mse")
     bad = acts.clone()
     bad[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="acts contains NaN"):
-        paper_importance(circuit, 0, keys, queries, bad, positions)
+        paper_importance(circuit, 0, queries, keys, bad, positions)

@@ -143,8 +143,7 @@ def test_rule_set_view_keeps_order_and_text(extracted):
 
 
 def test_extract_feature_takes_queries_then_keys(toy, monkeypatch):
-    """extract_feature's exact callable gets (queries, keys), the engine's order; the importance
-    helpers keep REF's (keys, queries) and are adapted inside."""
+    """extract_feature's exact callable and the importance helpers get (queries, keys), the engine's order."""
     seen = {}
 
     class Stop(Exception):
@@ -156,9 +155,9 @@ def test_extract_feature_takes_queries_then_keys(toy, monkeypatch):
 
     real = pipeline.paper_importance
 
-    def importance(circuit, feature, keys, queries, *args, **kwargs):
-        seen["importance"] = (keys, queries)
-        return real(circuit, feature, keys, queries, *args, **kwargs)
+    def importance(circuit, feature, queries, keys, *args, **kwargs):
+        seen["importance"] = (queries, keys)
+        return real(circuit, feature, queries, keys, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "paper_importance", importance)
     circuit = toy.circuit(0)
@@ -170,4 +169,4 @@ def test_extract_feature_takes_queries_then_keys(toy, monkeypatch):
         extract_feature(circuit, 0, (acts, positions), (acts, positions, torch.rand(4)), settings, exact)
     assert torch.equal(seen["queries"], pipeline._first_appearance(table.queries))
     assert torch.equal(seen["keys"], pipeline._first_appearance(table.keys))
-    assert seen["importance"][0] is seen["keys"] and seen["importance"][1] is seen["queries"]
+    assert seen["importance"][0] is seen["queries"] and seen["importance"][1] is seen["keys"]

@@ -79,7 +79,7 @@ def extracted(toy, corpus):
         acts = {s: input_activations(toy.model, toy.input_sae, corpus[getattr(ex, s).sequence]) for s in ("train", "val")}
         table = candidate_table(circuit, feature.index, num_values=circuit.n_inputs, num_queries=circuit.n_inputs)
         keys, queries = _first_appearance(table.keys), _first_appearance(table.queries)
-        imp = paper_importance(circuit, feature.index, keys, queries, acts["train"], ex.train.position)
+        imp = paper_importance(circuit, feature.index, queries, keys, acts["train"], ex.train.position)
         out[feature.name] = dict(circuit=circuit, ex=ex, acts=acts, table=table, keys=keys, queries=queries, imp=imp)
     return out
 
@@ -93,7 +93,7 @@ def test_planted_pair_is_a_top_term_under_both_orderings(toy, extracted, name):
     feature, e = toy.feature(name), extracted[name]
     pair = _pair(toy, feature)
     weights = rules_from_weights(e["table"], 4)
-    importance = rules_from_importance(e["circuit"], feature.index, e["keys"], e["queries"], e["imp"], 4)
+    importance = rules_from_importance(e["circuit"], feature.index, e["queries"], e["keys"], e["imp"], 4)
     for rules in (weights, importance):
         terms = list(zip(rules.queries.tolist(), rules.keys.tolist()))
         assert terms[0] == pair, f"{rules.method}: top term {terms[0]} is not the planted {pair}"
@@ -107,7 +107,7 @@ def test_plain_skipgram_rules_reach_f1_one_with_at_most_8_terms(toy, extracted, 
     feature = toy.feature(name)
     for n in (4, 8):
         for rules in (rules_from_weights(e["table"], n),
-                      rules_from_importance(e["circuit"], feature.index, e["keys"], e["queries"], e["imp"], n)):
+                      rules_from_importance(e["circuit"], feature.index, e["queries"], e["keys"], e["imp"], n)):
             m = binary_metrics(e["ex"].val.act_max, rules.predict(e["acts"]["val"], e["ex"].val.position))
             assert (m.precision, m.recall, m.f1) == (1.0, 1.0, 1.0), (rules.method, n, m)
 
@@ -118,7 +118,7 @@ def test_unrelated_features_do_not_get_the_planted_rules(toy, extracted, name):
     feature = toy.feature(name)
     planted = {_pair(toy, f) for f in toy.features if f.kind in ("skipgram", "absence", "counting")}
     for rules in (rules_from_weights(e["table"], 8),
-                  rules_from_importance(e["circuit"], feature.index, e["keys"], e["queries"], e["imp"], 8)):
+                  rules_from_importance(e["circuit"], feature.index, e["queries"], e["keys"], e["imp"], 8)):
         firing = {(q, k) for q, k, a, v in zip(rules.queries.tolist(), rules.keys.tolist(),
                                                rules.attn_score.tolist(), rules.value_score.tolist()) if a * v > 0}
         assert firing == {_pair(toy, feature)}, (rules.method, firing)
@@ -146,7 +146,7 @@ def test_skipgram_rules_fall_short_on_absence_and_counting(toy, extracted, name,
     assert truth.item() == 0.0
     acts = input_activations(toy.model, toy.input_sae, tokens)
     for rules in (rules_from_weights(e["table"], 8),
-                  rules_from_importance(e["circuit"], feature.index, e["keys"], e["queries"], e["imp"], 8)):
+                  rules_from_importance(e["circuit"], feature.index, e["queries"], e["keys"], e["imp"], 8)):
         assert rules.predict(acts, position).item() > 0, f"{rules.method}: expected a false positive"
 
 

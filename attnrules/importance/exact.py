@@ -163,14 +163,14 @@ def exact_importance(
     input_sae: InputSAE,
     output_sae: OutputSAE,
     feature: int,
-    keys: Tensor,
     queries: Tensor,
+    keys: Tensor,
     tokens: Tensor,
     positions: Tensor,
     *,
     batch_size: int = 8,
 ) -> Tensor:
-    """Exact importance ``[len(keys), len(queries)]`` (rows keys, like paper mode), float64.
+    """Exact importance ``[len(queries), len(keys)]`` (rows queries, as everywhere), float64.
 
     Σ_n ∂act_n/∂m_qk at m = 1 for the real activation of output feature ``feature`` at
     ``positions[n]`` of ``tokens[n]``, with m_qk scaling the (q, k) feature-pair terms of the
@@ -179,16 +179,16 @@ def exact_importance(
     h, query_acts, key_acts = _exact_factors(
         model, input_sae, output_sae, feature, tokens, positions, queries, keys, batch_size
     )
-    return _pair_importance(h, input_sae, keys, queries, key_acts, query_acts)[0]
+    return _pair_importance(h, input_sae, queries, keys, query_acts, key_acts)[0]
 
 
 def _pair_importance(
-    h: HeadWeights, input_sae: InputSAE, keys: Tensor, queries: Tensor, key_acts: Tensor, query_acts: Tensor
+    h: HeadWeights, input_sae: InputSAE, queries: Tensor, keys: Tensor, query_acts: Tensor, key_acts: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(importance ``[|K|, |Q|]`` = A × (key_acts · query_acts), query projections, key projections)."""
+    """(importance ``[|Q|, |K|]`` = A × (query_acts · key_acts), query projections, key projections)."""
     query_proj, _ = h.projections(input_sae.W_dec[queries])
     _, key_proj = h.projections(input_sae.W_dec[keys])
-    return (key_proj @ query_proj.T) * (key_acts @ query_acts.T), query_proj, key_proj
+    return (query_proj @ key_proj.T) * (query_acts @ key_acts.T), query_proj, key_proj
 
 
 @dataclass(frozen=True)
@@ -199,7 +199,7 @@ class ExactTerms:
     g_{n,i} = gate_n α_{t i} (s_i − ŝ) / attn_scale (i ≤ t_n, t = t_n), qc / kc the query / key
     component vectors (b_dec W̄/σ, e W̄/σ, b) and P_Q, P_K = d W̄_Q, d W̄_K:
 
-    - ``features[k, q]`` = Σ_n Σ_i g_{n,i} (f_{n,t,q} P_Q[q]/σ_{n,t})·(f_{n,i,k} P_K[k]/σ_{n,i}),
+    - ``features[q, k]`` = Σ_n Σ_i g_{n,i} (f_{n,t,q} P_Q[q]/σ_{n,t})·(f_{n,i,k} P_K[k]/σ_{n,i}),
       the same as :func:`exact_importance`;
     - ``query_pseudo[c, k]`` = Σ_n Σ_i g_{n,i} qc_{n,t}·(f_{n,i,k} P_K[k]/σ_{n,i}): the importance
       of (query component c at t_n) × (key feature k at every i ≤ t_n);
@@ -218,7 +218,7 @@ class ExactTerms:
     NaN where the feature is never present.
     """
 
-    features: Tensor  # [|K|, |Q|]
+    features: Tensor  # [|Q|, |K|]
     query_pseudo: Tensor  # [len(PSEUDO), |K|]
     key_pseudo: Tensor  # [len(PSEUDO), |Q|]
     query_pseudo_score: Tensor  # [len(PSEUDO), |K|]
@@ -230,8 +230,8 @@ def exact_importance_terms(
     input_sae: InputSAE,
     output_sae: OutputSAE,
     feature: int,
-    keys: Tensor,
     queries: Tensor,
+    keys: Tensor,
     tokens: Tensor,
     positions: Tensor,
     *,
@@ -247,7 +247,7 @@ def exact_importance_terms(
     h, query_acts, key_acts, sums = _exact_pass(
         model, input_sae, output_sae, feature, tokens, positions, queries, keys, batch_size, pseudo=True
     )
-    features, query_proj, key_proj = _pair_importance(h, input_sae, keys, queries, key_acts, query_acts)
+    features, query_proj, key_proj = _pair_importance(h, input_sae, queries, keys, query_acts, key_acts)
 
     def against(weights: Tensor, vectors: Tensor, proj: Tensor) -> Tensor:
         """``[P, F]``: Σ_n weights[f, n] (vectors[n, p]·proj[f]), without an [N, P, F] intermediate."""

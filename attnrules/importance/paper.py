@@ -63,14 +63,15 @@ def _exemplar_factors(
 def paper_importance(
     circuit: HeadCircuit,
     feature: int,
-    keys: torch.Tensor,
     queries: torch.Tensor,
+    keys: torch.Tensor,
     acts: torch.Tensor,
     positions: torch.Tensor,
     *,
     loss_type: LossType = "activation",
 ) -> torch.Tensor:
-    """REF's importance matrix ``[len(keys), len(queries)]`` (rows keys, columns queries).
+    """REF's importance matrix, as ``[len(queries), len(keys)]`` (rows queries: the one order of every
+    attnrules function; REF's own matrix is its transpose).
 
     ``keys``/``queries`` are the candidate input features (REF: the unique keys and queries of the
     candidate table; the importance is over their cross product); the value features are ``keys``.
@@ -90,7 +91,7 @@ def paper_importance(
     logits = torch.einsum("ntk,nk->nt", key_acts, query_acts @ kq.T)  # [N, T]
     relu_bias = circuit.out_bias[feature] if loss_type == "post_activation" else None
     r = _exemplar_factors(key_acts, key_vals, logits, positions, relu_bias)
-    return kq * (r.T @ query_acts)
+    return (kq * (r.T @ query_acts)).T
 
 
 def exemplar_factors_all_pairs(

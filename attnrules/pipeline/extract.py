@@ -88,16 +88,15 @@ def extract_feature(
     table = candidate_table(circuit, feature, num_values=settings.num_values, num_queries=settings.num_queries,
                             negative_values=settings.negative_values, backend=settings.backend)
     queries, keys = _first_appearance(table.queries), _first_appearance(table.keys)
-    # the importance helpers take REF's (keys, queries) order; ours is (queries, keys), as the engine's
-    importance = paper_importance(circuit, feature, keys, queries, *train, loss_type=settings.loss_type)
+    importance = paper_importance(circuit, feature, queries, keys, *train, loss_type=settings.loss_type)
     builders = {
         "weights": lambda n: rules_from_weights(table, n),
-        "importance": lambda n: rules_from_importance(circuit, feature, keys, queries, importance, n,
+        "importance": lambda n: rules_from_importance(circuit, feature, queries, keys, importance, n,
                                                       absolute=settings.absolute),
     }
     if exact is not None:
         terms = exact(queries, keys)
-        builders["exact"] = lambda n: rules_from_exact(circuit, feature, keys, queries, terms, n,
+        builders["exact"] = lambda n: rules_from_exact(circuit, feature, queries, keys, terms, n,
                                                        absolute=settings.absolute)
     grid = n_terms_grid(settings.max_rules)
     points, rules = [], {}
@@ -377,7 +376,7 @@ def extract_one(
     train = TrainExemplars(tokens[ex.train.sequence], ex.train.position, acts["train"], ex.train.positive)
 
     def exact_terms(queries: torch.Tensor, keys: torch.Tensor) -> ExactTerms:
-        return exact_importance_terms(model, input_sae, output_sae, g, keys, queries, tokens=train.tokens,
+        return exact_importance_terms(model, input_sae, output_sae, g, queries, keys, tokens=train.tokens,
                                       positions=train.positions, batch_size=batch)
 
     found = steps.run("rules", lambda: extract_feature(

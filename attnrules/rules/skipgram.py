@@ -138,26 +138,33 @@ def rules_from_weights(table: PairTable, n: int) -> SkipgramRuleSet:
     return SkipgramRuleSet(table.feature_name, top.queries, top.keys, top.attn_score, top.value_score, 2, "weights")
 
 
+def _selected_cells(importance: torch.Tensor, n: int, absolute: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of the N cells REF selects (:func:`attnrules.importance.select_terms`), strongest
+    first, ties in row-major order."""
+    selected = select_terms(importance, n, absolute=absolute)
+    ranking = importance.abs() if absolute else importance
+    rows, cols = torch.nonzero(selected, as_tuple=True)
+    order = torch.sort(ranking[rows, cols], descending=True, stable=True).indices
+    return rows[order], cols[order]
+
+
 def rules_from_importance(
     circuit: HeadCircuit,
     feature: int,
-    keys: torch.Tensor,
     queries: torch.Tensor,
+    keys: torch.Tensor,
     importance: torch.Tensor,
     n: int,
     *,
     absolute: bool = True,
     method: str = "importance",
 ) -> SkipgramRuleSet:
-    """REF's gradient-based rule: the pairs of the K × Q cross product selected from the importance
-    matrix ``[len(keys), len(queries)]`` (:func:`attnrules.importance.select_terms`), ranked by it.
-    ``method`` labels where the importances came from ("importance": paper mode, "exact": exact mode)."""
-    selected = select_terms(importance, n, absolute=absolute)
-    ranking = importance.abs() if absolute else importance
-    rows, cols = torch.nonzero(selected, as_tuple=True)
-    order = torch.sort(ranking[rows, cols], descending=True, stable=True).indices
-    rows, cols = rows[order], cols[order]
-    q, k = queries[cols], keys[rows]
+    """REF's gradient-based rule: the pairs of the Q × K cross product selected from the importance
+    matrix ``[len(queries), len(keys)]`` (:func:`attnrules.importance.select_terms`), ranked by it
+    (ties by the lower (query, key) position). ``method`` labels where the importances came from
+    ("importance": paper mode, "exact": exact mode)."""
+    rows, cols = _selected_cells(importance, n, absolute)
+    q, k = queries[rows], keys[cols]
     return SkipgramRuleSet(
         circuit.feature_name(feature), q, k, attn_scores(circuit, q, k), value_scores(circuit, feature)[k], 1, method
     )
@@ -166,8 +173,8 @@ def rules_from_importance(
 def rules_from_exact(
     circuit: HeadCircuit,
     feature: int,
-    keys: torch.Tensor,
     queries: torch.Tensor,
+    keys: torch.Tensor,
     terms: ExactTerms,
     n: int,
     *,
@@ -175,26 +182,23 @@ def rules_from_exact(
     rel_tol: float = EXACT_REL_TOL,
 ) -> SkipgramRuleSet:
     """Exact-mode rule: N terms chosen as REF chooses (:func:`attnrules.importance.select_terms`) among
-    the feature pairs of the K × Q cross product and the pseudo-feature terms (pseudo query × key
+    the feature pairs of the Q × K cross product and the pseudo-feature terms (pseudo query × key
     feature, query feature × pseudo key; pseudo-features per :data:`PSEUDO_IDS`), ranked by exact
     importance. A pseudo term's ``attn_score``
     is its mean real-logit contribution and its ``value_score`` the key's (NaN for a pseudo key)."""
-    n_k, n_q, n_p = len(keys), len(queries), len(PSEUDO_IDS)
+    n_q, n_k, n_p = len(queries), len(keys), len(PSEUDO_IDS)
     ids = torch.tensor(list(PSEUDO_IDS), dtype=torch.long)
-    importance = torch.zeros(n_k + n_p, n_q + n_p, dtype=torch.float64)
+    # rows: the queries, then the pseudo queries; columns: the keys, then the pseudo keys
+    importance = torch.zeros(n_q + n_p, n_k + n_p, dtype=torch.float64)
     score = torch.zeros_like(importance)
-    importance[:n_k, :n_q] = terms.features
-    importance[:n_k, n_q:] = _rule_pseudo(terms.query_pseudo).T
-    importance[n_k:, :n_q] = _rule_pseudo(terms.key_pseudo)
-    score[:n_k, :n_q] = attn_scores(circuit, queries[None, :], keys[:, None]).double()
-    score[:n_k, n_q:] = _rule_pseudo(terms.query_pseudo_score).T
-    score[n_k:, :n_q] = _rule_pseudo(terms.key_pseudo_score)
-    selected = select_terms(importance, n, absolute=absolute)
-    ranking = importance.abs() if absolute else importance
-    rows, cols = torch.nonzero(selected, as_tuple=True)
-    order = torch.sort(ranking[rows, cols], descending=True, stable=True).indices
-    rows, cols = rows[order], cols[order]
-    q, k = torch.cat([queries, ids])[cols], torch.cat([keys, ids])[rows]
+    importance[:n_q, :n_k] = terms.features
+    importance[n_q:, :n_k] = _rule_pseudo(terms.query_pseudo)
+    importance[:n_q, n_k:] = _rule_pseudo(terms.key_pseudo).T
+    score[:n_q, :n_k] = attn_scores(circuit, queries[:, None], keys[None, :]).double()
+    score[n_q:, :n_k] = _rule_pseudo(terms.query_pseudo_score)
+    score[:n_q, n_k:] = _rule_pseudo(terms.key_pseudo_score).T
+    rows, cols = _selected_cells(importance, n, absolute)
+    q, k = torch.cat([queries, ids])[rows], torch.cat([keys, ids])[cols]
     values = value_scores(circuit, feature).double()[k.clamp(min=0)]
     values = torch.where(k < 0, torch.full_like(values, float("nan")), values)
     return SkipgramRuleSet(
