@@ -120,7 +120,10 @@ class HeadCircuit:
         return cls(decoder @ W_Q, decoder @ W_K, decoder @ W_V, out_encoder, out_bias, layer, head)
 
     @classmethod
-    def from_model(cls, model: HookedTransformer, input_sae: InputSAE, output_sae: OutputSAE, *, layer: Optional[int] = None, head: Optional[int] = None) -> "HeadCircuit":
+    def from_model(
+        cls, model: HookedTransformer, input_sae: InputSAE, output_sae: OutputSAE, *, layer: Optional[int] = None,
+        head: Optional[int] = None,
+    ) -> "HeadCircuit":
         """From a processed HookedTransformer, an :class:`~attnrules.sources.InputSAE` and an
         :class:`~attnrules.sources.OutputSAE` — or sae_lens SAEs of matching shapes — (layer and head
         default to the output SAE's)."""

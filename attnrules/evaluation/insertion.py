@@ -85,7 +85,10 @@ def check_distractors(
     return [dataclasses.replace(rule, checks=tuple(c)) for rule, c in zip(rules, checks)]
 
 
-def _probe(model: HookedTransformer, output_sae: OutputSAE, feature: int, tokens: torch.Tensor, positions: torch.Tensor, runs, batch_size: int):
+def _probe(
+    model: HookedTransformer, output_sae: OutputSAE, feature: int, tokens: torch.Tensor, positions: torch.Tensor,
+    runs, batch_size: int,
+):
     """For each (rows, key positions, token) run: the exemplars (token None) or the exemplars with
     ``token`` inserted once after BOS; per exemplar the activation at the (moved) query, the real
     logits query → key and query → inserted token (position 1), and their values projected on u."""
@@ -243,7 +246,9 @@ def feature_tokens(model: HookedTransformer, input_sae: InputSAE, features: Sequ
     return {int(c): (int(a) if v > 0 else None) for c, a, v in zip(cols, arg, best)}
 
 
-def insert_copies(tokens: torch.Tensor, positions: torch.Tensor, token_id: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def insert_copies(
+    tokens: torch.Tensor, positions: torch.Tensor, token_id: int, n: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """REF's insertion: ``n`` copies of ``token_id`` right after BOS, the scored position moves by n,
     sequences whose position falls off the end are dropped, the rest truncated to the length.
 

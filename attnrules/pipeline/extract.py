@@ -18,7 +18,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import pandas as pd
 import torch
@@ -54,6 +54,11 @@ from attnrules.rules.absence import absence_rules, paper_distractor, significant
 from attnrules.rules.descriptions import InputDescriptions, describe_input_features, token_strings
 from attnrules.scoring import PairTable, candidate_table, rank_all_pairs, value_scores
 from attnrules.sources import as_sources
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+    from attnrules.sources import InputSAE, OutputSAE
 
 
 def _capped(name: str, asked: int, available: int, notes: list[str]) -> int:
@@ -122,7 +127,7 @@ class TokenLookup:
     for a run: REF's embedding argmax at layer 0, the feature's real activation on [BOS, t] above it
     (:func:`attnrules.evaluation.insertion.feature_tokens`)."""
 
-    def __init__(self, model, input_sae, bos: int) -> None:
+    def __init__(self, model: HookedTransformer, input_sae: InputSAE, bos: int) -> None:
         self.model, self.input_sae, self.bos = model, input_sae, bos
         self.mode = "paper" if input_sae.layer == 0 else "activation"
         self.known: dict[int, Optional[int]] = {}
@@ -143,14 +148,15 @@ class TokenLookup:
         return self.known[feature]
 
 
-def bos_token(model, tokens: torch.Tensor) -> int:
+def bos_token(model: HookedTransformer, tokens: torch.Tensor) -> int:
     """The BOS id: the tokenizer's, else the most common first token of the corpus."""
     bos = getattr(model.tokenizer, "bos_token_id", None) if model.tokenizer is not None else None
     return int(bos) if bos is not None else int(torch.mode(tokens[:, 0]).values)
 
 
 def beyond_skipgrams(
-    model, input_sae, output_sae, circuit: HeadCircuit, feature: int, rule_sets: dict[str, SkipgramRuleSet],
+    model: HookedTransformer, input_sae: InputSAE, output_sae: OutputSAE, circuit: HeadCircuit, feature: int,
+    rule_sets: dict[str, SkipgramRuleSet],
     tokens: torch.Tensor, act_max: torch.Tensor, train: TrainExemplars, settings: ExtractSettings,
     describe: InputDescriptions, token_of: TokenLookup, steps: "FeatureSteps",
 ) -> dict:
@@ -256,9 +262,9 @@ def exhaustive_pairs(
 
 
 def extract_head(
-    model,
-    input_sae,
-    output_sae,
+    model: HookedTransformer,
+    input_sae: InputSAE,
+    output_sae: OutputSAE,
     tokens: torch.Tensor,
     *,
     settings: ExtractSettings = ExtractSettings(),
@@ -362,7 +368,8 @@ def extract_head(
 
 
 def extract_one(
-    model, input_sae, output_sae, circuit: HeadCircuit, g: int, tokens: torch.Tensor, scan: FeatureScan, ex,
+    model: HookedTransformer, input_sae: InputSAE, output_sae: OutputSAE, circuit: HeadCircuit, g: int,
+    tokens: torch.Tensor, scan: FeatureScan, ex,
     settings: ExtractSettings, describe: InputDescriptions, token_of: TokenLookup,
 ) -> FeatureResult:
     """Every step for one output feature; a step that fails is recorded in the result (step, error)."""
@@ -402,9 +409,11 @@ def extract_one(
 
 
 def distractor_evidence(
-    model, input_sae, output_sae, tokens: torch.Tensor, flagged: list[FeatureResult], settings: ExtractSettings,
+    model: HookedTransformer, input_sae: InputSAE, output_sae: OutputSAE, tokens: torch.Tensor,
+    flagged: list[FeatureResult], settings: ExtractSettings,
     progress: bool,
 ) -> list[DistractorEvidence]:
+
     """For features with a REF distractor key: natural prevalence over the corpus (one shared pass) and
     counterfactual insertion of the distractor's token into its no-distractor examples (§6.2–6.3)."""
     if not flagged:

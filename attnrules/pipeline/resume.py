@@ -36,13 +36,19 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 
 from attnrules.exemplars import FeatureScan
 from attnrules.files import clean_temporaries, write_json, write_torch
 from attnrules.pipeline.results import HEAD_FILES, MARKER_FILE, RESULTS_FILE, FeatureResult, HeadResult, RunInfo
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+    from attnrules.sources import InputSAE, OutputSAE
+
 
 RUN_FILE = "RUN.json"
 SCAN_FILE = "scan.pt"
@@ -158,7 +164,7 @@ class InputHashes:
     settings: str
 
     @classmethod
-    def of(cls, model, input_sae, output_sae, tokens: torch.Tensor, settings, *, model_hash: Optional[str] = None,
+    def of(cls, model: HookedTransformer, input_sae: InputSAE, output_sae: OutputSAE, tokens: torch.Tensor, settings, *, model_hash: Optional[str] = None,
            corpus_hash: Optional[str] = None, input_sae_hash: Optional[str] = None) -> "InputHashes":
         """Hash the inputs (those already hashed in this run may be passed in)."""
         return cls(model_hash or hash_model(model), input_sae_hash or hash_input_sae(input_sae),

@@ -9,12 +9,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import torch
 
 from attnrules.sources import check_compatible, check_head, check_tokens, load_head_sae, load_input_sae, load_layer_z_sae, load_model, tokenize_corpus
 from attnrules.toy import build_toy, build_toy_ln
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
 
 TOY = "toy"
 TOY_LN = "toy-ln"  # the planted model's variant with LayerNorm and biases, where paper mode is misled
@@ -73,7 +77,7 @@ def read_token_file(path: Path) -> torch.Tensor:
     return tokens
 
 
-def load_corpus(path: Path, model, *, n_sequences: int, seq_len: int) -> torch.Tensor:
+def load_corpus(path: Path, model: HookedTransformer, *, n_sequences: int, seq_len: int) -> torch.Tensor:
     """Token ids from a ``.pt`` tensor ``[n, T]``, or text (one document per line, UTF-8) chunked as REF does.
     A file that cannot be used is a :class:`CorpusError` naming it and what was expected."""
     path = Path(path)

@@ -40,7 +40,9 @@ def token_strings(model) -> list[str]:
     return [(t or "").replace("Ġ", " ").replace("Ċ", "\\n").strip() or repr(t) for t in raw]
 
 
-def describe_input_features(model: HookedTransformer, input_sae: InputSAE, *, k: int = 3, max_pos: int = 128, backend: str = "auto") -> InputDescriptions:
+def describe_input_features(
+    model: HookedTransformer, input_sae: InputSAE, *, k: int = 3, max_pos: int = 128, backend: str = "auto",
+) -> InputDescriptions:
     """Descriptions of every input feature of ``input_sae`` (see the module docstring)."""
     n = input_sae.n_features
     if input_sae.layer > 0:

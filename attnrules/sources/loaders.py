@@ -13,7 +13,7 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import torch
@@ -21,6 +21,9 @@ from torch import Tensor
 
 from attnrules.sources.model import _check_int
 from attnrules.sources.saes import _HOOK_Z, InputSAE, OutputSAE
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 _VERSION = re.compile(r"_v(\d+)$")
 # Files of a sae_lens SAE folder (sae_lens.constants SAE_CFG_FILENAME / SAE_WEIGHTS_FILENAME).
@@ -431,7 +434,7 @@ def _load_hf_folder(arg: str, path: Path, data: dict[str, Any], *, device: str, 
     return model.eval()
 
 
-def save_model(model: Any, folder: str | os.PathLike, *, weights: str = "safetensors") -> Path:
+def save_model(model: HookedTransformer, folder: str | os.PathLike, *, weights: str = "safetensors") -> Path:
     """Write ``model`` (a ``HookedTransformer``) to a new or empty ``folder`` that :func:`load_model` reads.
 
     The folder holds ``config.json`` (every ``HookedTransformerConfig`` field, dtypes by name, plus

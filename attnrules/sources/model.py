@@ -2,10 +2,13 @@
 by default (LayerNorm folded, writing weights centred, value biases folded), checked or applied."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 
 def _check_int(name: str, value: Any, *, low: int = 0, below: int | None = None, what: str = "") -> None:
@@ -16,14 +19,15 @@ def _check_int(name: str, value: Any, *, low: int = 0, below: int | None = None,
         bound = f"{low}..{below - 1}" if below is not None else f">= {low}"
         raise ValueError(f"{name}={value} is out of range: {what}valid range is {bound}")
 
-def check_head(model: Any, layer: int, head: int) -> None:
+
+def check_head(model: HookedTransformer, layer: int, head: int) -> None:
     """Raise ValueError unless (layer, head) names a head of ``model``."""
     cfg = model.cfg
     _check_int("layer", layer, below=cfg.n_layers, what=f"the model has {cfg.n_layers} layers, ")
     _check_int("head", head, below=cfg.n_heads, what=f"the model has {cfg.n_heads} heads per layer, ")
 
 
-def _writing_weights(model: Any) -> dict[str, Tensor]:
+def _writing_weights(model: HookedTransformer) -> dict[str, Tensor]:
     """The weights that write to the residual stream, by name (what ``center_writing_weights`` centres)."""
     weights = {"W_E": model.embed.W_E}
     if hasattr(model, "pos_embed") and hasattr(model.pos_embed, "W_pos"):
@@ -37,7 +41,7 @@ def _writing_weights(model: Any) -> dict[str, Tensor]:
     return weights
 
 
-def _processing_problems(model: Any) -> list[str]:
+def _processing_problems(model: HookedTransformer) -> list[str]:
     """What differs from ``from_pretrained``'s default processing (empty when processed)."""
     from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
@@ -68,7 +72,7 @@ def _processing_problems(model: Any) -> list[str]:
     return problems
 
 
-def check_processed(model: Any) -> None:
+def check_processed(model: HookedTransformer) -> None:
     """Raise ValueError unless ``model`` is processed as the SAEs expect.
 
     The SAEs were trained on ``HookedTransformer.from_pretrained``'s default processing: LayerNorm
@@ -84,7 +88,7 @@ def check_processed(model: Any) -> None:
         )
 
 
-def process_model(model: Any) -> Any:
+def process_model(model: HookedTransformer) -> HookedTransformer:
     """Apply ``from_pretrained``'s default weight processing in place and return ``model``.
 
     A no-op on an already processed model; a partly processed one gets the missing steps.

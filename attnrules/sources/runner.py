@@ -8,9 +8,12 @@
 from __future__ import annotations
 
 import sys
-from typing import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 
 def _progress(iterable: Iterable, total: int, desc: str, show: bool):
@@ -37,7 +40,7 @@ def check_tokens(tokens: torch.Tensor, model) -> torch.Tensor:
 
 
 def tokenize_corpus(
-    model, texts: Iterable[str], *, seq_len: int = 64, n_sequences: int = 50_000, max_chunks_per_doc: int = 16
+    model: HookedTransformer, texts: Iterable[str], *, seq_len: int = 64, n_sequences: int = 50_000, max_chunks_per_doc: int = 16
 ) -> torch.Tensor:
     """REF's contiguous chunks: each document tokenised with BOS (and truncated to the model's context,
     as ``to_tokens`` does), documents shorter than ``seq_len``
@@ -69,7 +72,7 @@ def hook_names(layer: int) -> tuple[str, str]:
 
 
 def run_batches(
-    model, tokens: torch.Tensor, layer: int, names: Sequence[str], *, batch_size: int, desc: str, progress: bool
+    model: HookedTransformer, tokens: torch.Tensor, layer: int, names: Sequence[str], *, batch_size: int, desc: str, progress: bool
 ) -> Iterator[tuple[slice, dict]]:
     """Run blocks 0..layer over ``tokens`` in batches, yielding (rows, {hook name: activation})."""
     tokens = check_tokens(tokens, model)

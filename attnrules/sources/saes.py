@@ -6,12 +6,16 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from attnrules.sources.model import _check_int, check_head
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
 
 _RESID_PRE = re.compile(r"blocks\.(\d+)\.hook_resid_pre")
 _HOOK_Z = re.compile(r"blocks\.(\d+)\.attn\.hook_z")
@@ -236,7 +240,7 @@ class OutputSAE:
 
 
 def as_sources(
-    model: Any, input_sae: Any, output_sae: Any, *, layer: int | None = None, head: int | None = None
+    model: HookedTransformer, input_sae: Any, output_sae: Any, *, layer: int | None = None, head: int | None = None
 ) -> tuple[InputSAE, OutputSAE]:
     """(InputSAE, OutputSAE) from our containers or from sae_lens SAEs, so that any sae_lens SAE of
     matching shapes can be passed where attnrules expects its own.
@@ -266,7 +270,9 @@ def as_sources(
                                              d_head=model.cfg.d_head)
 
 
-def check_compatible(model: Any, input_sae: InputSAE | None = None, output_sae: OutputSAE | None = None) -> None:
+def check_compatible(
+    model: HookedTransformer, input_sae: InputSAE | None = None, output_sae: OutputSAE | None = None,
+) -> None:
     """Raise ValueError unless the SAEs fit the model and each other.
 
     The input SAE must read ``d_model``-sized residual streams of an existing layer; the output SAE
