@@ -12,6 +12,7 @@ import torch
 import attnrules.cli as cli
 from attnrules.cli import check_backend, main
 from attnrules.pipeline.settings import ExtractSettings, InvalidSetting
+from test_cli import run as run_command
 
 
 @pytest.fixture
@@ -24,11 +25,8 @@ def no_long_work(monkeypatch):
 
 
 def run(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse's own errors
-        code = exc.code
-    out, err = capsys.readouterr()
+    """(exit status, stderr) of the command (tests/test_cli.py runs it)."""
+    code, _, err = run_command(argv, capsys)
     return code, err
 
 
