@@ -52,3 +52,14 @@ def test_a_failing_step_is_recorded_and_the_run_completes(toy, monkeypatch, tmp_
                          out_dir=tmp_path, progress=False)
     assert again.metadata["failed_steps"] == 0 and all(f.rules for f in again.features)
     assert again.run.computed == ("L0H0.2", "L0H0.3") and again.run.reused == ("L0H0.0", "L0H0.1")
+
+
+def test_exhaustive_k_above_the_number_of_pairs_is_capped_with_a_note(toy):
+    n_pairs = toy.input_sae.n_features ** 2
+    settings = ExtractSettings(features=(0,), max_rules=4, exhaustive_k=n_pairs + 5, show_exemplars=0, exact=False,
+                               counting=False)
+    with pytest.warns(UserWarning, match=f"exhaustive_k={n_pairs + 5} capped to {n_pairs}"):
+        result = extract_head(toy.model, toy.input_sae, toy.output_saes[0], toy.corpus(600), settings=settings,
+                              progress=False)
+    assert f"exhaustive_k={n_pairs + 5} capped to {n_pairs} (the number of (query, key) pairs)" in result.metadata["notes"]
+    assert result.metadata["settings"]["exhaustive_k"] == n_pairs

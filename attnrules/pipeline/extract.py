@@ -61,10 +61,11 @@ if TYPE_CHECKING:
     from attnrules.sources import InputSAE, OutputSAE
 
 
-def _capped(name: str, asked: int, available: int, notes: list[str]) -> int:
+def _capped(name: str, asked: int, available: int, notes: list[str], what: str = "the number of input features") -> int:
+    """``asked``, or ``available`` when it is larger, with a warning and a note saying so."""
     if asked <= available:
         return asked
-    message = f"{name}={asked} capped to {available} (the number of input features)"
+    message = f"{name}={asked} capped to {available} ({what})"
     warnings.warn(message, stacklevel=3)
     notes.append(message)
     return available
@@ -305,6 +306,8 @@ def extract_head(
         settings,
         num_values=_capped("num_values", settings.num_values, circuit.n_inputs, notes),
         num_queries=_capped("num_queries", settings.num_queries, circuit.n_inputs, notes),
+        exhaustive_k=_capped("exhaustive_k", settings.exhaustive_k, circuit.n_inputs**2, notes,
+                             "the number of (query, key) pairs"),
     )
     scan_state = "given"
     if scan is None:
