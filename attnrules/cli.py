@@ -466,7 +466,7 @@ def run_extract(args: argparse.Namespace, notes: Notes) -> int:
         print(result.summary())
         for note in result.metadata["notes"]:
             notes.say(note)
-        print(f"wrote {out_dir}/results.json and rules, metrics, pairs, absence, counting .csv\n")
+        print(f"wrote {out_dir}/results.json and rules, metrics, pairs, absence, distractor_checks, counting .csv\n")
     return 0
 
 
