@@ -126,7 +126,17 @@ class HeadCircuit:
     ) -> "HeadCircuit":
         """From a processed HookedTransformer, an :class:`~attnrules.sources.InputSAE` and an
         :class:`~attnrules.sources.OutputSAE` — or sae_lens SAEs of matching shapes — (layer and head
-        default to the output SAE's)."""
+        default to the output SAE's).
+
+        Rotary models are refused: there the attention score of a feature pair depends on the
+        query-key offset (A_δ = d_q W_Q R_δ (d_k W_K)ᵀ), so paper mode's offset-free score would be
+        wrong, not just approximate; offset-aware scoring is not built yet."""
+        if getattr(model.cfg, "positional_embedding_type", "standard") == "rotary":
+            raise ValueError(
+                "model uses rotary positions (cfg.positional_embedding_type='rotary'): a feature pair's attention "
+                "score depends on the query-key offset there, and attnrules scores pairs without offsets, which "
+                "would be wrong for this model; rotary heads are not supported yet"
+            )
         input_sae, output_sae = sources.as_sources(model, input_sae, output_sae, layer=layer, head=head)
         layer = output_sae.layer if layer is None else layer
         head = output_sae.head if head is None else head
