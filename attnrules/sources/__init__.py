@@ -23,12 +23,13 @@ from attnrules.sources.loaders import (
     load_model,
     save_model,
 )
-from attnrules.sources.model import check_head, check_processed, process_model
+from attnrules.sources.model import attention_window, check_head, check_processed, kv_head, process_model
 from attnrules.sources.runner import check_tokens, hook_names, run_batches, tokenize_corpus
 from attnrules.sources.saes import InputSAE, OutputSAE, as_sources, check_compatible
 
 __all__ = [
-    "InputSAE", "OutputSAE", "SourceUnavailableError", "TL_FORMAT", "as_sources", "check_compatible", "check_head",
+    "InputSAE", "OutputSAE", "SourceUnavailableError", "TL_FORMAT", "as_sources", "attention_window", "check_compatible",
+    "check_head", "kv_head",
     "check_processed", "check_tokens", "find_head_sae_checkpoint", "hook_names", "load_head_sae",
     "load_input_sae", "load_layer_z_sae", "load_model", "process_model", "run_batches", "save_model",
     "tokenize_corpus",

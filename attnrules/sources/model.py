@@ -27,6 +27,22 @@ def check_head(model: HookedTransformer, layer: int, head: int) -> None:
     _check_int("head", head, below=cfg.n_heads, what=f"the model has {cfg.n_heads} heads per layer, ")
 
 
+def kv_head(model: HookedTransformer, head: int) -> int:
+    """The key/value head that query head ``head`` reads: h // (n_heads / n_key_value_heads) under
+    grouped-query attention (transformer_lens repeats each key/value head that many times), else h."""
+    n_kv = model.cfg.n_key_value_heads
+    return head if n_kv is None else head // (model.cfg.n_heads // n_kv)
+
+
+def attention_window(model: HookedTransformer, layer: int) -> int | None:
+    """The sliding window of layer ``layer``'s heads: a query attends to keys up to window − 1 tokens
+    back (transformer_lens ``use_local_attn`` with ``attn_type == "local"``), None for global attention."""
+    attn = model.blocks[layer].attn
+    if getattr(attn, "attn_type", "global") != "local":
+        return None
+    return int(model.cfg.window_size)
+
+
 def _writing_weights(model: HookedTransformer) -> dict[str, Tensor]:
     """The weights that write to the residual stream, by name (what ``center_writing_weights`` centres)."""
     weights = {"W_E": model.embed.W_E}
