@@ -16,7 +16,7 @@ the flags ``HookedTransformer.from_pretrained`` uses by default for that archite
 
 API (also reused by end-to-end tests)::
 
-    build_family(name) -> HookedTransformer   # processed, eval mode, cached per name
+    build_family(name, processed=True) -> HookedTransformer   # eval mode, cached per (name, processed)
     family_saes(model, layer, head, seed=0, n_in=30, n_out=5) -> (InputSAE, OutputSAE)
     FAMILIES: dict name -> builder (each builder returns a fresh processed model)
     family_tokens(model, n=4, t=12, seed=0) -> [n, t] token ids
@@ -58,13 +58,16 @@ def _perturb(hf_model: torch.nn.Module, seed: int) -> None:
                 p.normal_(0.0, 0.2, generator=g)  # larger than HF's 0.02 init: logits of order 1
 
 
-def _process(cfg: HookedTransformerConfig, state_dict: dict, hf_model=None) -> HookedTransformer:
+def _process(cfg: HookedTransformerConfig, state_dict: dict, hf_model=None, processed: bool = True) -> HookedTransformer:
     """``from_pretrained``'s model construction and default processing, given a converted config
-    (with ``fold_ln`` already applied to ``normalization_type``, as get_pretrained_model_config does)."""
+    (with ``fold_ln`` already applied to ``normalization_type``, as get_pretrained_model_config does);
+    ``processed=False``: ``from_pretrained_no_processing`` instead."""
     from transformer_lens.utilities.activation_functions import softcap_enabled
     from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
-    fold_ln = center_writing_weights = center_unembed = True
+    if not processed:
+        cfg.normalization_type = cfg.normalization_type.removesuffix("Pre")
+    fold_ln = center_writing_weights = center_unembed = fold_value_biases = processed
     if cfg.original_architecture in POST_NORM_ARCHITECTURES:
         fold_ln = center_writing_weights = False
     if softcap_enabled(cfg.output_logits_soft_cap):
@@ -72,13 +75,13 @@ def _process(cfg: HookedTransformerConfig, state_dict: dict, hf_model=None) -> H
     model = HookedTransformer(cfg, move_to_device=False)
     model.load_and_process_state_dict(
         state_dict, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
-        center_unembed=center_unembed, fold_value_biases=True,
+        center_unembed=center_unembed, fold_value_biases=fold_value_biases,
     )
     HF_MODELS[id(model)] = hf_model  # the source model, for tests that compare the two
     return model.eval()
 
 
-def _through_config_file(hf_config, model_class, seed: int) -> HookedTransformer:
+def _through_config_file(hf_config, model_class, seed: int, processed: bool) -> HookedTransformer:
     """transformer_lens's own config + weight conversion of a random ``model_class(hf_config)``."""
     import transformer_lens.loading_from_pretrained as loading
 
@@ -96,40 +99,40 @@ def _through_config_file(hf_config, model_class, seed: int) -> HookedTransformer
             p.requires_grad_(False)
         state_dict = loading.get_pretrained_state_dict(folder, cfg, hf_model, dtype=torch.float32)
     cfg.tokenizer_name = None  # the temporary folder holds no tokenizer (and is gone)
-    return _process(cfg, state_dict, hf_model)
+    return _process(cfg, state_dict, hf_model, processed)
 
 
-def build_llama(seed: int = 0) -> HookedTransformer:
+def build_llama(seed: int = 0, processed: bool = True) -> HookedTransformer:
     """Llama: RMSNorm, rotary (half-split pairs), GQA (4 query heads on 2 key/value heads), gated MLP."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=N_CTX,
                       rms_norm_eps=1e-5, tie_word_embeddings=False)
-    return _through_config_file(cfg, LlamaForCausalLM, seed)
+    return _through_config_file(cfg, LlamaForCausalLM, seed, processed)
 
 
-def build_mistral(seed: int = 0) -> HookedTransformer:
+def build_mistral(seed: int = 0, processed: bool = True) -> HookedTransformer:
     """Mistral: Llama's layout with a sliding window on every layer, GQA."""
     from transformers import MistralConfig, MistralForCausalLM
 
     cfg = MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=N_CTX,
                         sliding_window=WINDOW, tie_word_embeddings=False)
-    return _through_config_file(cfg, MistralForCausalLM, seed)
+    return _through_config_file(cfg, MistralForCausalLM, seed, processed)
 
 
-def build_qwen3(seed: int = 0) -> HookedTransformer:
+def build_qwen3(seed: int = 0, processed: bool = True) -> HookedTransformer:
     """Qwen 3: QK-norm (RMS of each head's query and key, with gains), rotary, GQA."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     cfg = Qwen3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=N_CTX,
                       tie_word_embeddings=False)
-    return _through_config_file(cfg, Qwen3ForCausalLM, seed)
+    return _through_config_file(cfg, Qwen3ForCausalLM, seed, processed)
 
 
-def build_neox(seed: int = 0) -> HookedTransformer:
+def build_neox(seed: int = 0, processed: bool = True) -> HookedTransformer:
     """GPT-NeoX / Pythia: LayerNorm with biases, parallel attention + MLP, partial rotary (rotary_dim
     4 of d_head 8), query/key/value biases."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
@@ -138,12 +141,12 @@ def build_neox(seed: int = 0) -> HookedTransformer:
                         num_attention_heads=4, max_position_embeddings=N_CTX, use_parallel_residual=True,
                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
                         tie_word_embeddings=False)
-    model = _through_config_file(cfg, GPTNeoXForCausalLM, seed)
+    model = _through_config_file(cfg, GPTNeoXForCausalLM, seed, processed)
     assert model.cfg.rotary_dim == 4 and model.cfg.parallel_attn_mlp
     return model
 
 
-def _gemma(hf_config, model_class, cfg_dict: dict, seed: int) -> HookedTransformer:
+def _gemma(hf_config, model_class, cfg_dict: dict, seed: int, processed: bool) -> HookedTransformer:
     from transformer_lens.pretrained.weight_conversions import convert_gemma_weights
 
     with torch.random.fork_rng(devices=[]):
@@ -156,10 +159,10 @@ def _gemma(hf_config, model_class, cfg_dict: dict, seed: int) -> HookedTransform
     cfg = HookedTransformerConfig.from_dict(cfg_dict)
     with torch.no_grad():
         state_dict = convert_gemma_weights(hf_model, cfg)
-    return _process(cfg, state_dict, hf_model)
+    return _process(cfg, state_dict, hf_model, processed)
 
 
-def build_gemma2(seed: int = 0) -> HookedTransformer:
+def build_gemma2(seed: int = 0, processed: bool = True) -> HookedTransformer:
     """Gemma 2: RMSNorm before and after attention and MLP, GQA, attention-logit soft-capping,
     alternating sliding-window (layer 0) and global (layer 1) layers, attn_scale from
     query_pre_attn_scalar."""
@@ -180,10 +183,10 @@ def build_gemma2(seed: int = 0) -> HookedTransformer:
         "use_normalization_before_and_after": True, "original_architecture": "Gemma2ForCausalLM",
         "rotary_dim": d_head,
     }
-    return _gemma(hf_cfg, Gemma2ForCausalLM, cfg_dict, seed)
+    return _gemma(hf_cfg, Gemma2ForCausalLM, cfg_dict, seed, processed)
 
 
-def build_gemma3(seed: int = 0) -> HookedTransformer:
+def build_gemma3(seed: int = 0, processed: bool = True) -> HookedTransformer:
     """Gemma 3: Gemma 2's norms plus QK-norm, local (base 10,000, sliding window, layer 0) and global
     (base 1,000,000, layer 1) rotary; no soft-capping."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
@@ -202,7 +205,7 @@ def build_gemma3(seed: int = 0) -> HookedTransformer:
         "window_size": WINDOW, "use_local_attn": True, "attn_types": ["local", "global"],
         "original_architecture": "Gemma3ForCausalLM", "rotary_dim": d_head,
     }
-    return _gemma(hf_cfg, Gemma3ForCausalLM, cfg_dict, seed)
+    return _gemma(hf_cfg, Gemma3ForCausalLM, cfg_dict, seed, processed)
 
 
 FAMILIES: dict[str, Callable[..., HookedTransformer]] = {
@@ -216,11 +219,12 @@ FAMILIES: dict[str, Callable[..., HookedTransformer]] = {
 
 
 @functools.lru_cache(maxsize=None)
-def build_family(name: str) -> HookedTransformer:
-    """The processed tiny model of family ``name`` (one of :data:`FAMILIES`), cached: don't modify it."""
+def build_family(name: str, processed: bool = True) -> HookedTransformer:
+    """The tiny model of family ``name`` (one of :data:`FAMILIES`), processed as ``from_pretrained``
+    does by default (``processed=False``: as ``from_pretrained_no_processing``), cached: don't modify it."""
     if name not in FAMILIES:
         raise ValueError(f"unknown family {name!r}; known: {sorted(FAMILIES)}")
-    return FAMILIES[name]()
+    return FAMILIES[name](processed=processed)
 
 
 def family_saes(model: HookedTransformer, layer: int, head: int, seed: int = 0, n_in: int = 30,

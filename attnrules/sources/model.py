@@ -1,5 +1,19 @@
 """The model as the SAEs expect it: a head that exists, and the processing ``from_pretrained`` applies
-by default (LayerNorm folded, writing weights centred, value biases folded), checked or applied."""
+by default (LayerNorm folded, writing weights centred, value biases folded), checked or applied.
+
+What ``HookedTransformer.from_pretrained`` does by default, per architecture (transformer_lens 3.9),
+and so what :func:`check_processed` checks and :func:`process_model` applies:
+
+- LayerNorm models (GPT-2, GPT-NeoX/Pythia, parallel attention + MLP or not): LayerNorm folded
+  (``LNPre``), value biases folded into ``b_O``, writing weights (W_E, W_pos, W_O, MLP W_out) centred.
+- RMSNorm models (Llama, Mistral, Qwen, Gemma): RMSNorm gains folded (``RMSPre``), value biases folded;
+  nothing is centred (RMSNorm does not centre). Gemma 2/3's norms after attention and MLP
+  (``ln1_post``, ``ln2_post``) and QK-norm gains (``q_norm``, ``k_norm``) stay unfolded: from_pretrained
+  cannot fold them either.
+- Models with an output-logit soft-cap (Gemma 2): the unembedding is not centred.
+- Refused (ValueError): post-norm architectures (OLMo 2/3, which from_pretrained leaves unfolded and
+  whose heads read the unnormalised stream), shortformer positions, unknown normalisation types.
+"""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
@@ -29,9 +43,13 @@ def check_head(model: HookedTransformer, layer: int, head: int) -> None:
 
 def kv_head(model: HookedTransformer, head: int) -> int:
     """The key/value head that query head ``head`` reads: h // (n_heads / n_key_value_heads) under
-    grouped-query attention (transformer_lens repeats each key/value head that many times), else h."""
+    grouped-query attention (transformer_lens repeats each key/value head that many times), else h.
+    This indexes ``hook_k``, ``hook_v`` and ``hook_rot_k``, which hold n_key_value_heads heads, unless
+    ``cfg.ungroup_grouped_query_attention`` (then they hold all n_heads and the index is h)."""
     n_kv = model.cfg.n_key_value_heads
-    return head if n_kv is None else head // (model.cfg.n_heads // n_kv)
+    if n_kv is None or getattr(model.cfg, "ungroup_grouped_query_attention", False):
+        return head
+    return head // (model.cfg.n_heads // n_kv)
 
 
 def attention_window(model: HookedTransformer, layer: int) -> int | None:
@@ -57,10 +75,33 @@ def _writing_weights(model: HookedTransformer) -> dict[str, Tensor]:
     return weights
 
 
+_KNOWN_NORMALIZATIONS = (None, "LN", "LNPre", "RMS", "RMSPre")
+
+
+def _refuse_uncheckable(model: HookedTransformer) -> None:
+    """ValueError for models whose default processing this module does not know how to check."""
+    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+    cfg = model.cfg
+    problems = []
+    if cfg.original_architecture in POST_NORM_ARCHITECTURES:
+        problems.append(
+            f"{cfg.original_architecture} is a post-norm architecture (from_pretrained leaves its norms unfolded and "
+            "its attention reads the unnormalised residual stream)"
+        )
+    if cfg.positional_embedding_type == "shortformer":
+        problems.append("shortformer positions (from_pretrained cannot fold LayerNorm or centre weights for them)")
+    if cfg.normalization_type not in _KNOWN_NORMALIZATIONS:
+        problems.append(f"normalization_type {cfg.normalization_type!r} (known: {_KNOWN_NORMALIZATIONS})")
+    if problems:
+        raise ValueError("cannot check or apply from_pretrained's processing for this model: " + "; ".join(problems))
+
+
 def _processing_problems(model: HookedTransformer) -> list[str]:
     """What differs from ``from_pretrained``'s default processing (empty when processed)."""
     from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
+    _refuse_uncheckable(model)
     cfg = model.cfg
     problems = []
     if cfg.normalization_type in ("LN", "RMS"):
@@ -109,14 +150,17 @@ def process_model(model: HookedTransformer) -> HookedTransformer:
 
     A no-op on an already processed model; a partly processed one gets the missing steps.
     """
+    from transformer_lens.utilities.activation_functions import softcap_enabled
+
     if not _processing_problems(model):
         return model
     with torch.no_grad():
         model.load_and_process_state_dict(
             model.state_dict(),
             fold_ln=model.cfg.normalization_type in ("LN", "RMS"),
-            center_writing_weights=True,
-            center_unembed=True,
+            center_writing_weights=True,  # transformer_lens centres only LayerNorm models without final_rms
+            # from_pretrained does not centre W_U under an output soft-cap (tanh is not shift-invariant)
+            center_unembed=not softcap_enabled(model.cfg.output_logits_soft_cap),
             fold_value_biases=True,
         )
     return model
