@@ -8,6 +8,9 @@ Two operations, defined once here and implemented by every backend:
 ``dual_topk(queries, keys, query_acts [Nq, n], key_acts [Nk, n], k)``
     score(q, k) = (queries[q] · keys[k]) × (query_acts[q] · key_acts[k])  — importances.
 
+``offset_topk(queries, keys, k, cos=, sin=)`` (``offsets``)
+    rotary heads: score(q, k) = max over offset rows o of A_o(q, k) × key_weight[k], with ``offset_idx``.
+
 ``by="global"`` returns the k best pairs overall, ``by="query"`` the k best keys of every query and
 ``by="key"`` the k best queries of every key; always sorted best first, ties broken by the lower
 (query, key) index, so that every backend returns the same answer. No backend allocates Nq × Nk:
@@ -37,6 +40,7 @@ from attnrules.engine.contract import (
     dual_topk,
     pair_topk,
 )
+from attnrules.engine.offsets import OffsetTopK, offset_topk
 
 __all__ = [
     "AUTO_ORDER",
@@ -46,9 +50,11 @@ __all__ = [
     "COMMON_OPTIONS",
     "SCORE_CHOICES",
     "Capability",
+    "OffsetTopK",
     "TopK",
     "available_backends",
     "capabilities",
     "dual_topk",
+    "offset_topk",
     "pair_topk",
 ]
