@@ -17,7 +17,24 @@ preference comes from b_Q · k involves no query feature. :func:`exact_importanc
 the same pass, the importance of (pseudo query component × key feature k), Σ_n key_acts[k, n]
 (qc_{n,t}·d_k W̄_K), and of (query feature q × pseudo key component), Σ_n query_acts[q, n]
 (d_q W̄_Q·Σ_i g_{n,i} kc_{n,i}) with g_{n,i} = gate_n c_{n,i} / attn_scale; the key bias one is 0
-(Σ_i g_{n,i} = 0).
+(Σ_i g_{n,i} = 0) on a plain head.
+
+Modern attention (the decomposition of :mod:`attnrules.circuit.exact`):
+
+- sliding windows: "i ≤ t" is "i attended from t" (causal and within the window);
+- QK-norm: σ becomes σ·ρ_q on the query side and σ·ρ_k on the key side (ρ the norm's RMS at that
+  position, held fixed like σ), the gains folded into the projections;
+- soft-capping: the mask scales pre-cap terms, so c_{n,i} gains the cap's derivative
+  1 − tanh²(l/cap) = 1 − (capped/cap)², read from ``hook_attn_scores``;
+- grouped-query attention: s_i reads the key/value head of the query head;
+- rotary heads: the logit of a feature pair depends on the offset, so the importance no longer
+  factors as A(q, k) × (query_acts · key_acts). It is Σ_n Σ_i g_{n,i} a_{n,q} b_{n,i,k} A_{t_n−i}(q, k),
+  computed exactly as ONE inner product per pair over (exemplar, d_head): query_vectors[q, n] =
+  a_{n,q} R_{t_n} P_Q[q], key_vectors[k, n] = Σ_i g_{n,i} b_{n,i,k} R_i P_K[k] (R_i the model's rotation
+  at i; the sum over i folds into cos/sin-weighted sums because rotation is linear). Candidate sets
+  use it directly; the all-pairs ranking passes the vectors to ``engine.dual_topk`` as exemplar
+  factors with unit queries and keys (:func:`exact_vectors_all_pairs`: memory 2·n_in·N·d_head
+  numbers, time n_in²·N·d_head, i.e. N·d_head/(N + d_head) times the non-rotary form).
 """
 from __future__ import annotations
 
@@ -53,17 +70,20 @@ class _PseudoSums:
 
     ``query_components[n, c]`` is qc_{n,t} (component ``PSEUDO[c]`` of the query at t_n);
     ``key_gradient[n, c]`` is Σ_i g_{n,i} kc_{n,i}, with g recentred so that Σ_i g_{n,i} = 0 holds in
-    float64 (α, read in the model's dtype, sums to 1 only to its rounding: uncorrected, the key-bias
-    row would keep ŝ (1 − Σ_i α_i), ~1e-8 relative; the recentring is the same g at that level);
-    ``key_sum[n, c]`` is Σ_{i ≤ t} kc_{n,i};
-    ``key_feature_sum[k, n]`` is Σ_{i ≤ t} f_{n,i,k} / σ_{n,i} over present (f > 0) entries; and
-    ``key_present[k]`` counts the (n, i ≤ t_n) with f_{n,i,k} > 0.
+    float64 before any soft-cap factor (α, read in the model's dtype, sums to 1 only to its rounding:
+    uncorrected, the key-bias row would keep ŝ (1 − Σ_i α_i), ~1e-8 relative; the recentring is the
+    same g at that level);
+    ``key_sum[n, c]`` is Σ_{i attended} kc_{n,i};
+    ``key_feature_sum`` is Σ_{i attended} f_{n,i,k} / σ_{n,i} over present (f > 0) entries: ``[|K|, N]``,
+    or on rotary heads the vectors Σ_i f_{n,i,k} R_i P_K[k] / σ_{n,i} ``[|K|, N, d_head]``; and
+    ``key_present[k]`` counts the (n, i attended from t_n) with f_{n,i,k} > 0.
+    (qc, kc: as the logit sees them: / σ, / ρ with QK-norm, rotated at their position on rotary heads.)
     """
 
     query_components: Tensor  # [N, len(PSEUDO), d_head]
     key_gradient: Tensor  # [N, len(PSEUDO), d_head]
     key_sum: Tensor  # [N, len(PSEUDO), d_head]
-    key_feature_sum: Tensor  # [|K|, N]
+    key_feature_sum: Tensor  # [|K|, N] (rotary: [|K|, N, d_head])
     key_present: Tensor  # [|K|]
 
 
@@ -71,6 +91,37 @@ def _pseudo_components(W: Tensor, bias: Tensor, b_dec: Tensor, error: Tensor, si
     """``[..., len(PSEUDO), d_head]``: b_dec W̄ / σ, e W̄ / σ, then the bias (``error [..., d_model]``)."""
     scaled = torch.stack([(b_dec @ W).expand(*sigma.shape, -1), error @ W], -2) / sigma[..., None, None]
     return torch.cat([scaled, bias.expand(*sigma.shape, 1, -1)], -2)
+
+
+def _rotated_sum(h: HeadWeights, weights: Tensor, proj: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``[K, n, d_head]``: Σ_i weights[n, i, k] R_i proj[k] (R_i the rotation at position i), without a
+    [n, T, K, d_head] intermediate: the rotation is linear, so Σ_i w R_i p = (Σ_i w cos_i) ⊙ p + (Σ_i w sin_i) ⊙ flip(p)
+    on the rotated dimensions and (Σ_i w) p on the others."""
+    r = h.rotary_dim
+    flip = h.rotate(proj, torch.zeros_like(cos[0]), torch.ones_like(sin[0]))[:, :r]  # cos 0, sin 1: the flip
+    c = torch.einsum("nik,ir->knr", weights, cos)
+    s = torch.einsum("nik,ir->knr", weights, sin)
+    total = weights.sum(1).T  # [K, n]
+    return torch.cat([c * proj[:, None, :r] + s * flip[:, None], total[..., None] * proj[:, None, r:]], -1)
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """What one pass over the exemplars gives (float64 unless asked otherwise).
+
+    Non-rotary heads: the importance of (q, k) is A(q, k) × (query_acts[q] · key_acts[k]).
+    Rotary heads: it is query_vectors[q] · key_vectors[k] over (exemplar, d_head), with
+    query_vectors[q, n] = a_{n,q} R_{t_n} P_Q[q] and key_vectors[k, n] = Σ_i g_{n,i} b_{n,i,k} R_i P_K[k].
+    """
+
+    h: HeadWeights
+    query_acts: Tensor  # [|Q|, N] a_{n,q} = f_{n,t,q} / (σ_{n,t} ρ_q)
+    key_acts: Tensor | None  # [|K|, N] Σ_i g_{n,i} f_{n,i,k} / (σ_{n,i} ρ_k); None on rotary heads
+    query_vectors: Tensor | None  # [|Q|, N, d_head] rotary heads only
+    key_vectors: Tensor | None  # [|K|, N, d_head]
+    query_proj: Tensor  # [|Q|, d_head] exact d_q W̄_Q (QK-norm gains folded in)
+    key_proj: Tensor
+    pseudo: _PseudoSums | None
 
 
 def _exact_pass(
@@ -85,9 +136,10 @@ def _exact_pass(
     batch_size: int,
     *,
     pseudo: bool = False,
-) -> tuple[HeadWeights, Tensor, Tensor, _PseudoSums | None]:
-    """The one pass over the exemplars behind every exact importance: (head, query_acts ``[|Q|, N]``,
-    key_acts ``[|K|, N]``, and with ``pseudo`` the :class:`_PseudoSums`, else None), float64."""
+    dtype: torch.dtype = torch.float64,
+) -> _Pass:
+    """The one pass over the exemplars behind every exact importance (see :class:`_Pass`); the
+    rotary vectors are stored in ``dtype`` (float32 for the all-pairs ranking halves their memory)."""
     layer, index = output_sae.layer, output_sae.head
     sources.check_compatible(model, input_sae, output_sae)
     h = head_weights(model, input_sae, layer, index)
@@ -103,41 +155,79 @@ def _exact_pass(
     keys = slice(None) if keys is None else _check_index("keys", keys, input_sae.n_features)
     u = output_sae.head_encoder[:, feature].detach().double()
     D, b_dec = input_sae.W_dec.detach().double(), input_sae.b_dec.detach().double()
+    query_proj, _ = h.projections(D[queries])
+    _, key_proj = h.projections(D[keys])
+    kv = index if h.kv_head is None else h.kv_head
     names = [f"blocks.{layer}.hook_resid_pre"] + [f"blocks.{layer}.attn.hook_{x}" for x in ("v", "pattern", "z")]
-    query_acts, key_acts, sums = [], [], []
+    if h.soft_cap is not None:
+        names.append(f"blocks.{layer}.attn.hook_attn_scores")
+    qk_norm = h.query_gain is not None
+    rotation = h.rotation(t_len, device=input_sae.W_dec.device)
+    query_acts, key_acts, query_vectors, key_vectors, sums = [], [], [], [], []
     for rows, cache in run_batches(model, tokens, layer, names, batch_size=batch_size, desc="", progress=False):
-        x, v, pattern, z = (cache[name] for name in names)
+        x, v, pattern, z = (cache[name] for name in names[:4])
         t = positions[rows].to(x.device)
         b = torch.arange(len(t), device=x.device)
         acts = input_sae.encode(x.to(input_sae.W_dec.dtype)).double()
         sigma = h.scale(x.double())
-        scaled = acts / sigma[..., None]
+        if qk_norm:  # QK-norm's ρ is a per-position scale like σ, one per side
+            rho_q, rho_k = h.norm_scales(x.double(), sigma)
+            q_scaled, k_scaled = acts / (sigma * rho_q)[..., None], acts / (sigma * rho_k)[..., None]
+        else:
+            q_scaled = k_scaled = scaled = acts / sigma[..., None]
         alpha = pattern[b, index, t].double()  # [b, T] the real attention from t_n
-        s = v[:, :, index].double() @ u
+        s = v[:, :, kv].double() @ u
         s_hat = (alpha * s).sum(-1, keepdim=True)
         gate = output_sae.encode(z)[b, t, feature] > 0
-        causal = torch.arange(t_len, device=x.device)[None, :] <= t[:, None]
+        causal = h.allowed(t[:, None], torch.arange(t_len, device=x.device)[None, :])  # attended keys
         c = alpha * (s - s_hat) * (causal & gate[:, None]) / h.attn_scale
-        query_acts.append(scaled[b, t][:, queries].T)
-        key_acts.append(torch.einsum("btj,bt->jb", scaled[:, :, keys], c))
+        capped = 1.0
+        if h.soft_cap is not None:  # d cap·tanh(l / cap) / dl = 1 − tanh², read from the capped scores
+            scores = cache[names[4]][b, index, t].double()
+            capped = torch.where(causal, 1 - (torch.where(causal, scores, 0.0) / h.soft_cap) ** 2, 0.0)
+        g = c * capped
+        if rotation is None:
+            query_acts.append(q_scaled[b, t][:, queries].T)
+            key_acts.append(torch.einsum("btj,bt->jb", k_scaled[:, :, keys], g))
+        else:
+            cos, sin = rotation
+            a = q_scaled[b, t][:, queries].T  # [|Q|, b]
+            query_acts.append(a)
+            rotated = h.rotate(query_proj[:, None, :].expand(-1, len(t), -1), cos[t][None], sin[t][None])  # [|Q|, b, d_head]
+            query_vectors.append((a[..., None] * rotated).to(dtype))
+            key_vectors.append(_rotated_sum(h, g[:, :, None] * k_scaled[:, :, keys], key_proj, cos, sin).to(dtype))
         if pseudo:
             error = x.double() - acts @ D - b_dec
-            qc = _pseudo_components(h.W_Q, h.b_Q, b_dec, error[b, t], sigma[b, t])  # [b, P, d_head]
-            kc = _pseudo_components(h.W_K, h.b_K, b_dec, error, sigma)  # [b, T, P, d_head]
+            W_Q, W_K, b_Q, b_K = h.query_weights, h.key_weights, h.query_bias, h.key_bias
+            qc = _pseudo_components(W_Q, b_Q, b_dec, error[b, t], sigma[b, t])  # [b, P, d_head]
+            kc = _pseudo_components(W_K, b_K, b_dec, error, sigma)  # [b, T, P, d_head]
+            if qk_norm:
+                qc, kc = qc / rho_q[b, t][:, None, None], kc / rho_k[..., None, None]
+            if rotation is not None:
+                qc = h.rotate(qc, cos[t][:, None], sin[t][:, None])
+                kc = h.rotate(kc, cos[None, :, None], sin[None, :, None])
             within = causal.double()
             present = acts[:, :, keys] > 0
+            recentred = (c - alpha * c.sum(-1, keepdim=True) / alpha.sum(-1, keepdim=True)) * capped
+            if rotation is None:
+                feature_sum = torch.einsum("btj,bt->jb", scaled[:, :, keys] * present, within)
+            else:
+                feature_sum = _rotated_sum(h, within[:, :, None] * k_scaled[:, :, keys] * present, key_proj, cos, sin)
             sums.append((
                 qc,
-                torch.einsum("bi,bipd->bpd", c - alpha * c.sum(-1, keepdim=True) / alpha.sum(-1, keepdim=True), kc),
+                torch.einsum("bi,bipd->bpd", recentred, kc),
                 torch.einsum("bi,bipd->bpd", within, kc),
-                torch.einsum("btj,bt->jb", scaled[:, :, keys] * present, within),
+                feature_sum,
                 torch.einsum("btj,bt->j", present.double(), within),
             ))
     pseudo_sums = None
     if pseudo:
         qc, kg, ks, kfs, kp = zip(*sums)
         pseudo_sums = _PseudoSums(torch.cat(qc), torch.cat(kg), torch.cat(ks), torch.cat(kfs, 1), sum(kp))
-    return h, torch.cat(query_acts, 1), torch.cat(key_acts, 1), pseudo_sums
+    if rotation is None:
+        return _Pass(h, torch.cat(query_acts, 1), torch.cat(key_acts, 1), None, None, query_proj, key_proj, pseudo_sums)
+    return _Pass(h, torch.cat(query_acts, 1), None, torch.cat(query_vectors, 1), torch.cat(key_vectors, 1),
+                 query_proj, key_proj, pseudo_sums)
 
 
 def _exact_factors(
@@ -151,11 +241,15 @@ def _exact_factors(
     keys: Tensor | None,
     batch_size: int,
 ) -> tuple[HeadWeights, Tensor, Tensor]:
-    """(head, query_acts ``[|Q|, N]``, key_acts ``[|K|, N]``) in float64 (all features when None)."""
-    h, query_acts, key_acts, _ = _exact_pass(
-        model, input_sae, output_sae, feature, tokens, positions, queries, keys, batch_size
-    )
-    return h, query_acts, key_acts
+    """(head, query_acts ``[|Q|, N]``, key_acts ``[|K|, N]``) in float64 (all features when None);
+    non-rotary heads only."""
+    run = _exact_pass(model, input_sae, output_sae, feature, tokens, positions, queries, keys, batch_size)
+    if run.key_acts is None:
+        raise ValueError(
+            "on a rotary head the exact importance does not factor as A(q, k) × (query_acts · key_acts): "
+            "use exact_vectors_all_pairs (one inner product over exemplars × d_head per pair)"
+        )
+    return run.h, run.query_acts, run.key_acts
 
 
 def exact_importance(
@@ -174,21 +268,19 @@ def exact_importance(
 
     Σ_n ∂act_n/∂m_qk at m = 1 for the real activation of output feature ``feature`` at
     ``positions[n]`` of ``tokens[n]``, with m_qk scaling the (q, k) feature-pair terms of the
-    head's real logits (module docstring). The head is ``output_sae``'s.
+    head's real (pre-cap) logits (module docstring). The head is ``output_sae``'s. On a rotary head
+    every exemplar contributes at the offsets present in it: I(q, k) = Σ_n Σ_i g_{n,i} a_{n,q} b_{n,i,k}
+    A_{t_n − i}(q, k), computed as one inner product per pair over (exemplar, d_head).
     """
-    h, query_acts, key_acts = _exact_factors(
-        model, input_sae, output_sae, feature, tokens, positions, queries, keys, batch_size
-    )
-    return _pair_importance(h, input_sae, queries, keys, query_acts, key_acts)[0]
+    run = _exact_pass(model, input_sae, output_sae, feature, tokens, positions, queries, keys, batch_size)
+    return _pair_importance(run)
 
 
-def _pair_importance(
-    h: HeadWeights, input_sae: InputSAE, queries: Tensor, keys: Tensor, query_acts: Tensor, key_acts: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(importance ``[|Q|, |K|]`` = A × (query_acts · key_acts), query projections, key projections)."""
-    query_proj, _ = h.projections(input_sae.W_dec[queries])
-    _, key_proj = h.projections(input_sae.W_dec[keys])
-    return (query_proj @ key_proj.T) * (query_acts @ key_acts.T), query_proj, key_proj
+def _pair_importance(run: _Pass) -> Tensor:
+    """Importance ``[|Q|, |K|]``: A × (query_acts · key_acts), or the rotary inner products."""
+    if run.key_acts is None:
+        return run.query_vectors.flatten(1) @ run.key_vectors.flatten(1).T
+    return (run.query_proj @ run.key_proj.T) * (run.query_acts @ run.key_acts.T)
 
 
 @dataclass(frozen=True)
@@ -244,10 +336,9 @@ def exact_importance_terms(
     Each factors over exemplars like the pairs do: query_pseudo[c, k] = Σ_n key_acts[k, n]
     (qc_{n,t}·P_K[k]) and key_pseudo[c, q] = Σ_n query_acts[q, n] (P_Q[q]·Σ_i g_{n,i} kc_{n,i}).
     """
-    h, query_acts, key_acts, sums = _exact_pass(
-        model, input_sae, output_sae, feature, tokens, positions, queries, keys, batch_size, pseudo=True
-    )
-    features, query_proj, key_proj = _pair_importance(h, input_sae, queries, keys, query_acts, key_acts)
+    run = _exact_pass(model, input_sae, output_sae, feature, tokens, positions, queries, keys, batch_size, pseudo=True)
+    h, query_acts, sums = run.h, run.query_acts, run.pseudo
+    features = _pair_importance(run)
 
     def against(weights: Tensor, vectors: Tensor, proj: Tensor) -> Tensor:
         """``[P, F]``: Σ_n weights[f, n] (vectors[n, p]·proj[f]), without an [N, P, F] intermediate."""
@@ -257,14 +348,25 @@ def exact_importance_terms(
     def mean(total: Tensor, count: Tensor) -> Tensor:
         return torch.where(count > 0, total / (h.attn_scale * count.clamp(min=1)), math.nan)
 
-    t_count = positions.to(query_acts.device).double() + 1  # keys i ≤ t_n
+    t_count = positions.to(query_acts.device).double() + 1  # keys i ≤ t_n (within the window)
+    if h.window is not None:
+        t_count = t_count.clamp(max=h.window)
     query_count = (query_acts > 0).double() @ t_count
+    if run.key_acts is None:  # rotary: the feature side is a vector per exemplar, rotated where it sits
+        present = (query_acts > 0).to(run.query_vectors.dtype)[..., None]
+        return ExactTerms(
+            features,
+            torch.einsum("npd,knd->pk", sums.query_components, run.key_vectors.double()),
+            torch.einsum("qnd,npd->pq", run.query_vectors.double(), sums.key_gradient),
+            mean(torch.einsum("npd,knd->pk", sums.query_components, sums.key_feature_sum), sums.key_present),
+            mean(torch.einsum("qnd,npd->pq", (run.query_vectors * present).double(), sums.key_sum), query_count),
+        )
     return ExactTerms(
         features,
-        against(key_acts, sums.query_components, key_proj),
-        against(query_acts, sums.key_gradient, query_proj),
-        mean(against(sums.key_feature_sum, sums.query_components, key_proj), sums.key_present),
-        mean(against(query_acts * (query_acts > 0), sums.key_sum, query_proj), query_count),
+        against(run.key_acts, sums.query_components, run.key_proj),
+        against(query_acts, sums.key_gradient, run.query_proj),
+        mean(against(sums.key_feature_sum, sums.query_components, run.key_proj), sums.key_present),
+        mean(against(query_acts * (query_acts > 0), sums.key_sum, run.query_proj), query_count),
     )
 
 
@@ -279,11 +381,51 @@ def exact_factors_all_pairs(
     batch_size: int = 8,
 ) -> tuple[Tensor, Tensor]:
     """(query_acts ``[n_in, N]``, key_acts ``[n_in, N]``), float64: the exact importance of every
-    pair is A(q, k) × (query_acts[q] · key_acts[k]) with A from :func:`exact_projections`."""
+    pair is A(q, k) × (query_acts[q] · key_acts[k]) with A from :func:`exact_projections`.
+    Non-rotary heads only (a rotary head's importance does not factor: :func:`exact_vectors_all_pairs`)."""
     _, query_acts, key_acts = _exact_factors(
         model, input_sae, output_sae, feature, tokens, positions, None, None, batch_size
     )
     return query_acts, key_acts
+
+
+# Above this many bytes of per-pair vectors, the rotary all-pairs ranking refuses (use fewer exemplars).
+ROTARY_ALL_PAIRS_MAX_BYTES = 8 * 2**30
+
+
+def exact_vectors_all_pairs(
+    model: HookedTransformer,
+    input_sae: InputSAE,
+    output_sae: OutputSAE,
+    feature: int,
+    tokens: Tensor,
+    positions: Tensor,
+    *,
+    batch_size: int = 8,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[Tensor, Tensor]:
+    """(query_vectors, key_vectors) ``[n_in, N · d_head]`` of a rotary head: the exact importance of
+    every pair is their inner product,
+
+        I(q, k) = Σ_n a_{n,q} (R_{t_n} P_Q[q]) · (Σ_i g_{n,i} b_{n,i,k} R_i P_K[k]) = Σ_n Σ_i g_{n,i} a_{n,q} b_{n,i,k} A_{t_n − i}(q, k)
+
+    (R_i the model's rotation at position i, P = d W̄ with QK-norm gains, a and b the scaled
+    activations, g the softmax-gradient weights of the module docstring). Exact at every offset present
+    in the exemplars, with no table over offsets; it costs 2 · n_in · N · d_head numbers of memory
+    (``dtype``) and n_in² · N · d_head multiply-adds to rank all pairs (N · d_head / (N + d_head) times
+    the non-rotary factorised form)."""
+    n = as_token_batch(tokens, model).shape[0]
+    need = 2 * input_sae.n_features * n * model.cfg.d_head * torch.finfo(dtype).bits // 8
+    if need > ROTARY_ALL_PAIRS_MAX_BYTES:
+        raise ValueError(
+            f"the rotary all-pairs vectors would take {need / 2**30:.1f} GiB ({input_sae.n_features} features × "
+            f"{n} exemplars × d_head {model.cfg.d_head} × 2) > ROTARY_ALL_PAIRS_MAX_BYTES: use fewer exemplars, or "
+            "rank a candidate set with exact_importance"
+        )
+    run = _exact_pass(model, input_sae, output_sae, feature, tokens, positions, None, None, batch_size, dtype=dtype)
+    if run.query_vectors is None:
+        raise ValueError("exact_vectors_all_pairs is for rotary heads; use exact_factors_all_pairs")
+    return run.query_vectors.flatten(1), run.key_vectors.flatten(1)
 
 
 def rank_all_pairs_by_exact_importance(
@@ -301,7 +443,19 @@ def rank_all_pairs_by_exact_importance(
     **engine_options,
 ) -> engine.TopK:
     """The k pairs of highest exact importance among all n_in × n_in, through ``engine.dual_topk``
-    (float32, like every engine call); ``score="absolute"`` ranks by |I| as REF does by default."""
+    (float32, like every engine call); ``score="absolute"`` ranks by |I| as REF does by default.
+
+    Non-rotary heads: (A(q, k)) × (query_acts · key_acts), inner products of size d_head and N.
+    Rotary heads: the pair's inner product over (exemplar, d_head) of :func:`exact_vectors_all_pairs`,
+    passed as the exemplar factors with unit (1-dimensional, all-ones) queries and keys: exact at the
+    offsets present in each exemplar, at N · d_head / (N + d_head) times the cost."""
+    if model.cfg.positional_embedding_type == "rotary":
+        query_vectors, key_vectors = exact_vectors_all_pairs(
+            model, input_sae, output_sae, feature, tokens, positions, batch_size=batch_size, dtype=torch.float32
+        )
+        ones = torch.ones(len(query_vectors), 1, dtype=torch.float32, device=query_vectors.device)
+        return engine.dual_topk(ones, ones.clone(), query_vectors.contiguous(), key_vectors.contiguous(), k,
+                                score=score, backend=backend, **engine_options)
     query_acts, key_acts = exact_factors_all_pairs(
         model, input_sae, output_sae, feature, tokens, positions, batch_size=batch_size
     )
