@@ -63,6 +63,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from attnrules.engine import merge
@@ -102,22 +103,24 @@ class OffsetTopK(TopK):
 def table_centres(cos: torch.Tensor, sin: torch.Tensor, iters: int = _CENTRE_ITERS):
     """(centre [p, 2], ε [p], ρ [p]) of each pair's table points (cos[o, i], sin[o, i]), float64.
 
-    The centre approximates that of the smallest enclosing circle (Bădoiu–Clarkson, the best
-    iterate kept); ε is the exact largest distance from it, ρ the largest norm. Any centre is valid.
+    The centre approximates that of the smallest enclosing circle (Bădoiu–Clarkson in numpy, the
+    best iterate kept); ε is the exact largest distance from it, ρ the largest norm. Any centre is valid.
     """
-    pts = torch.stack([cos, sin], -1).transpose(0, 1)  # [p, n_off, 2]
-    rows = torch.arange(pts.shape[0], device=pts.device)
+    pts = torch.stack([cos, sin], -1).transpose(0, 1).detach().cpu().double().numpy()  # [p, n_off, 2]
+    rows = np.arange(pts.shape[0])
     z = pts.mean(1)
-    best_z, best_r = z, (pts - z[:, None]).norm(dim=-1).max(1).values
+    best_z, best_r = z, np.sqrt(((pts - z[:, None]) ** 2).sum(-1)).max(1)
     for t in range(1, iters + 1):
-        dist = (pts - z[:, None]).norm(dim=-1).max(1)
-        better = dist.values < best_r
-        best_r = torch.where(better, dist.values, best_r)
-        best_z = torch.where(better[:, None], z, best_z)
-        z = z + (pts[rows, dist.indices] - z) / (t + 1)
-    eps = (pts - best_z[:, None]).norm(dim=-1).max(1).values
-    rho = pts.norm(dim=-1).max(1).values
-    return best_z, eps, rho
+        dist = np.sqrt(((pts - z[:, None]) ** 2).sum(-1))
+        far = dist.argmax(1)
+        r = dist[rows, far]
+        better = r < best_r
+        best_r = np.where(better, r, best_r)
+        best_z = np.where(better[:, None], z, best_z)
+        z = z + (pts[rows, far] - z) / (t + 1)
+    eps = np.sqrt(((pts - best_z[:, None]) ** 2).sum(-1)).max(1)
+    rho = np.sqrt((pts**2).sum(-1)).max(1)
+    return tuple(torch.from_numpy(x).to(cos.device) for x in (best_z, eps, rho))
 
 
 @dataclass
@@ -185,17 +188,22 @@ class _Problem:
         return scores, offs
 
     @torch.no_grad()
-    def above(self, qi: torch.Tensor, ki: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(positions, float64 scores) of the pairs whose exact score may be ≥ tau.
+    def above(self, qi: torch.Tensor, ki: torch.Tensor, tau: float, k: Optional[int] = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(positions, float64 scores) of the pairs whose exact score may be ≥ tau, or (given k, for
+        distinct pairs) may be among the k best of them.
 
         Float32 scores first (when the inputs are float32): |score32 − score64| ≤ γ_{d+2p+6} ·
         2 max(1, ρ) ‖q‖‖k‖|w| (every product of the sum is bounded so), so a pair whose float32
         score is below tau by more than that is below tau exactly; the others are rescored in float64.
         """
-        if self.qx32 is not None and math.isfinite(tau):
+        if self.qx32 is not None and (math.isfinite(tau) or (k is not None and qi.numel() >= k)):
             s32, _ = self._scores(self.qx32, self.kx32, self.table32, qi, ki)
+            s32 = s32.double()
             err = self.q_scale[qi] * self.k_scale[ki]
-            pos = torch.nonzero(s32.double() + err >= tau).flatten()
+            if k is not None and qi.numel() >= k:  # distinct pairs: their k-th exact score ≥ k-th float32 − err
+                tau = max(tau, float(torch.topk(s32, k).values[-1] - err.max()))
+            pos = torch.nonzero(s32 + err >= tau).flatten()
         else:
             pos = torch.arange(qi.numel(), device=qi.device)
         s, _ = self.exact(qi[pos], ki[pos])
@@ -350,7 +358,9 @@ def _rescore(problem: _Problem, ranked: TopK, rows: Optional[torch.Tensor], best
         qi, ki = ranked.query_idx[c], ranked.key_idx[c] % nk
         if rows is not None:
             qi = rows[qi]
-        pos, s = problem.above(qi, ki, best.tau)
+        if problem.absolute:  # a pair may come through both parts: once is enough
+            _, qi, ki = _dedupe(qi * nk + ki, qi, ki)
+        pos, s = problem.above(qi, ki, best.tau, best.k)
         best.add(qi[pos] * nk + ki[pos], s)
     return False
 
@@ -381,10 +391,11 @@ def _global(problem: _Problem, k: int, backend: str, options: dict[str, Any]):
     # below the true k-th score), count the sample's bounds that reach that score, scale by Nq/R.
     # An estimate: only speed depends on it.
     m = 2 * k * parts
-    if nq > 2 * _SAMPLE_ROWS:
-        rows = torch.arange(0, nq, -(-nq // _SAMPLE_ROWS), device=problem.q_t.device)
+    n_sample = min(_SAMPLE_ROWS, nq // 8)
+    if n_sample >= 16:
+        rows = torch.arange(0, nq, -(-nq // n_sample), device=problem.q_t.device)
         k_s = min(rows.numel() * nk, math.ceil(1.25 * k * rows.numel() / nq) + 8)
-        sample, ranked = _collect(problem, rows, k_s, 16 * k_s * parts, margin, 4, backend, options)
+        sample, ranked = _collect(problem, rows, k_s, 64 * k_s * parts, margin, 4, backend, options)
         hits = int((ranked.scores.double() >= sample.tau - margin).sum())
         est = hits * nq / rows.numel()
         m = max(m, int(1.15 * est + 3 * math.sqrt(est)) + k * parts)
