@@ -25,7 +25,7 @@ from attnrules.pipeline import ExtractSettings, extract_head
 from attnrules.pipeline.settings import GROUPS as SETTING_GROUPS
 from attnrules.pipeline.settings import RUN, InvalidSetting, field_type
 from attnrules.pipeline.sweep import run_sweep as sweep
-from attnrules.pipeline.workload import TOY, TOY_LN, CorpusError, Workload, pretrained_workload, read_token_file, toy_workload
+from attnrules.pipeline.workload import TOY, TOY_LN, TOY_ROPE, TOYS, CorpusError, Workload, pretrained_workload, read_token_file, toy_workload
 from attnrules.report import write_report
 from attnrules.sources import SourceUnavailableError, find_head_sae_checkpoint
 
@@ -167,7 +167,7 @@ def _add_run_options(p: argparse.ArgumentParser, default_out: str) -> argparse.A
     """The options extract and sweep share: sources, corpus, method (from ExtractSettings), run."""
     src = p.add_argument_group("model and SAEs")
     src.add_argument("--model", default=TOY, help=f"'{TOY}' (embedded planted model), '{TOY_LN}' (its variant with "
-                     "LayerNorm and biases), a transformer_lens model name, e.g. gpt2-small, or a model folder")
+                     f"LayerNorm and biases), '{TOY_ROPE}' (a planted rotary model), a transformer_lens model name, e.g. gpt2-small, or a model folder")
     src.add_argument("--layer", type=_int_arg(0), default=None,
                      help="layer of the head(s) (default: 0 for the toy; all layers for sweep)")
     src.add_argument("--head", type=_head_list, default=None,
@@ -270,7 +270,7 @@ def check_device(device: str, model: str) -> None:
                              f"{torch.cuda.device_count()} CUDA device(s)")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"argument --device: {device!r} asked for, but MPS is not available here; use --device cpu")
-    if model in (TOY, TOY_LN) and dev.type != "cpu":
+    if model in TOYS and dev.type != "cpu":
         raise UsageError(f"argument --device: the planted model (--model {model}) runs on the CPU; "
                          f"--device {device} is not used with it")
 
@@ -312,7 +312,7 @@ def check_out_dir(out: Path) -> list[Path]:
 
 def check_sources(args: argparse.Namespace, *, whole_model: bool) -> None:
     """Model, SAE and corpus options that fit together, and files that exist, checked without loading anything."""
-    toy = args.model in (TOY, TOY_LN)
+    toy = args.model in TOYS
     if toy:
         for flag, value in (("--sae-in", args.sae_in), ("--sae-out-dir", args.sae_out_dir),
                             ("--sae-out-z", args.sae_out_z), ("--sae-out-z-id", args.sae_out_z_id)):
@@ -362,7 +362,7 @@ def workload_from_args(args: argparse.Namespace, *, whole_model: bool) -> Worklo
     """The workload the source arguments describe (their options checked by :func:`check_sources` first)."""
     corpus_len = _corpus_seq_len(args)
     try:
-        if args.model in (TOY, TOY_LN):
+        if args.model in TOYS:
             seq_len = args.seq_len or corpus_len or 32
             return toy_workload(layer=args.layer if args.layer is not None else 0, heads=args.head,
                                 n_sequences=3000 if args.n_sequences is None else args.n_sequences, seq_len=seq_len,

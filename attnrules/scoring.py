@@ -2,12 +2,16 @@
 
 value-score(k) = value_proj[k] · u and attn-score(q, k) = query_proj[q] · key_proj[k] (see
 :mod:`attnrules.circuit`). All-pairs work goes through :mod:`attnrules.engine`.
+
+On a rotary head a pair's attn-score is taken at its best offset among the circuit's ``offsets``
+(the largest A_δ, the lowest offset among equals), found exactly over all pairs by
+``engine.offset_topk``; tables and rankings say which offset (``offsets``).
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import pandas as pd
 import torch
@@ -29,8 +33,46 @@ def value_scores(circuit: HeadCircuit, features: Union[int, Sequence[int], None]
 
 
 def attn_scores(circuit: HeadCircuit, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """attn-score of the listed pairs (same-length index tensors)."""
-    return (circuit.query_proj[queries] * circuit.key_proj[keys]).sum(-1)
+    """attn-score of the listed pairs (index tensors that broadcast), at each pair's best offset on a
+    rotary head."""
+    if circuit.rotary is None:
+        return (circuit.query_proj[queries] * circuit.key_proj[keys]).sum(-1)
+    queries, keys = torch.broadcast_tensors(torch.as_tensor(queries), torch.as_tensor(keys))
+    return circuit.best_attn(queries.flatten(), keys.flatten())[0].reshape(queries.shape)
+
+
+def attn_row(circuit: HeadCircuit, query: int) -> torch.Tensor:
+    """``[n_in]`` attn-scores of one query with every key (best offsets on a rotary head)."""
+    if circuit.rotary is None:
+        return circuit.key_proj @ circuit.query_proj[query]
+    every = torch.arange(circuit.n_inputs)
+    return circuit.best_attn(torch.full_like(every, query), every)[0]
+
+
+def attn_column(circuit: HeadCircuit, key: int) -> torch.Tensor:
+    """``[n_in]`` attn-scores of every query with one key (best offsets on a rotary head)."""
+    if circuit.rotary is None:
+        return circuit.query_proj @ circuit.key_proj[key]
+    every = torch.arange(circuit.n_inputs)
+    return circuit.best_attn(every, torch.full_like(every, key))[0]
+
+
+def _offset_inputs(circuit: HeadCircuit) -> dict:
+    """``engine.offset_topk``'s layout of a rotary circuit: canonical projections and offset tables."""
+    rotary, dtype = circuit.rotary, circuit.query_proj.dtype
+    cos, sin = rotary.tables(circuit.offsets)
+    return {"queries": rotary.canonical(circuit.query_proj).contiguous(),
+            "keys": rotary.canonical(circuit.key_proj).contiguous(), "cos": cos.to(dtype), "sin": sin.to(dtype)}
+
+
+def top_keys(circuit: HeadCircuit, queries: torch.Tensor, k: int, *, backend: str = "auto") -> engine.TopK:
+    """The k keys with the highest attn-score for each of ``queries`` (``[len(queries), k]``, best first;
+    best offsets on a rotary head), through the engine."""
+    if circuit.rotary is None:
+        return engine.pair_topk(circuit.query_proj[queries], circuit.key_proj, k, by="query", backend=backend)
+    inputs = _offset_inputs(circuit)
+    inputs["queries"] = inputs["queries"][queries]
+    return engine.offset_topk(k=k, by="query", backend=backend, **inputs)
 
 
 def _stable_top(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -42,7 +84,8 @@ def _stable_top(values: torch.Tensor, k: int) -> torch.Tensor:
 class PairTable:
     """Scored (key, query) pairs of one output feature: REF's candidate table (key-major, §3.1,
     ``score = exp(attn_score + 1e-10) · value_score``, ``value_score`` = |V| with
-    ``negative_values=True``) or an exhaustive ranking (best first, ``score`` as asked for)."""
+    ``negative_values=True``) or an exhaustive ranking (best first, ``score`` as asked for). On a rotary
+    head ``offsets`` holds each row's best offset, where ``attn_score`` is taken."""
 
     feature: int
     feature_name: str
@@ -51,6 +94,7 @@ class PairTable:
     attn_score: torch.Tensor  # [n]
     value_score: torch.Tensor  # [n]
     score: torch.Tensor  # [n]
+    offsets: Optional[torch.Tensor] = None  # [n] rotary heads: the offset of each row's attn_score
 
     def __len__(self) -> int:
         return self.keys.numel()
@@ -71,10 +115,11 @@ class PairTable:
             self.attn_score[index],
             self.value_score[index],
             self.score[index],
+            None if self.offsets is None else self.offsets[index],
         )
 
     def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame(
+        frame = pd.DataFrame(
             {
                 "feature": self.feature_name,
                 "key": plain(self.keys),
@@ -84,6 +129,9 @@ class PairTable:
                 "score": plain(self.score),
             }
         )
+        if self.offsets is not None:
+            frame["offset"] = plain(self.offsets)
+        return frame
 
     def to_json(self) -> str:
         return json.dumps(self.to_frame().to_dict(orient="list"))
@@ -99,7 +147,8 @@ def candidate_table(
     backend: str = "auto",
 ) -> PairTable:
     """REF's candidates: the top ``num_values`` keys by value score, and for each the top
-    ``num_queries`` queries by signed attn-score (``num_values × num_queries`` rows, key-major).
+    ``num_queries`` queries by signed attn-score (``num_values × num_queries`` rows, key-major; on a
+    rotary head by the best-offset attn-score).
 
     Raises ValueError when there are fewer input features than asked for (REF would crash); the
     high-level pipeline caps these numbers and says so.
@@ -111,7 +160,14 @@ def candidate_table(
     v = value_scores(circuit, feature)
     ranked = v.abs() if negative_values else v
     keys = _stable_top(ranked, num_values)
-    best = engine.pair_topk(circuit.query_proj, circuit.key_proj[keys], num_queries, by="key", backend=backend)
+    offsets = None
+    if circuit.rotary is None:
+        best = engine.pair_topk(circuit.query_proj, circuit.key_proj[keys], num_queries, by="key", backend=backend)
+    else:
+        inputs = _offset_inputs(circuit)
+        inputs["keys"] = inputs["keys"][keys]
+        best = engine.offset_topk(k=num_queries, by="key", backend=backend, **inputs)
+        offsets = circuit.offsets[best.offset_idx].reshape(-1)
     n_rows = num_values * num_queries
     key_col = keys.repeat_interleave(num_queries)
     attn = best.scores.reshape(n_rows)
@@ -124,6 +180,7 @@ def candidate_table(
         attn_score=attn,
         value_score=value,
         score=torch.exp(attn + 1e-10) * value,  # REF adds 1e-10 inside exp; kept for last-digit equality
+        offsets=offsets,
     )
 
 
@@ -137,11 +194,21 @@ def rank_all_pairs(
     **engine_options,
 ) -> "PairTable":
     """Exhaustive ranking of all n_in × n_in pairs by attn-score × value-score (the paper's A×V;
-    ``score="exp"`` gives REF's exp(A)·V, ``"absolute"`` ranks by |A×V|): the k best, best first."""
+    ``score="exp"`` gives REF's exp(A)·V, ``"absolute"`` ranks by |A×V|): the k best, best first. On a
+    rotary head a pair scores at its best offset for that score (max_δ A_δ×V, or max_δ |A_δ×V|);
+    ``"exp"`` is not offered there."""
     v = value_scores(circuit, feature)
-    best = engine.pair_topk(
-        circuit.query_proj, circuit.key_proj, k, by="global", key_weight=v, score=score, backend=backend, **engine_options
-    )
-    attn = attn_scores(circuit, best.query_idx, best.key_idx)
+    if circuit.rotary is None:
+        best = engine.pair_topk(circuit.query_proj, circuit.key_proj, k, by="global", key_weight=v, score=score,
+                                backend=backend, **engine_options)
+        attn, offsets = attn_scores(circuit, best.query_idx, best.key_idx), None
+    else:
+        if score == "exp":
+            raise ValueError("score='exp' is not offered on a rotary head: use 'signed' or 'absolute' "
+                             "(pairs are ranked at their best offset)")
+        best = engine.offset_topk(k=k, by="global", key_weight=v, score=score, backend=backend,
+                                  **_offset_inputs(circuit), **engine_options)
+        offsets = circuit.offsets[best.offset_idx]
+        attn = circuit.attn(best.query_idx, best.key_idx, offsets)
     return PairTable(feature, circuit.feature_name(feature), best.key_idx, best.query_idx, attn, v[best.key_idx],
-                     best.scores)
+                     best.scores, offsets)

@@ -59,19 +59,6 @@ def test_unprocessed_model_is_refused():
         HeadCircuit.from_model(raw, sae_in, sae_out)
 
 
-def test_rotary_model_is_refused_not_scored_wrongly():
-    """Paper scores have no offset; on a rotary model they would be wrong: a clear error instead."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    cfg = HookedTransformerConfig(n_layers=1, d_model=16, n_ctx=8, d_head=4, n_heads=2, d_vocab=20, attn_only=True,
-                                  normalization_type="RMSPre", positional_embedding_type="rotary", rotary_dim=4,
-                                  act_fn="relu", seed=0)
-    model = HookedTransformer(cfg).eval()
-    sae_in, sae_out = random_saes(model, 0, 1)
-    with pytest.raises(ValueError, match="rotary positions .* not supported yet"):
-        HeadCircuit.from_model(model, sae_in, sae_out)
-
-
 def test_mismatches_are_refused(tiny):
     sae_in, sae_out = random_saes(tiny, 1, 2)
     with pytest.raises(ValueError, match="head"):

@@ -11,9 +11,10 @@ from attnrules.importance.paper import (
     exemplar_factors_all_pairs,
     paper_importance,
     rank_all_pairs_by_importance,
+    rotary_factors_all_pairs,
     select_terms,
 )
 
 __all__ = ["ExactTerms", "exact_factors_all_pairs", "exact_importance", "exact_importance_terms",
            "exemplar_factors_all_pairs", "paper_importance", "rank_all_pairs_by_exact_importance",
-           "rank_all_pairs_by_importance", "select_terms"]
+           "rank_all_pairs_by_importance", "rotary_factors_all_pairs", "select_terms"]

@@ -96,7 +96,7 @@ def extract_feature(
     queries, keys = _first_appearance(table.queries), _first_appearance(table.keys)
     importance = paper_importance(circuit, feature, queries, keys, *train, loss_type=settings.loss_type)
     builders = {
-        "weights": lambda n: rules_from_weights(table, n),
+        "weights": lambda n: rules_from_weights(table, n, circuit),
         "importance": lambda n: rules_from_importance(circuit, feature, queries, keys, importance, n,
                                                       absolute=settings.absolute),
     }
@@ -253,13 +253,36 @@ def exhaustive_pairs(
     by_weight = rank_all_pairs(circuit, feature, k, backend=backend)
     by_importance = rank_all_pairs_by_importance(circuit, feature, *train, k, backend=backend)
     rows = []
-    for ranking, q, kk, score in (
-        ("weights_all_pairs", by_weight.queries, by_weight.keys, by_weight.score),
-        ("importance_all_pairs", by_importance.query_idx, by_importance.key_idx, by_importance.scores),
+    no_offsets = [None] * k
+    for ranking, q, kk, score, offsets in (
+        ("weights_all_pairs", by_weight.queries, by_weight.keys, by_weight.score,
+         no_offsets if by_weight.offsets is None else by_weight.offsets.tolist()),
+        ("importance_all_pairs", by_importance.query_idx, by_importance.key_idx, by_importance.scores, no_offsets),
     ):
-        for rank, (qi, ki, si) in enumerate(zip(q.tolist(), kk.tolist(), score.tolist())):
-            rows.append(PairRecord(ranking, rank, qi, ki, si, describe(qi), describe(ki)))
+        for rank, (qi, ki, si, oi) in enumerate(zip(q.tolist(), kk.tolist(), score.tolist(), offsets)):
+            rows.append(PairRecord(ranking, rank, qi, ki, si, describe(qi), describe(ki), oi))
     return rows
+
+
+def head_circuit(model: HookedTransformer, input_sae: InputSAE, output_sae: OutputSAE, seq_len: int,
+                 settings: ExtractSettings, notes: list[str]) -> HeadCircuit:
+    """The head's circuit as the settings ask: on a rotary head, scored over ``settings.offsets`` (default:
+    every offset the corpus shows, 0 … seq_len − 1) up to ``settings.max_offset``, within the head's
+    sliding window; or offset-blind (``settings.offset_blind``, for comparison)."""
+    circuit = HeadCircuit.from_model(model, input_sae, output_sae)
+    if circuit.rotary is None:
+        if settings.offsets is not None or settings.max_offset is not None or settings.offset_blind:
+            notes.append("offsets, max_offset and offset_blind apply to rotary heads only: not used (absolute positions)")
+        return circuit
+    if settings.offset_blind:
+        notes.append("offset_blind: pairs scored without offsets (A = A_0), wrong for this rotary head (comparison only)")
+        return circuit.offset_blind()
+    wanted = torch.tensor(settings.offsets if settings.offsets is not None else range(seq_len))
+    if settings.max_offset is not None:
+        wanted = wanted[wanted <= settings.max_offset]
+    if wanted.numel() == 0:
+        raise ValueError(f"no offset is left to score: offsets {settings.offsets} above max_offset {settings.max_offset}")
+    return circuit.with_offsets(wanted)
 
 
 def extract_head(
@@ -300,8 +323,8 @@ def extract_head(
             return dataclasses.replace(done, run=RunInfo("none", (), tuple(f.name for f in done.features)))
     # The model runs where it lives (e.g. CUDA); the circuit, exemplar activations, rules and
     # evaluation live on the CPU, where the exemplar activations are gathered.
-    circuit = HeadCircuit.from_model(model, input_sae, output_sae).to("cpu")
     notes: list[str] = []
+    circuit = head_circuit(model, input_sae, output_sae, tokens.shape[1], settings, notes).to("cpu")
     settings = dataclasses.replace(
         settings,
         num_values=_capped("num_values", settings.num_values, circuit.n_inputs, notes),

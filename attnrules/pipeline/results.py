@@ -52,7 +52,9 @@ class StepError(Record):
 @dataclass(frozen=True)
 class RuleTerm(Record):
     """One term of a rule set as stored: rank, input features (query, key), A and V, their descriptions,
-    and the exact-mode weight (None for the other orderings). A pseudo-feature key has no V (None)."""
+    and the exact-mode weight (None for the other orderings). A pseudo-feature key has no V (None). On a
+    rotary head: the best ``offset`` (where A is taken; -1 for a pseudo term) and the ``offsets`` where
+    the term fires, as text ("δ=1", "any", ...); None on heads with absolute positions."""
 
     rank: int
     query: int
@@ -62,12 +64,16 @@ class RuleTerm(Record):
     query_desc: str
     key_desc: str
     weight: Optional[float] = None
+    offset: Optional[int] = None
+    offsets: Optional[str] = None
 
     def to_json(self) -> dict:  # the columns of SkipgramRuleSet.to_frame, in its order
         data = {"rank": self.rank, "query": self.query, "key": self.key, "attn_score": self.attn_score,
                 "value_score": self.value_score}
         if self.weight is not None:
             data["weight"] = self.weight
+        if self.offset is not None:
+            data["offset"], data["offsets"] = self.offset, self.offsets
         return {**data, "query_desc": self.query_desc, "key_desc": self.key_desc}
 
 
@@ -126,6 +132,7 @@ class PairRecord(Record):
     score: Optional[float]
     query_desc: str
     key_desc: str
+    offset: Optional[int] = None  # rotary heads, weights ranking: the pair's best offset
 
 
 @dataclass(frozen=True)

@@ -100,6 +100,16 @@ class ExtractSettings:
         flag_help="select importance terms by relu(I) instead of |I|")
     loss_type: str = setting(
         "activation", "surrogate output for the importance gradient", group=METHOD, choices=LOSS_TYPES)
+    offsets: Optional[tuple[int, ...]] = setting(
+        None, "rotary heads: the query-key offsets pairs are scored over, a comma list (default: every offset "
+        "the corpus shows, 0 … seq_len − 1)", group=METHOD, min=0, none="all")
+    max_offset: Optional[int] = setting(
+        None, "rotary heads: score pairs at offsets up to max_offset only (a window; default: seq_len − 1)",
+        group=METHOD, min=0, none="all")
+    offset_blind: bool = setting(
+        False, "rotary heads: score pairs as if positions did not rotate queries and keys (A = A_0), the "
+        "scoring of attnrules before rotary support — wrong for rotary heads, kept for comparison", group=METHOD,
+        flag_help="score rotary heads without offsets (A = A_0; for comparison only)")
     threshold: float = setting(0.0, "activation threshold for truth and prediction", group=METHOD)
     seed: int = setting(0, "seed for feature and exemplar sampling", group=METHOD, min=0)
     batch_size: int = setting(64, "sequences per model forward pass", group=RUN, min=1)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 import torch
 
 from attnrules.sources import check_compatible, check_head, check_tokens, load_head_sae, load_input_sae, load_layer_z_sae, load_model, tokenize_corpus
-from attnrules.toy import build_toy, build_toy_ln
+from attnrules.toy import build_toy, build_toy_ln, build_toy_rope
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 TOY = "toy"
 TOY_LN = "toy-ln"  # the planted model's variant with LayerNorm and biases, where paper mode is misled
+TOY_ROPE = "toy-rope"  # a planted rotary model: a rule at offset 1 only, and one at any offset
+TOYS = {TOY: build_toy, TOY_LN: build_toy_ln, TOY_ROPE: build_toy_rope}  # the planted models by name
 
 
 @dataclass
@@ -126,14 +128,14 @@ def toy_workload(
     corpus: Optional[Path] = None,
     variant: str = TOY,
 ) -> Workload:
-    """The planted model (``variant="toy-ln"``: with LayerNorm and biases); all its planted heads
-    unless ``heads`` says otherwise."""
-    if variant not in (TOY, TOY_LN):
-        raise ValueError(f"variant must be {TOY!r} or {TOY_LN!r}, got {variant!r}")
+    """A planted model (``variant``: one of :data:`TOYS`); all its planted heads unless ``heads`` says
+    otherwise."""
+    if variant not in TOYS:
+        raise ValueError(f"variant must be one of {sorted(TOYS)}, got {variant!r}")
     for name, value, least in (("n_sequences", n_sequences, 1), ("seq_len", seq_len, 2)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{name} must be an int ≥ {least}, got {value!r}")
-    toy = (build_toy if variant == TOY else build_toy_ln)(seq_len=seq_len)
+    toy = TOYS[variant](seq_len=seq_len)
     heads = tuple(heads) if heads else tuple(toy.output_saes)
     missing = [h for h in heads if h not in toy.output_saes]
     if missing or layer != 0:

@@ -10,6 +10,9 @@ q attends to k' instead of k. Here:
   evidence (:func:`attnrules.evaluation.insertion.check_distractors`) that keeps or drops each one;
 - :func:`paper_distractor` — REF's single check per feature (reference §6.1) and
   :func:`distractor_share` — the share of a head's features with a distractor key (paper Fig. 9).
+
+On a rotary head every attn-score here is the pair's best-offset one (:mod:`attnrules.scoring`): a
+distractor pulls the query harder than the term's key does at its best offset.
 """
 from __future__ import annotations
 
@@ -19,11 +22,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-import attnrules.engine as engine
 from attnrules.circuit import HeadCircuit
 from attnrules.records import Record
 from attnrules.rules.skipgram import SkipgramRuleSet
-from attnrules.scoring import value_scores
+from attnrules.scoring import attn_column, attn_row, attn_scores, top_keys, value_scores
 
 
 # A distractor must matter (scale-free criteria, relative to its own term):
@@ -137,13 +139,13 @@ def absence_rules(
     """
     v = value_scores(circuit, feature)
     significant = significant_values(circuit, feature)
-    a_all = (circuit.query_proj[rules.queries] * circuit.key_proj[rules.keys]).sum(-1)
+    a_all = attn_scores(circuit, rules.queries, rules.keys)
     live = [i for i, (k, a) in enumerate(zip(rules.keys.tolist(), a_all.tolist()))
             if bool(significant[k]) and a * float(v[k]) > 0]
     if not live:
         return []
     terms = [(int(rules.queries[i]), int(rules.keys[i]), float(a_all[i])) for i in live]
-    row = {q: circuit.key_proj @ circuit.query_proj[q] for q, _, _ in terms}  # q's scores over all keys
+    row = {q: attn_row(circuit, q) for q, _, _ in terms}  # q's scores over all keys
     floor = {i: a + pull_ratio * float(row[q].std()) for i, (q, _, a) in enumerate(terms)}
     # how many keys pull each term's query harder than that
     depth = max(int((row[q] > floor[i]).sum()) for i, (q, _, _) in enumerate(terms))
@@ -152,7 +154,7 @@ def absence_rules(
     if depth == 0:
         return []
     queries = torch.unique(torch.tensor([q for q, _, _ in terms]))
-    best = engine.pair_topk(circuit.query_proj[queries], circuit.key_proj, depth, by="query", backend=backend)
+    best = top_keys(circuit, queries, depth, backend=backend)
     row_of = {int(q): i for i, q in enumerate(queries)}
     out = []
     for i, (q, k, a) in enumerate(terms):
@@ -193,9 +195,9 @@ def paper_distractor(circuit: HeadCircuit, feature: int) -> PaperDistractor:
     """k = the top value key, q = its best query, and the first key by q's attention with V < 0."""
     v = value_scores(circuit, feature)
     k = int(torch.argmax(v))
-    a_q = circuit.query_proj @ circuit.key_proj[k]
+    a_q = attn_column(circuit, k)
     q = int(torch.argmax(a_q))
-    kq = circuit.key_proj @ circuit.query_proj[q]
+    kq = attn_row(circuit, q)
     order = torch.sort(kq, descending=True, stable=True).indices
     k_rank = int(torch.nonzero(order == k)[0])
     negative = torch.nonzero(v[order] < 0).flatten()

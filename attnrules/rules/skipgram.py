@@ -16,9 +16,18 @@ candidates, and an input feature counts as present only where its activation exc
 every feature does not make every key present everywhere). Their terms may be pseudo-features of the exact decomposition (negative ids, see
 :data:`PSEUDO_IDS`): a pseudo query is present at every position, a pseudo key at every position
 up to the query, so ``[plon] … [any query, via b_Q]`` fires wherever plon occurs before the query.
+
+On a rotary head a term's attn-score depends on the offset δ between its query and key
+(:class:`~attnrules.circuit.HeadCircuit`): each term keeps its best offset and its score at every
+offset (``offset_attn``), a match at offset δ scores with A_δ, and a term fires only at offsets where
+it promotes the feature (A_δ·V > 0; exact-mode feature terms likewise gate their importance weight). A
+term that promotes at some offsets only is rendered with them, ``[Harry] …(δ=1)… [Potter]``; one that
+promotes at every candidate offset as ``[k] … [q]``. On a sliding-window head keys beyond the window
+never match (``max_offset``).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -71,6 +80,9 @@ class SkipgramRuleSet:
     weight: Optional[torch.Tensor] = None  # [n] per-term weight (exact importance); None: A·V
     min_weight: float = float("-inf")  # terms whose weight is not above this never fire
     act_floor: float = 0.0  # activations up to act_floor × the largest in the exemplars count as absent
+    offsets: Optional[torch.Tensor] = None  # [n] rotary heads: each term's best offset (-1: a pseudo term)
+    offset_attn: Optional[torch.Tensor] = None  # [n, max_offset + 1] rotary: A_δ per term (NaN: no candidate)
+    max_offset: Optional[int] = None  # the farthest a key may be from its query (window or offsets); None: any
 
     def __len__(self) -> int:
         return self.queries.numel()
@@ -96,20 +108,56 @@ class SkipgramRuleSet:
             k_act = acts[ex, :, keys.clamp(min=0)]  # [P, T]
             k_act = torch.where(keys[:, None] < 0, torch.ones_like(k_act), k_act)
             match = (torch.arange(t_len)[None, :] <= positions[ex][:, None]) & (k_act > floor)
+            per_match = weight[term][:, None].expand_as(k_act)
+            attn = self.attn_score[term][:, None].expand_as(k_act)
+            delta = positions[ex][:, None] - torch.arange(t_len)[None, :]  # [P, T] offset of each key position
+            if self.max_offset is not None:
+                match &= delta <= self.max_offset
+            if self.offset_attn is not None:
+                per_match, attn, gate = self._at_offsets(term, delta.clamp(0, self.offset_attn.shape[1] - 1), acts.dtype)
+                match &= gate
             if self.method == "importance":  # REF's importance rules list only the nonzero F[t,q]·F[t',k]·A terms
-                match &= (self.attn_score[term] != 0)[:, None]
-            score = q_act[ex, term][:, None] * k_act**self.key_power * weight[term][:, None]
+                match &= attn != 0
+            score = q_act[ex, term][:, None] * k_act**self.key_power * per_match
             per_pair = score.masked_fill(~match, float("-inf")).amax(dim=1)
             best = best.scatter_reduce(0, ex, per_pair, reduce="amax")
         return torch.where(torch.isinf(best), torch.zeros_like(best), best)
 
+    def _at_offsets(self, term: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype):
+        """Per match (``term [P]`` × key positions at offsets ``delta [P, T]``): its weight, its A_δ and
+        whether it may fire (its offset is a candidate and, for a feature term, A_δ·V > 0)."""
+        attn = self.offset_attn[term[:, None], delta].to(dtype)  # [P, T]
+        value = self.value_score[term].to(dtype)[:, None]
+        pseudo = ((self.queries[term] < 0) | (self.keys[term] < 0))[:, None]
+        promotes = torch.isfinite(attn) & (attn * value > 0)
+        if self.weight is None:  # A_δ·V at the offset present
+            return (attn * value).nan_to_num(0.0), attn.nan_to_num(0.0), torch.isfinite(attn)
+        gate = pseudo | promotes
+        return self.weight[term].to(dtype)[:, None].expand_as(attn), attn.nan_to_num(0.0), gate
+
+    def firing_offsets(self) -> list[str]:
+        """Per term, the offsets where it can fire as text ("δ=1", "δ=2–5", "δ≥3", "δ∈{1, 7–9}", "none"; "any"
+        when every candidate offset); "any" everywhere on heads with absolute positions."""
+        if self.offset_attn is None:
+            return ["any"] * len(self)
+        candidate = torch.isfinite(self.offset_attn)
+        fires = candidate & (self.offset_attn * self.value_score.double()[:, None] > 0)
+        pseudo = (self.queries < 0) | (self.keys < 0)
+        fires[pseudo] = candidate[pseudo]
+        return [offset_text(f, c) for f, c in zip(fires, candidate)]
+
     def render(self, describe: Callable[[int], str], limit: Optional[int] = None) -> list[str]:
-        """Terms as text, e.g. ``[If] … [then] → L0H0.94`` (A and V in brackets)."""
+        """Terms as text, e.g. ``[If] … [then] → L0H0.94`` (A and V in brackets; on a rotary head
+        ``[Harry] …(δ=1)… [Potter]`` for a term that fires at offset 1 only, and A at the best offset δ*)."""
         lines = []
-        for q, k, a, v in list(zip(self.queries.tolist(), self.keys.tolist(), self.attn_score.tolist(),
-                                   self.value_score.tolist()))[:limit]:
+        where = self.firing_offsets()
+        best = self.offsets.tolist() if self.offsets is not None else [None] * len(self)
+        for q, k, a, v, at, d in list(zip(self.queries.tolist(), self.keys.tolist(), self.attn_score.tolist(),
+                                          self.value_score.tolist(), where, best))[:limit]:
             key, query = describe_term_side(describe, k, "key"), describe_term_side(describe, q, "query")
-            lines.append(f"[{key}] … [{query}] → {self.feature_name}   (A={a:.3g}, V={v:.3g})")
+            gap = "…" if at == "any" else f"…({at})…"
+            at_best = f", δ*={d}" if d is not None and d >= 0 else ""
+            lines.append(f"[{key}] {gap} [{query}] → {self.feature_name}   (A={a:.3g}, V={v:.3g}{at_best})")
         return lines
 
     def to_frame(self, describe: Optional[Callable[[int], str]] = None) -> pd.DataFrame:
@@ -126,16 +174,62 @@ class SkipgramRuleSet:
         )
         if self.weight is not None:
             frame["weight"] = plain(self.weight)
+        if self.offsets is not None:
+            frame["offset"] = plain(self.offsets)
+            frame["offsets"] = self.firing_offsets()
         if describe is not None:
             frame["query_desc"] = [describe_term_side(describe, q, "query") for q in plain(self.queries)]
             frame["key_desc"] = [describe_term_side(describe, k, "key") for k in plain(self.keys)]
         return frame
 
 
-def rules_from_weights(table: PairTable, n: int) -> SkipgramRuleSet:
-    """REF's weight-based rule: the top-N rows of the candidate table by exp(A)·V."""
+def offset_text(fires: torch.Tensor, candidate: torch.Tensor) -> str:
+    """Offsets ``fires [n_offsets]`` (bool over 0 … n − 1) as text, relative to the ``candidate`` ones:
+    "any" when it is all of them, "none" when empty, else "δ=1", "δ=2–5", "δ≥3" or "δ∈{1, 7–9}"."""
+    if bool((fires == candidate).all()):
+        return "any"
+    on = torch.nonzero(fires).flatten().tolist()
+    if not on:
+        return "none"
+    runs, start = [], on[0]
+    for prev, cur in zip(on, on[1:] + [None]):
+        if cur != prev + 1:
+            runs.append((start, prev))
+            start = cur
+    last = int(torch.nonzero(candidate).max())
+    if len(runs) == 1:
+        lo, hi = runs[0]
+        if hi == last and lo > 0 and hi > lo:
+            return f"δ≥{lo}"
+        return f"δ={lo}" if lo == hi else f"δ={lo}–{hi}"
+    return "δ∈{" + ", ".join(str(lo) if lo == hi else f"{lo}–{hi}" for lo, hi in runs) + "}"
+
+
+def positioned(rules: SkipgramRuleSet, circuit: HeadCircuit) -> SkipgramRuleSet:
+    """``rules`` with the circuit's positions: its sliding window and, on a rotary head, each feature
+    term's A at every candidate offset and its best offset (the largest A, the lowest offset among equals)."""
+    rules = dataclasses.replace(rules, max_offset=circuit.max_offset)
+    if circuit.rotary is None:
+        return rules
+    feature = (rules.queries >= 0) & (rules.keys >= 0)
+    profile = torch.full((len(rules), circuit.max_offset + 1), float("nan"), dtype=torch.float64)
+    profile[feature] = circuit.attn_profile(rules.queries[feature], rules.keys[feature])
+    best = torch.full((len(rules),), -1, dtype=torch.long)
+    if bool(feature.any()):
+        best[feature] = profile[feature].nan_to_num(nan=float("-inf")).max(dim=-1).indices
+    return dataclasses.replace(rules, offsets=best, offset_attn=profile)
+
+
+def rules_from_weights(table: PairTable, n: int, circuit: Optional[HeadCircuit] = None) -> SkipgramRuleSet:
+    """REF's weight-based rule: the top-N rows of the candidate table by exp(A)·V (the table's circuit
+    is required for a rotary head's table, whose scores are at each pair's best offset)."""
     top = table.top(min(n, len(table)))
-    return SkipgramRuleSet(table.feature_name, top.queries, top.keys, top.attn_score, top.value_score, 2, "weights")
+    rules = SkipgramRuleSet(table.feature_name, top.queries, top.keys, top.attn_score, top.value_score, 2, "weights")
+    if circuit is None:
+        if table.offsets is not None:
+            raise ValueError("circuit is required for a rotary head's candidate table (its terms have offsets)")
+        return rules
+    return positioned(rules, circuit)
 
 
 def _selected_cells(importance: torch.Tensor, n: int, absolute: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,9 +259,9 @@ def rules_from_importance(
     ("importance": paper mode, "exact": exact mode)."""
     rows, cols = _selected_cells(importance, n, absolute)
     q, k = queries[rows], keys[cols]
-    return SkipgramRuleSet(
+    return positioned(SkipgramRuleSet(
         circuit.feature_name(feature), q, k, attn_scores(circuit, q, k), value_scores(circuit, feature)[k], 1, method
-    )
+    ), circuit)
 
 
 def rules_from_exact(
@@ -201,7 +295,7 @@ def rules_from_exact(
     q, k = torch.cat([queries, ids])[rows], torch.cat([keys, ids])[cols]
     values = value_scores(circuit, feature).double()[k.clamp(min=0)]
     values = torch.where(k < 0, torch.full_like(values, float("nan")), values)
-    return SkipgramRuleSet(
+    return positioned(SkipgramRuleSet(
         circuit.feature_name(feature), q, k, score[rows, cols], values, 1, "exact",
         weight=importance[rows, cols], min_weight=rel_tol * float(importance.abs().max()), act_floor=EXACT_ACT_FLOOR,
-    )
+    ), circuit)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -121,6 +121,7 @@ class Toy:
     output_saes: dict  # head -> OutputSAE
     features: tuple = FEATURES
     seq_len: int = 32
+    generator: Optional[Callable[..., torch.Tensor]] = None  # the corpus generator (None: generate_corpus)
 
     def token_id(self, word: str) -> int:
         return VOCAB.index(word)
@@ -132,7 +133,7 @@ class Toy:
         return next(f for f in self.features if f.name == name)
 
     def corpus(self, n_sequences: int = 3000, *, seed: int = 0) -> torch.Tensor:
-        return generate_corpus(n_sequences, seq_len=self.seq_len, seed=seed)
+        return (self.generator or generate_corpus)(n_sequences, seq_len=self.seq_len, seed=seed)
 
 
 def build_toy(*, seq_len: int = 32) -> Toy:
