@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from attnrules.files import plain
+from attnrules.sources.model import kv_head
 from attnrules.sources.runner import hook_names, run_batches
 from attnrules.records import Record
 
@@ -226,7 +227,7 @@ def exemplar_views(
     for batch, cache in run_batches(model, rows, layer, [z, v_name, a_name], batch_size=batch_size,
                                     desc="exemplar views", progress=False):
         acts = output_sae.encode(cache[z].to(output_sae.W_enc.dtype))[..., feature].cpu()
-        value = (cache[v_name][:, :, head].to(u.dtype) @ u).cpu()  # [B, T]
+        value = (cache[v_name][:, :, kv_head(model, head)].to(u.dtype) @ u).cpu()  # [B, T] (GQA: the kv head)
         pattern = cache[a_name][:, head].cpu()  # [B, Tq, Tk]
         for i in range(acts.shape[0]):
             n = batch.start + i

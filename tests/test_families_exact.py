@@ -302,3 +302,25 @@ def test_post_norm_and_shortformer_processing_is_refused():
         check_processed(_variant(model, original_architecture="Olmo2ForCausalLM"))
     with pytest.raises(ValueError, match="cannot check .*shortformer"):
         process_model(_variant(model, positional_embedding_type="shortformer"))
+
+
+def test_exemplar_views_and_insertion_read_the_kv_head_under_gqa():
+    """DFA (exemplar_views) and the insertion probe's values read hook_v of the query head's kv head."""
+    from attnrules.evaluation.insertion import _probe
+    from attnrules.exemplars import exemplar_views
+
+    model = build_family("llama")
+    _, sae_out = family_saes(model, 1, HEAD)
+    tokens = family_tokens(model, n=3, t=10, seed=2)
+    positions = torch.tensor([9, 4, 7])
+    u = sae_out.head_encoder[:, 0]
+    _, cache = model.run_with_cache(tokens)
+    kv = HEAD // (model.cfg.n_heads // model.cfg.n_key_value_heads)
+    value = cache["blocks.1.attn.hook_v"][:, :, kv] @ u  # [B, T]
+    pattern = cache["blocks.1.attn.hook_pattern"][:, HEAD]
+    views = exemplar_views(model, sae_out, 0, tokens, torch.arange(3), positions)
+    for i, view in enumerate(views):
+        want = pattern[i, positions[i]] * value[i]
+        np.testing.assert_allclose(view.dfa, want.tolist(), rtol=1e-5, atol=1e-6)
+    (probe,) = _probe(model, sae_out, 0, tokens, positions, [(torch.arange(3), torch.tensor([2, 3, 5]), None)], 8)
+    torch.testing.assert_close(probe["value_key"], value[torch.arange(3), torch.tensor([2, 3, 5])].double())

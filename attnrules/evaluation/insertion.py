@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from attnrules.rules.absence import MIN_DROP, VALUE_RATIO, AbsenceRule, DistractorCheck
+from attnrules.sources.model import kv_head
 from attnrules.sources.runner import check_tokens, hook_names, run_batches
 from attnrules.records import Record
 
@@ -112,7 +113,7 @@ def _probe(
         z, scores, v = (cache[name] for name in names)
         b = torch.arange(z.shape[0])
         t, k = qpos[rows].to(z.device), kpos[rows].to(z.device)
-        values = v[:, :, head].to(u.dtype) @ u  # [B, T]
+        values = v[:, :, kv_head(model, head)].to(u.dtype) @ u  # [B, T] (GQA: hook_v holds the kv heads)
         out["act"].append(output_sae.encode(z.to(output_sae.W_enc.dtype))[b, t, feature].cpu())
         out["logit_key"].append(scores[b, head, t, k].cpu().double())
         out["logit_distractor"].append(scores[b, head, t, 1].cpu().double())
