@@ -192,3 +192,41 @@ def test_rules_fire_only_at_offsets_where_they_promote():
     assert (predicted > 0).tolist() == [True, False, True]
     assert rules.render(str)[0].startswith("[1] …(δ∈{1, 4})… [0] → L0H0.0   (A=1, V=1, δ*=1)")
     assert rules.to_frame()[["offset", "offsets"]].values.tolist() == [[1, "δ∈{1, 4}"]]
+
+
+def test_toy_rope_offset_rule_is_recovered_and_offset_blind_scoring_misses_it(tmp_path, capsys):
+    """`attnrules extract --model toy-rope`: the offset-1 rule with its offset and F1 = 1, the offset-free
+    skip-gram without one; scored offset-blind (A = A_0), the offset-1 rule is lost (F1 = 0)."""
+    import html
+    import json
+
+    import pandas as pd
+
+    from attnrules.cli import main
+    from attnrules.report import render_report, load_results
+
+    argv = ["extract", "--model", "toy-rope", "--features", "0,1", "--max-rules", "8", "--counting-bases", "16",
+            "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "aware")]) == 0
+    printed = capsys.readouterr().out
+    assert "[Harry] …(δ=1)… [Potter] → L0H0.0" in printed and "[If] … [then] → L0H0.1" in printed
+    head = tmp_path / "aware" / "L0H0"
+    metrics = pd.read_csv(head / "metrics.csv")
+    assert (metrics["f1"] == 1.0).all()  # every ordering, every N, both features
+    rules = pd.read_csv(head / "rules.csv")
+    top = rules[(rules["rank"] == 0)].set_index(["feature", "method"])
+    assert (top.loc["L0H0.0", ["offset", "offsets"]].values.tolist() == [[1, "δ=1"]] * 3)
+    assert (top.loc["L0H0.1", "offsets"] == "any").all()
+    pairs = pd.read_csv(head / "pairs.csv")
+    best = pairs[(pairs.feature == "L0H0.0") & (pairs.ranking == "weights_all_pairs")].iloc[0]
+    assert (best.query_desc, best.key_desc, best.offset) == ("Potter", "Harry", 1)
+    assert "[Harry] …(δ=1)… [Potter]" in html.unescape(render_report(load_results(tmp_path / "aware")))
+
+    assert main([*argv, "--offset-blind", "--out", str(tmp_path / "blind")]) == 0
+    printed = capsys.readouterr().out
+    assert "δ" not in printed
+    blind = pd.read_csv(tmp_path / "blind" / "L0H0" / "metrics.csv")
+    paper = blind[(blind.feature == "L0H0.0") & blind.method.isin(["weights", "importance"])]
+    assert (paper["f1"] == 0.0).all()
+    notes = json.loads((tmp_path / "blind" / "L0H0" / "results.json").read_text())["metadata"]["notes"]
+    assert any("offset_blind" in n for n in notes)

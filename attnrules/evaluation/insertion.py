@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from attnrules.rules.absence import MIN_DROP, VALUE_RATIO, AbsenceRule, DistractorCheck
+from attnrules.rules.descriptions import embedding_rows
 from attnrules.sources.model import kv_head
 from attnrules.sources.runner import check_tokens, hook_names, run_batches
 from attnrules.records import Record
@@ -209,7 +210,8 @@ def feature_tokens(model: HookedTransformer, input_sae: InputSAE, features: Sequ
                    batch_size: int = 512, bos: Optional[int] = None) -> dict[int, Optional[int]]:
     """The token that stands for each input feature in ``features`` (to insert or place), or None.
 
-    ``mode="paper"`` (REF): argmax over the raw rows of ``concat(W_E, W_pos[:max_pos]) @ W_enc[:, j]``,
+    ``mode="paper"`` (REF): argmax over the raw rows of ``concat(W_E, W_pos[:max_pos]) @ W_enc[:, j]``
+    (:func:`~attnrules.rules.descriptions.embedding_rows`),
     None when the best row is a position. ``mode="activation"``: the token t maximising the feature's
     real activation at position 1 of [BOS, t] (meaningful at any layer), None when it never fires
     there (``bos``: the BOS id, default the tokenizer's, else 0). One streaming pass over the
@@ -231,7 +233,7 @@ def feature_tokens(model: HookedTransformer, input_sae: InputSAE, features: Sequ
         best[better], arg[better] = value[better], index[better] + start
 
     if mode == "paper":
-        rows = torch.cat([model.W_E.detach(), model.W_pos.detach()[:max_pos]]).to(input_sae.W_enc.dtype)
+        rows = embedding_rows(model, max_pos).to(input_sae.W_enc.dtype)
         w = input_sae.W_enc[:, cols.to(input_sae.W_enc.device)].detach()
         for start in range(0, rows.shape[0], batch_size):
             update(start, (rows[start:start + batch_size].to(w.device) @ w).cpu())

@@ -2,7 +2,7 @@
 
 Layer 0 (REF §8): a feature is described by the tokens and positions whose raw embedding rows
 project most on its encoder column, top-k rows of ``concat(W_E, W_pos[:max_pos]) @ W_enc``
-(positions shown as ``pos{i}``). Above layer 0: its Neuronpedia id (``{sae id}/{index}``), whose
+(positions shown as ``pos{i}``; models without learned position embeddings, e.g. rotary ones: W_E only). Above layer 0: its Neuronpedia id (``{sae id}/{index}``), whose
 page holds the community's explanation; we do not fetch it (no network at run time).
 """
 from __future__ import annotations
@@ -40,6 +40,15 @@ def token_strings(model) -> list[str]:
     return [(t or "").replace("Ġ", " ").replace("Ċ", "\\n").strip() or repr(t) for t in raw]
 
 
+def embedding_rows(model: HookedTransformer, max_pos: int) -> torch.Tensor:
+    """What layer 0 reads, row by row: ``W_E`` (tokens), then ``W_pos[:max_pos]`` (positions) when the
+    model has learned position embeddings (rotary models have none)."""
+    rows = [model.W_E.detach()]
+    if model.cfg.positional_embedding_type == "standard":
+        rows.append(model.W_pos.detach()[:max_pos])
+    return torch.cat(rows)
+
+
 def describe_input_features(
     model: HookedTransformer, input_sae: InputSAE, *, k: int = 3, max_pos: int = 128, backend: str = "auto",
 ) -> InputDescriptions:
@@ -53,8 +62,8 @@ def describe_input_features(
             labels = tuple(f"L{input_sae.layer}.in{j}" for j in range(n))
             details = labels
         return InputDescriptions(labels, details)
-    names = token_strings(model) + [f"pos{i}" for i in range(min(max_pos, model.cfg.n_ctx))]
-    rows = torch.cat([model.W_E.detach(), model.W_pos.detach()[:max_pos]]).to(input_sae.W_enc.dtype)
+    rows = embedding_rows(model, max_pos).to(input_sae.W_enc.dtype)
+    names = token_strings(model) + [f"pos{i}" for i in range(rows.shape[0] - model.cfg.d_vocab)]
     k = min(k, rows.shape[0])
     best = engine.pair_topk(rows.contiguous(), input_sae.W_enc.T.contiguous(), k, by="key", backend=backend)
     labels, details = [], []

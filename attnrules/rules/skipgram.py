@@ -155,7 +155,7 @@ class SkipgramRuleSet:
         for q, k, a, v, at, d in list(zip(self.queries.tolist(), self.keys.tolist(), self.attn_score.tolist(),
                                           self.value_score.tolist(), where, best))[:limit]:
             key, query = describe_term_side(describe, k, "key"), describe_term_side(describe, q, "query")
-            gap = "…" if at == "any" else f"…({at})…"
+            gap = {"any": "…", "none": "…(never)…"}.get(at, f"…({at})…")
             at_best = f", δ*={d}" if d is not None and d >= 0 else ""
             lines.append(f"[{key}] {gap} [{query}] → {self.feature_name}   (A={a:.3g}, V={v:.3g}{at_best})")
         return lines

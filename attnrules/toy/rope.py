@@ -1,7 +1,8 @@
 """A planted rotary model: one rule that holds only at offset 1, and one that holds at any offset.
 
 Same vocabulary and tokenizer as :mod:`attnrules.toy`, one layer, one head (L0H0) with rotary
-positions (rotary_dim 16 of d_head 20, base 100, GPT-NeoX pairing). The residual stream is the token's
+positions (rotary_dim 16 of d_head 20, base 100, GPT-NeoX pairing) and no attention scaling, so
+paper mode's attn-scores are the real logits. The residual stream is the token's
 one-hot (no position embedding: positions enter only through the rotation) and the input SAE is the
 identity, so input feature j is token j.
 
@@ -59,7 +60,7 @@ def build_toy_rope(*, seq_len: int = 32) -> Toy:
     cfg = HookedTransformerConfig(
         n_layers=1, d_model=n_vocab, n_ctx=seq_len, d_head=D_HEAD, n_heads=1, d_vocab=n_vocab, attn_only=True,
         normalization_type=None, act_fn="relu", positional_embedding_type="rotary", rotary_dim=ROTARY_DIM,
-        rotary_base=BASE, rotary_adjacent_pairs=False, default_prepend_bos=True, seed=0,
+        rotary_base=BASE, rotary_adjacent_pairs=False, use_attn_scale=False, default_prepend_bos=True, seed=0,
     )
     model = HookedTransformer(cfg)
     model.set_tokenizer(_tokenizer())
@@ -67,21 +68,20 @@ def build_toy_rope(*, seq_len: int = 32) -> Toy:
     gap = profile[1] - np.delete(profile, 1).max()
     alpha = (BIGRAM_LOGIT - ELSEWHERE_LOGIT) / gap  # real logit per unit of f
     const = profile[1] - BIGRAM_LOGIT / alpha
-    scale = math.sqrt(D_HEAD)  # transformer_lens divides the logits by attn_scale = sqrt(d_head)
     p = ROTARY_DIM // 2
     theta = BASE ** (-np.arange(p) / p)
     sink, skip, offset_const = ROTARY_DIM, ROTARY_DIM + 1, ROTARY_DIM + 2
     idx = VOCAB.index
     W_Q, W_K, W_V = torch.zeros(n_vocab, D_HEAD), torch.zeros(n_vocab, D_HEAD), torch.zeros(n_vocab, D_HEAD)
-    W_Q[:, sink] = SINK_LOGIT * scale
+    W_Q[:, sink] = SINK_LOGIT
     W_K[idx(BOS), sink] = 1.0
     for i, (w, th) in enumerate(zip(WEIGHTS, theta)):  # the query rotated by δ meets the key at angle (δ − 1)θ_i
-        W_Q[idx("Potter"), i] = alpha * w * math.cos(th) * scale
-        W_Q[idx("Potter"), p + i] = -alpha * w * math.sin(th) * scale
+        W_Q[idx("Potter"), i] = alpha * w * math.cos(th)
+        W_Q[idx("Potter"), p + i] = -alpha * w * math.sin(th)
         W_K[idx("Harry"), i] = 1.0
-    W_Q[idx("Potter"), offset_const] = -alpha * const * scale
+    W_Q[idx("Potter"), offset_const] = -alpha * const
     W_K[idx("Harry"), offset_const] = 1.0
-    W_Q[idx("then"), skip] = SKIPGRAM_LOGIT * scale
+    W_Q[idx("then"), skip] = SKIPGRAM_LOGIT
     W_K[idx("If"), skip] = 1.0
     W_V[idx("Harry"), 0] = 1.0
     W_V[idx("If"), 1] = 1.0
