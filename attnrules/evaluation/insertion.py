@@ -19,7 +19,7 @@ import torch
 
 from attnrules.rules.absence import MIN_DROP, VALUE_RATIO, AbsenceRule, DistractorCheck
 from attnrules.rules.descriptions import embedding_rows
-from attnrules.sources.model import kv_head
+from attnrules.sources.model import attention_window, kv_head
 from attnrules.sources.runner import check_tokens, hook_names, run_batches
 from attnrules.records import Record
 
@@ -49,18 +49,23 @@ def check_distractors(
 
     Exemplars: ``tokens [N, T]`` scored at ``positions``, with input-SAE activations ``acts [N, T, n_in]``;
     a term's examples are those where its query feature is active at the scored position, its key
-    at or before it, and the output feature fires. ``token_of`` maps an input feature to the token
+    at or before it (within a sliding window, and the query close enough to position 1 that the
+    inserted distractor is in the window too), and the output feature fires. ``token_of`` maps an input feature to the token
     to insert (None: untested). With ``exact``, a distractor whose real logit does not exceed the
     key's, or whose real value is not negative with |value| ≥ ``value_ratio``·|key's|, is "cleared"
     whatever the activation does; otherwise the activation decides (see :class:`DistractorCheck`).
     """
     tokens = check_tokens(tokens, model)
     n, t_len = tokens.shape
+    # a sliding-window head sees keys up to window − 1 back: the term's key must lie there, and so must the
+    # distractor inserted at position 1 from the moved query at t + 1
+    window = attention_window(model, output_sae.layer) or t_len + 1
+    offset = positions[:, None] - torch.arange(t_len)[None]
     terms, plans = [], []  # (rows, key positions) per rule; (rule index, distractor, token) per check
     for r, rule in enumerate(rules):
         q_on = acts[torch.arange(n), positions, rule.query] > 0
-        k_on = (acts[:, :, rule.key] > 0) & (torch.arange(t_len)[None] <= positions[:, None])
-        rows = torch.nonzero(q_on & k_on.any(1) & (positions + 1 < t_len)).flatten()
+        k_on = (acts[:, :, rule.key] > 0) & (offset >= 0) & (offset < window)
+        rows = torch.nonzero(q_on & k_on.any(1) & (positions + 1 < t_len) & (positions < window)).flatten()
         key_pos = (k_on[rows] * torch.arange(1, t_len + 1)).argmax(1)  # the last key position ≤ t
         terms.append((rows, key_pos))
         plans += [(r, d, token_of(d)) for d in rule.distractors[:per_term]]
