@@ -18,8 +18,9 @@ API (also reused by end-to-end tests)::
 
     build_family(name, processed=True) -> HookedTransformer   # eval mode, cached per (name, processed)
     family_saes(model, layer, head, seed=0, n_in=30, n_out=5) -> (InputSAE, OutputSAE)
-    FAMILIES: dict name -> builder (each builder returns a fresh processed model)
+    FAMILIES: dict name -> builder(seed=0, processed=True) -> a fresh HookedTransformer
     family_tokens(model, n=4, t=12, seed=0) -> [n, t] token ids
+    HF_MODELS[id(model)] -> the transformers model it was converted from (TL and HF logits agree)
 
 Every model has 2 layers; ``LOCAL_LAYERS[name]`` names the sliding-window layers where the family
 alternates (window ``WINDOW``).
