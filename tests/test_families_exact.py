@@ -9,7 +9,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from families import FAMILIES, LOCAL_LAYERS, build_family, family_saes, family_tokens
+from families import FAMILIES, HF_MODELS, LOCAL_LAYERS, build_family, family_saes, family_tokens
 from topk_oracle import assert_matches
 
 from attnrules.circuit import GROUPS, PAPER_GROUP, reconstruct
@@ -259,6 +259,18 @@ def test_pseudo_terms_equal_autograd(name):
 
 # --------------------------------------------------------------------------------------------------
 # Processing and refusals
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_models_compute_what_the_transformers_models_do(name):
+    """The test bed itself: each converted, processed model gives its HF source's logits (up to the
+    per-position constant that centring W_U removes), sliding windows and soft-caps included."""
+    model = build_family(name)
+    tokens = family_tokens(model, n=2, t=16)
+    with torch.no_grad():
+        ours, theirs = model(tokens).double(), HF_MODELS[id(model)](tokens).logits.double()
+    ours, theirs = ours - ours.mean(-1, keepdim=True), theirs - theirs.mean(-1, keepdim=True)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * float(theirs.abs().max()))
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
