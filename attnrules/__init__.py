@@ -17,8 +17,8 @@ Packages, in the order data flows: :mod:`attnrules.sources` (load and check; the
 """
 from __future__ import annotations
 
-from attnrules.circuit import HeadCircuit, LogitDecomposition, reconstruct
-from attnrules.engine import TopK, dual_topk, pair_topk
+from attnrules.circuit import HeadCircuit, LogitDecomposition, Rotary, reconstruct
+from attnrules.engine import OffsetTopK, TopK, dual_topk, offset_topk, pair_topk
 from attnrules.evaluation import Metrics, SweepPoint
 from attnrules.exemplars import ExemplarView
 from attnrules.importance import ExactTerms
@@ -47,8 +47,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AbsenceRule", "CountingRule", "DistractorCheck", "ExactTerms", "ExemplarView", "ExtractSettings",
-    "FeatureResult", "HeadCircuit", "HeadResult", "IncompleteResultsError", "InputSAE", "LogitDecomposition", "Metrics", "OutputSAE",
-    "RunMismatchError", "SkipgramRuleSet", "SourceUnavailableError", "SweepPoint", "TopK", "dual_topk", "extract_head",
-    "load_head_sae", "load_input_sae", "load_layer_z_sae", "load_model", "load_results", "pair_topk", "process_model",
+    "FeatureResult", "HeadCircuit", "HeadResult", "IncompleteResultsError", "InputSAE", "LogitDecomposition", "Metrics", "OffsetTopK",
+    "OutputSAE", "Rotary", "RunMismatchError", "SkipgramRuleSet", "SourceUnavailableError", "SweepPoint", "TopK", "dual_topk", "extract_head",
+    "load_head_sae", "load_input_sae", "load_layer_z_sae", "load_model", "load_results", "offset_topk", "pair_topk",
+    "process_model",
     "reconstruct",
 ]

@@ -304,8 +304,8 @@ def test_bad_inputs_are_refused(tiny, toy):
         dec.pair_terms(0, 99, 0)
     with pytest.raises(ValueError, match="name must be one of"):
         dec.group("nope")
-    rotary = copy.copy(tiny.cfg)
-    rotary.positional_embedding_type = "rotary"
-    fake = types.SimpleNamespace(cfg=rotary, blocks=tiny.blocks, embed=tiny.embed, pos_embed=tiny.pos_embed)
-    with pytest.raises(ValueError, match="exact mode does not support.*rotary"):
+    alibi = copy.copy(tiny.cfg)  # position biases added to the logits are not decomposed
+    alibi.positional_embedding_type = "alibi"
+    fake = types.SimpleNamespace(cfg=alibi, blocks=tiny.blocks, embed=tiny.embed, pos_embed=tiny.pos_embed)
+    with pytest.raises(ValueError, match="exact mode does not support.*alibi"):
         reconstruct(fake, sae_in, 2, tokens)

@@ -5,6 +5,7 @@ from attnrules.importance.exact import (
     exact_factors_all_pairs,
     exact_importance,
     exact_importance_terms,
+    exact_vectors_all_pairs,
     rank_all_pairs_by_exact_importance,
 )
 from attnrules.importance.paper import (
@@ -15,6 +16,6 @@ from attnrules.importance.paper import (
     select_terms,
 )
 
-__all__ = ["ExactTerms", "exact_factors_all_pairs", "exact_importance", "exact_importance_terms",
+__all__ = ["ExactTerms", "exact_factors_all_pairs", "exact_importance", "exact_importance_terms", "exact_vectors_all_pairs",
            "exemplar_factors_all_pairs", "paper_importance", "rank_all_pairs_by_exact_importance",
            "rank_all_pairs_by_importance", "rotary_factors_all_pairs", "select_terms"]

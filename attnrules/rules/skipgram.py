@@ -156,7 +156,7 @@ class SkipgramRuleSet:
                                           self.value_score.tolist(), where, best))[:limit]:
             key, query = describe_term_side(describe, k, "key"), describe_term_side(describe, q, "query")
             gap = {"any": "…", "none": "…(never)…"}.get(at, f"…({at})…")
-            at_best = f", δ*={d}" if d is not None and d >= 0 else ""
+            at_best = f", δ*={d}" if d is not None and d >= 0 and at not in ("any", "none") else ""
             lines.append(f"[{key}] {gap} [{query}] → {self.feature_name}   (A={a:.3g}, V={v:.3g}{at_best})")
         return lines
 
