@@ -31,16 +31,16 @@ def rotary_model(**overrides):
     return model
 
 
-def exact_saes(model, head, n_out=3, seed=0):
+def exact_saes(model, head, n_out=3, seed=0, layer=0):
     """An input SAE that reconstructs the residual exactly (features relu(x), relu(−x)) and a random
     output SAE for ``head``."""
     d, dh = model.cfg.d_model, model.cfg.d_head
     eye = torch.eye(d)
     W_dec = torch.cat([eye, -eye])
-    sae_in = InputSAE.from_tensors(W_dec.T.contiguous(), torch.zeros(2 * d), W_dec, torch.zeros(d), layer=0)
+    sae_in = InputSAE.from_tensors(W_dec.T.contiguous(), torch.zeros(2 * d), W_dec, torch.zeros(d), layer=layer)
     g = torch.Generator().manual_seed(seed)
     sae_out = OutputSAE.from_tensors(torch.randn(dh, n_out, generator=g), torch.zeros(n_out),
-                                     torch.randn(n_out, dh, generator=g), torch.zeros(dh), layer=0, head=head,
+                                     torch.randn(n_out, dh, generator=g), torch.zeros(dh), layer=layer, head=head,
                                      n_heads=model.cfg.n_heads, d_head=dh)
     return sae_in, sae_out
 
@@ -230,3 +230,41 @@ def test_toy_rope_offset_rule_is_recovered_and_offset_blind_scoring_misses_it(tm
     assert (paper["f1"] == 0.0).all()
     notes = json.loads((tmp_path / "blind" / "L0H0" / "results.json").read_text())["metadata"]["notes"]
     assert any("offset_blind" in n for n in notes)
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen3", "gemma2", "gemma3", "neox"])
+def test_paper_circuit_on_every_family_is_the_models_rotated_query_key_product(name):
+    """On each family (tests/families.py), with an input SAE that reconstructs exactly, the paper-mode
+    score Σ f_tq f_sk A_{t−s}(q, k) equals the model's own query and key — hook_q / hook_k without
+    their biases and norm scales (what paper mode drops), with the QK-norm gains — rotated by
+    transformer_lens's apply_rotary at t and s: the rotation tables, pairing, partial rotary, local
+    bases, GQA mapping and folded gains are all the model's."""
+    from families import LOCAL_LAYERS, build_family
+
+    model = build_family(name)
+    for layer in range(model.cfg.n_layers):
+        head = model.cfg.n_heads - 1
+        sae_in, sae_out = exact_saes(model, head, layer=layer)
+        circuit = HeadCircuit.from_model(model, sae_in, sae_out)
+        assert (circuit.window is not None) == (layer in LOCAL_LAYERS.get(name, ()))
+        tokens = torch.randint(0, model.cfg.d_vocab, (1, 12), generator=torch.Generator().manual_seed(layer))
+        _, cache = model.run_with_cache(tokens)
+        attn = model.blocks[layer].attn
+        kv = head // (model.cfg.n_heads // (model.cfg.n_key_value_heads or model.cfg.n_heads))
+        scale = cache[f"blocks.{layer}.ln1.hook_scale"][0, :, 0].double()[:, None]
+
+        def raw(hook, index, bias, norm):
+            """The head's un-normalised projection, bias removed, norm gain applied, rotated at its position."""
+            x = (cache[f"blocks.{layer}.attn.hook_{hook}"][0, :, index].double() - bias[index].double()) * scale
+            if norm is not None:
+                x = x * norm.w.detach().double().reshape(-1, model.cfg.d_head)[index if norm.w.numel() > x.shape[-1] else 0]
+            return attn.apply_rotary(x[None, :, None, :].float(), 0, None)[0, :, 0].double()
+
+        use_norm = model.cfg.use_qk_norm
+        q = raw("q", head, attn.b_Q, attn.q_norm if use_norm else None)
+        k = raw("k", kv, attn._b_K if hasattr(attn, "_b_K") else attn.b_K, attn.k_norm if use_norm else None)
+        f = sae_in.encode(cache[f"blocks.{layer}.hook_resid_pre"][0]).double()
+        t, s = torch.tril_indices(12, 12)
+        mine = circuit.rotary.scores(f[t] @ circuit.query_proj.double(), f[s] @ circuit.key_proj.double(), t - s)
+        want = (q[t] * k[s]).sum(-1)
+        torch.testing.assert_close(mine, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
