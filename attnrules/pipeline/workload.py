@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import torch
 
-from attnrules.sources import check_compatible, check_head, check_tokens, load_head_sae, load_input_sae, load_layer_z_sae, load_model, tokenize_corpus
+from attnrules.sources import check_compatible, check_head, check_tokens, load_head_sae, load_input_sae, load_model, load_output_sae, tokenize_corpus
 from attnrules.toy import build_toy, build_toy_ln, build_toy_rope
 
 if TYPE_CHECKING:
@@ -168,19 +168,30 @@ def pretrained_workload(
     sae_out_dir: Optional[Path] = None,
     sae_out_z: Optional[str] = None,
     sae_out_z_id: Optional[str] = None,
+    sae_in_id: Optional[str] = None,
+    sae_out: Optional[str] = None,
+    sae_out_id: Optional[str] = None,
     n_sequences: int = 50_000,
     seq_len: int = 64,
     device: str = "cpu",
 ) -> Workload:
-    """A transformer_lens model (processed as from_pretrained does) with sae_lens input SAEs and
-    per-head checkpoints (``sae_out_dir``) or a layer-level hook_z SAE (``sae_out_z``); all layers and
-    heads unless given.
+    """A transformer_lens model (processed as from_pretrained does) with input SAEs and per-head
+    checkpoints (``sae_out_dir``) or output SAEs (``sae_out``, or its earlier name ``sae_out_z``); all
+    layers and heads unless given.
+
+    ``sae_in`` and ``sae_out`` are sae_lens release ids (``sae_in_id``/``sae_out_id`` pick the SAE, or
+    the ``"release/sae_id"`` form does; by default the id comes from each layer, see
+    :func:`attnrules.sources.default_sae_id`), or local folders or files in a release's own format
+    (:mod:`attnrules.sources.releases`). A layer-level ``hook_z`` output SAE is sliced to each head.
 
     ``model_name`` is a transformer_lens model name (e.g. ``gpt2-small``) or the path of a local model
     folder: one written by :func:`attnrules.sources.save_model`, or a Hugging Face model folder (see
     :func:`attnrules.sources.load_model`)."""
-    if (sae_out_dir is None) == (sae_out_z is None):
-        raise ValueError("give exactly one of sae_out_dir (per-head checkpoints) or sae_out_z (layer-level hook_z SAE)")
+    if sum(x is not None for x in (sae_out_dir, sae_out, sae_out_z)) != 1:
+        raise ValueError("give exactly one of sae_out_dir (per-head checkpoints), sae_out (an output SAE: release "
+                         "or local files) or sae_out_z (its earlier name)")
+    if sae_out_z is not None:
+        sae_out, sae_out_id = sae_out_z, sae_out_z_id if sae_out_id is None else sae_out_id
     model = load_model(_model_source(model_name), device=device)
     layers = tuple(layers) if layers else tuple(range(model.cfg.n_layers))
     heads = tuple(heads) if heads else tuple(range(model.cfg.n_heads))
@@ -193,10 +204,10 @@ def pretrained_workload(
         if sae_out_dir is not None:
             out = load_head_sae(sae_out_dir, layer, head, n_heads=model.cfg.n_heads, device=device)
         else:
-            out = load_layer_z_sae(sae_out_z, layer=layer, head=head, n_heads=model.cfg.n_heads,
-                                           d_head=model.cfg.d_head, sae_id=sae_out_z_id, device=device)
+            out = load_output_sae(sae_out, layer=layer, head=head, n_heads=model.cfg.n_heads,
+                                  d_head=model.cfg.d_head, sae_id=sae_out_id, device=device)
         check_compatible(model, None, out)
         return out
 
     return Workload(str(model_name), model, tokens, tuple((l, h) for l in layers for h in heads),
-                    lambda layer: load_input_sae(sae_in, layer=layer, device=device), load_output)
+                    lambda layer: load_input_sae(sae_in, layer=layer, sae_id=sae_in_id, device=device), load_output)
