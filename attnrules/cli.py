@@ -172,12 +172,20 @@ def _add_run_options(p: argparse.ArgumentParser, default_out: str) -> argparse.A
                      help="layer of the head(s) (default: 0 for the toy; all layers for sweep)")
     src.add_argument("--head", type=_head_list, default=None,
                      help="head index or comma list (default: all planted heads of the toy; required otherwise)")
-    src.add_argument("--sae-in", default=None, help="input SAE: sae_lens release (with blocks.{L}.hook_resid_pre) or a "
-                     f"local sae_lens folder (default: {DEFAULT_SAE_IN}; not used with the toy)")
+    src.add_argument("--sae-in", default=None, help="input SAE: a sae_lens release id (e.g. gemma-scope-2b-pt-res-canonical, "
+                     "llama_scope_lxr_8x; the SAE of --layer unless --sae-in-id or RELEASE/SAE_ID names one), or a "
+                     "folder or file in a release's format (sae_lens, Gemma Scope params.npz, Llama Scope) "
+                     f"(default: {DEFAULT_SAE_IN}; not used with the toy)")
+    src.add_argument("--sae-in-id", default=None, help="sae_id of --sae-in within its release")
     src.add_argument("--sae-out-dir", type=Path, default=None,
                      help="directory of per-head output-SAE checkpoints (REF's .pt + _cfg.json)")
-    src.add_argument("--sae-out-z", default=None,
-                     help="instead: a layer-level hook_z SAE (sae_lens release or folder) sliced to each head")
+    src.add_argument("--sae-out", default=None,
+                     help="instead: an output SAE on hook_z: a sae_lens release id (e.g. gpt2-small-hook-z-kk, "
+                     "gemma-scope-2b-pt-att-canonical; the SAE of --layer unless --sae-out-id or RELEASE/SAE_ID "
+                     "names one), or a folder or file (sae_lens, Gemma Scope params.npz, Kissane .pt); a "
+                     "layer-level SAE is sliced to each (query) head")
+    src.add_argument("--sae-out-id", default=None, help="sae_id of --sae-out within its release")
+    src.add_argument("--sae-out-z", default=None, help="the earlier name of --sae-out")
     src.add_argument("--sae-out-z-id", default=None, help="sae_id of --sae-out-z within its release")
     src.add_argument("--device", default="cpu", help="torch device for the model and SAEs: cpu, cuda or cuda:N "
                      "(the toy runs on the CPU)")
@@ -314,7 +322,9 @@ def check_sources(args: argparse.Namespace, *, whole_model: bool) -> None:
     """Model, SAE and corpus options that fit together, and files that exist, checked without loading anything."""
     toy = args.model in TOYS
     if toy:
-        for flag, value in (("--sae-in", args.sae_in), ("--sae-out-dir", args.sae_out_dir),
+        for flag, value in (("--sae-in", args.sae_in), ("--sae-in-id", args.sae_in_id),
+                            ("--sae-out-dir", args.sae_out_dir), ("--sae-out", args.sae_out),
+                            ("--sae-out-id", args.sae_out_id),
                             ("--sae-out-z", args.sae_out_z), ("--sae-out-z-id", args.sae_out_z_id)):
             if value is not None:
                 raise UsageError(f"argument {flag}: not used with the planted model (--model {args.model}), which "
@@ -322,11 +332,19 @@ def check_sources(args: argparse.Namespace, *, whole_model: bool) -> None:
     else:
         if not whole_model and (not args.head or args.layer is None):
             raise UsageError("--layer and --head are required with a real model (e.g. --layer 0 --head 0)")
-        if (args.sae_out_dir is None) == (args.sae_out_z is None):
-            raise UsageError("give exactly one of --sae-out-dir (a folder of per-head output-SAE checkpoints) or "
-                             "--sae-out-z (a layer-level hook_z SAE) with a real model")
+        if sum(x is not None for x in (args.sae_out_dir, args.sae_out, args.sae_out_z)) != 1:
+            raise UsageError("give exactly one of --sae-out-dir (a folder of per-head output-SAE checkpoints), "
+                             "--sae-out (an output SAE: release id, folder or file) or --sae-out-z (its earlier "
+                             "name) with a real model")
         if args.sae_out_z_id is not None and args.sae_out_z is None:
             raise UsageError("argument --sae-out-z-id: only used with --sae-out-z")
+        if args.sae_out_id is not None and args.sae_out is None:
+            raise UsageError("argument --sae-out-id: only used with --sae-out")
+        for flag, value in (("--sae-in-id", args.sae_in_id), ("--sae-out-id", args.sae_out_id),
+                            ("--sae-out-z-id", args.sae_out_z_id)):
+            if value is not None and args.layer is None:
+                raise UsageError(f"argument {flag}: names the SAE of one layer; give --layer (without it, each "
+                                 "layer's SAE comes from its layer)")
         if args.sae_out_dir is not None and not args.sae_out_dir.is_dir():
             what = "is not a folder" if args.sae_out_dir.exists() else "does not exist"
             raise UsageError(f"argument --sae-out-dir: {args.sae_out_dir} {what}; expected the folder of per-head "
@@ -371,6 +389,7 @@ def workload_from_args(args: argparse.Namespace, *, whole_model: bool) -> Worklo
         return pretrained_workload(
             args.model, corpus=args.corpus, layers=layers, heads=args.head, sae_in=args.sae_in or DEFAULT_SAE_IN,
             sae_out_dir=args.sae_out_dir, sae_out_z=args.sae_out_z, sae_out_z_id=args.sae_out_z_id,
+            sae_in_id=args.sae_in_id, sae_out=args.sae_out, sae_out_id=args.sae_out_id,
             n_sequences=50_000 if args.n_sequences is None else args.n_sequences, seq_len=args.seq_len or 64,
             device=args.device)
     except CorpusError as err:
