@@ -178,6 +178,12 @@ def _load_release(release: str, sae_id: str | None, device: str, what: str) -> A
         sae = SAE.from_pretrained(release, sae_id, device=device)
     except OSError as err:  # hub and cache errors (a file missing offline, HTTP errors) are OSErrors
         raise _unavailable(f"{what}, whose files {', '.join(files)}", repo_id, include, f"loading failed: {err}") from err
+    except (RuntimeError, KeyError, ValueError) as err:  # files of other shapes or keys than the release's
+        full = (" (SAE.from_pretrained takes a Gemma Scope SAE's d_in from the model in the repo id and d_sae "
+                "from its width_* folder: the file must have the release's full dimensions)"
+                if info.conversion_func == "gemma_2" else "")
+        raise ValueError(f"{what}: sae_lens cannot load the files {', '.join(files)} of repo {repo_id!r}{full}: "
+                         f"{type(err).__name__}: {str(err).strip().splitlines()[0]}") from err
     if sae.cfg.metadata.neuronpedia_id is None:
         sae.cfg.metadata.neuronpedia_id = info.neuronpedia_id.get(sae_id)
     return sae
