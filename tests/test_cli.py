@@ -77,6 +77,7 @@ OPTIONS = {
     "absolute": (["--signed"], False),
     "loss_type": (["--loss-type", "post_activation"], "post_activation"),
     "threshold": (["--threshold", "0.25"], 0.25),
+    "prediction_threshold": (["--prediction-threshold", "sae"], "sae"),
     "offsets": (["--offsets", "0,1,4"], (0, 1, 4)),
     "max_offset": (["--max-offset", "12"], 12),
     "offset_blind": (["--offset-blind"], True),

@@ -33,13 +33,17 @@ class Metrics:
         return asdict(self)
 
 
-def binary_metrics(act_max: torch.Tensor, predicted: torch.Tensor, *, threshold: float = 0.0) -> Metrics:
-    """Metrics of ``predicted`` scores against true activations ``act_max`` (both ``[N]``)."""
+def binary_metrics(act_max: torch.Tensor, predicted: torch.Tensor, *, threshold: float = 0.0,
+                   prediction_threshold: float | None = None) -> Metrics:
+    """Metrics of ``predicted`` scores against true activations ``act_max`` (both ``[N]``); predictions
+    fire above ``prediction_threshold`` when given (e.g. a JumpReLU feature's own threshold), else above
+    ``threshold``."""
     if act_max.shape != predicted.shape or act_max.dim() != 1:
         raise ValueError(
             f"act_max and predicted must be 1-D of one length, got {tuple(act_max.shape)} and {tuple(predicted.shape)}"
         )
-    truth, guess = act_max > threshold, predicted > threshold
+    truth = act_max > threshold
+    guess = predicted > (threshold if prediction_threshold is None else prediction_threshold)
     tp = int((truth & guess).sum())
     fp = int((~truth & guess).sum())
     fn = int((truth & ~guess).sum())
@@ -88,11 +92,14 @@ def sweep(
     grid: list[int],
     *,
     threshold: float = 0.0,
+    prediction_threshold: float | None = None,
 ) -> list[SweepPoint]:
-    """Build a rule set for every N in ``grid`` and evaluate it on the given exemplars."""
+    """Build a rule set for every N in ``grid`` and evaluate it on the given exemplars (predictions
+    above ``prediction_threshold`` when given, else above ``threshold``)."""
     points = []
     for n in grid:
         rules = build(n)
-        metrics = binary_metrics(act_max, rules.predict(acts, positions), threshold=threshold)
+        metrics = binary_metrics(act_max, rules.predict(acts, positions), threshold=threshold,
+                                 prediction_threshold=prediction_threshold)
         points.append(SweepPoint(rules.method, n, len(rules), metrics))
     return points

@@ -2,12 +2,17 @@
 
 Exact importance is the masked gradient of the *real* output-feature activation
 act(t) = ReLU((z_t − b_dec_out)·u + b_enc) through the *real* attention pattern, with a mask m_qk on
-every feature-pair term of the real logit, at m = 1, summed over exemplars. In closed form it is
+every feature-pair term of the real logit, at m = 1, summed over exemplars. For any architecture an
+active feature's activation is (z_t − b_dec_out)·u + b_enc with u the effective encoder
+(:attr:`~attnrules.sources.OutputSAE.head_encoder`: a gated SAE's magnitude encoder; no b_dec_out
+when the SAE does not subtract it), and whether it is active is the SAE's own decision (``gate``
+below = ``output_sae.encode(z) > 0``: JumpReLU's threshold, TopK's k, the gated SAE's gate), so
+the gradient is exact whatever the activation. In closed form it is
 A(q, k) × (query_acts[q] · key_acts[k]), summed over exemplars n (scored at position t_n):
 
     query_acts[q, n] = f_{n,t,q} / σ_{n,t}
     key_acts[k, n]   = gate_n · Σ_{i ≤ t} c_{n,i} f_{n,i,k} / (σ_{n,i} · attn_scale)
-    c_i = α_ti (s_i − ŝ),  s_i = v_i·u,  ŝ = Σ_i α_ti s_i = z_t·u,  gate = 1[act(t) > 0]
+    c_i = α_ti (s_i − ŝ),  s_i = v_i·u,  ŝ = Σ_i α_ti s_i = z_t·u,  gate = 1[act(t) > 0] (the SAE's encode)
 
 (α is read from the model's own ``hook_pattern``, so its mask is honoured whatever it is), the dual
 form that ``engine.dual_topk`` ranks over all pairs without materialising them.

@@ -22,7 +22,7 @@ times the work of the absolute-position case.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 
@@ -63,21 +63,22 @@ def _coefficients(
     key_vals: torch.Tensor,
     logits: torch.Tensor,
     attended: torch.Tensor,
-    relu_bias: Optional[torch.Tensor] = None,
+    gate: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> torch.Tensor:
     """c ``[n_exemplars, T]``: ∂pred/∂logit_i = α_i (s_i − ŝ) of each key position.
 
     key_acts ``[N, T, n_keys]`` (acts of the key features at every position), key_vals ``[n_keys]``
     (their value scores), logits ``[N, T]`` (surrogate attention logits from position t_n), attended
-    ``[N, T]`` the positions attended. With ``relu_bias`` (REF's "post_activation" loss, relu(pred + b))
-    an exemplar contributes only where the ReLU is open.
+    ``[N, T]`` the positions attended. With ``gate`` (the "post_activation" loss: pred ↦ whether the
+    feature is active, REF's relu(pred + b) > 0 or the SAE's own gate) an exemplar contributes only
+    where the gate is open.
     """
     alpha = torch.softmax(logits.masked_fill(~attended, float("-inf")), dim=-1)  # [N, T]
     s = key_acts @ key_vals  # [N, T]
     s_hat = (alpha * s).sum(-1, keepdim=True)
     c = alpha * (s - s_hat)
-    if relu_bias is not None:
-        c = c * (s_hat + relu_bias > 0).to(c.dtype)
+    if gate is not None:
+        c = c * gate(s_hat).to(c.dtype)
     return c
 
 
@@ -100,9 +101,15 @@ def paper_importance(
     positions: torch.Tensor,
     *,
     loss_type: LossType = "activation",
+    gate: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> torch.Tensor:
     """REF's importance matrix, as ``[len(queries), len(keys)]`` (rows queries: the one order of every
     attnrules function; REF's own matrix is its transpose).
+
+    ``loss_type="activation"`` (REF's default) differentiates the surrogate's pre-activation pred;
+    ``"post_activation"`` keeps only exemplars where the feature's activation is open: REF's
+    relu(pred + b_enc) (``circuit.out_bias``), or ``gate`` (pred ``[N, 1]`` ↦ bool) — the SAE's own
+    decision, :meth:`attnrules.sources.OutputSAE.surrogate_gate` (JumpReLU: pred + b_enc > threshold).
 
     ``keys``/``queries`` are the candidate input features (REF: the unique keys and queries of the
     candidate table; the importance is over their cross product); the value features are ``keys``.
@@ -118,12 +125,16 @@ def paper_importance(
     query_acts = acts[rows, positions][:, queries]  # [N, |Q|]
     key_acts = acts[:, :, keys]  # [N, T, |K|]
     key_vals = value_scores(circuit, feature)[keys]
-    relu_bias = circuit.out_bias[feature] if loss_type == "post_activation" else None
+    if loss_type == "post_activation" and gate is None:
+        bias = circuit.out_bias[feature]
+        gate = lambda pred: pred + bias > 0  # noqa: E731 - REF: relu(pred + b_enc)
+    elif loss_type != "post_activation":
+        gate = None
     attended = _attended(circuit, positions, acts.shape[1])
     if circuit.rotary is None:
         kq = circuit.key_proj[keys] @ circuit.query_proj[queries].T  # [|K|, |Q|]
         logits = torch.einsum("ntk,nk->nt", key_acts, query_acts @ kq.T)  # [N, T]
-        c = _coefficients(key_acts, key_vals, logits, attended, relu_bias)
+        c = _coefficients(key_acts, key_vals, logits, attended, gate)
         r = torch.einsum("ntk,nt->nk", key_acts, c)
         return (kq * (r.T @ query_acts)).T
     # rotary: A_δ[k, q] at every offset; the logit of key position i uses δ = t − i
@@ -136,7 +147,7 @@ def paper_importance(
     per_offset = torch.einsum("dkq,nq->ndk", kq, query_acts)  # [N, D, |K|]
     delta = (positions[:, None] - torch.arange(acts.shape[1])[None, :]).clamp(0, n_off - 1)  # [N, T]
     logits = (key_acts * per_offset[rows[:, None], delta]).sum(-1)  # [N, T]
-    c = _coefficients(key_acts, key_vals, logits, attended, relu_bias)
+    c = _coefficients(key_acts, key_vals, logits, attended, gate)
     b = _offset_factors(c, key_acts, positions, n_off)  # [N, D, |K|]
     return torch.einsum("dkq,ndk,nq->qk", kq, b, query_acts)
 

@@ -83,6 +83,9 @@ def extract_feature(
     val: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     settings: ExtractSettings,
     exact: Optional[Callable[[torch.Tensor, torch.Tensor], ExactTerms]] = None,
+    *,
+    gate: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    prediction_threshold: Optional[float] = None,
 ) -> tuple[dict[str, SkipgramRuleSet], list[SweepPoint], PairTable]:
     """Rules of each ordering for one feature (the top ``show_terms`` terms), their sweep over N
     on the validation exemplars, and the candidate table.
@@ -90,11 +93,13 @@ def extract_feature(
     ``train`` = (acts ``[N, T, n_in]``, positions); ``val`` = (acts, positions, act_max). With
     ``exact`` (queries, keys → :class:`~attnrules.importance.ExactTerms`) a third ordering, "exact", ranks
     the same candidate cross product and the pseudo-feature terms by the gradient through the real head.
+    ``gate``: the output SAE's own gate for the "post_activation" loss (default REF's relu(pred + b_enc));
+    ``prediction_threshold``: where predictions fire (default ``settings.threshold``, REF).
     """
     table = candidate_table(circuit, feature, num_values=settings.num_values, num_queries=settings.num_queries,
                             negative_values=settings.negative_values, backend=settings.backend)
     queries, keys = _first_appearance(table.queries), _first_appearance(table.keys)
-    importance = paper_importance(circuit, feature, queries, keys, *train, loss_type=settings.loss_type)
+    importance = paper_importance(circuit, feature, queries, keys, *train, loss_type=settings.loss_type, gate=gate)
     builders = {
         "weights": lambda n: rules_from_weights(table, n, circuit),
         "importance": lambda n: rules_from_importance(circuit, feature, queries, keys, importance, n,
@@ -107,7 +112,7 @@ def extract_feature(
     grid = n_terms_grid(settings.max_rules)
     points, rules = [], {}
     for method, build in builders.items():
-        points += sweep(build, *val, grid, threshold=settings.threshold)
+        points += sweep(build, *val, grid, threshold=settings.threshold, prediction_threshold=prediction_threshold)
         rules[method] = build(settings.show_terms)
     return rules, points, table
 
@@ -285,6 +290,12 @@ def head_circuit(model: HookedTransformer, input_sae: InputSAE, output_sae: Outp
     return circuit.with_offsets(wanted)
 
 
+def sae_metadata(sae: InputSAE | OutputSAE) -> dict:
+    """What the results record of an SAE: architecture, release, id, normalisation (None when unknown)."""
+    return {key: getattr(sae, key, None) for key in ("architecture", "release", "sae_id", "normalization",
+                                                      "scaling_factor", "apply_b_dec_to_input")}
+
+
 def extract_head(
     model: HookedTransformer,
     input_sae: InputSAE,
@@ -377,6 +388,7 @@ def extract_head(
                 "seq_len": tokens.shape[1], "n_inputs": circuit.n_inputs, "n_outputs": circuit.n_outputs,
                 "distractor_share": len(flagged) / len(results) if results else None,
                 "features_with_failures": [f.name for f in results if f.errors], "inputs": inputs.to_json()}
+    metadata["saes"] = {role: sae_metadata(sae) for role, sae in (("input", input_sae), ("output", output_sae))}
     head_steps = FeatureSteps()  # head-level steps: failures recorded in metadata["head_errors"]
     if settings.exact:
         groups = head_steps.run("exact_logit_groups", lambda: reconstruct(model, input_sae, circuit.head, tokens[:16]).summary())
@@ -412,9 +424,10 @@ def extract_one(
         return exact_importance_terms(model, input_sae, output_sae, g, queries, keys, tokens=train.tokens,
                                       positions=train.positions, batch_size=batch)
 
+    firing = float(output_sae.firing_threshold[g]) if settings.prediction_threshold == "sae" else None
     found = steps.run("rules", lambda: extract_feature(
         circuit, g, (train.acts, train.positions), (acts["val"], ex.val.position, ex.val.act_max), settings,
-        exact_terms if settings.exact else None))
+        exact_terms if settings.exact else None, gate=output_sae.surrogate_gate(g), prediction_threshold=firing))
     if found is None:
         return FeatureResult(g, name, len(ex.train), len(ex.val), errors=tuple(steps.errors))
     rule_sets, points, table = found

@@ -50,6 +50,7 @@ GROUPS = (METHOD, BEYOND, RUN)  # the CLI lists its option groups in this order
 POSITIVES = ("top", "quantiles")
 LOSS_TYPES = ("activation", "post_activation")
 BACKENDS = ("auto", "torch", "cpu", "triton")
+PREDICTION_THRESHOLDS = ("ref", "sae")
 
 
 class InvalidSetting(ValueError):
@@ -111,6 +112,10 @@ class ExtractSettings:
         "scoring of attnrules before rotary support — wrong for rotary heads, kept for comparison", group=METHOD,
         flag_help="score rotary heads without offsets (A = A_0; for comparison only)")
     threshold: float = setting(0.0, "activation threshold for truth and prediction", group=METHOD)
+    prediction_threshold: str = setting(
+        "ref", "a rule predicts the feature active when its score exceeds: 'ref' threshold (REF), 'sae' the output "
+        "SAE's own threshold of that feature (JumpReLU's per-feature threshold; 0 for standard, TopK, gated)",
+        group=METHOD, choices=PREDICTION_THRESHOLDS)
     seed: int = setting(0, "seed for feature and exemplar sampling", group=METHOD, min=0)
     batch_size: int = setting(64, "sequences per model forward pass", group=RUN, min=1)
     backend: str = setting("auto", "engine backend", group=RUN, choices=BACKENDS)
