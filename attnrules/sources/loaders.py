@@ -1,5 +1,6 @@
-"""Loaders: the model and the SAEs from the Hugging Face hub (through transformer_lens and sae_lens),
-from local sae_lens folders, and the authors' per-head ``.pt`` + ``_cfg.json`` checkpoints.
+"""Loaders: the model from the Hugging Face hub (through transformer_lens) or a local folder, sae_lens
+SAE folders, and the authors' per-head ``.pt`` + ``_cfg.json`` checkpoints (SAE releases by id and in
+their own file formats: :mod:`~attnrules.sources.releases`).
 
 Loaders never wait on the network when it cannot help: with ``HF_HUB_OFFLINE=1`` (or an unreachable
 hub) and nothing in the local Hugging Face cache they raise :class:`SourceUnavailableError` at once,
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor
 
 from attnrules.sources.model import _check_int
-from attnrules.sources.saes import _HOOK_Z, InputSAE, OutputSAE
+from attnrules.sources.saes import OutputSAE
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -532,70 +533,6 @@ def _load_sae_lens(source: str | os.PathLike, sae_id: str | None, device: str, w
         if sae.cfg.metadata.neuronpedia_id is None:
             sae.cfg.metadata.neuronpedia_id = releases[source].neuronpedia_id.get(sae_id)
     return sae.eval().requires_grad_(False)
-
-
-def load_input_sae(
-    source: str | os.PathLike = "gpt2-small-res-jb",
-    *,
-    layer: int | None = None,
-    sae_id: str | None = None,
-    device: str = "cpu",
-) -> InputSAE:
-    """An input SAE from a local sae_lens folder or a sae_lens release.
-
-    For a release, ``sae_id`` defaults to ``blocks.{layer}.hook_resid_pre`` (the res-jb ids); for a
-    folder, ``layer`` defaults to the layer in the SAE's hook name.
-    """
-    if layer is not None:
-        _check_int("layer", layer)
-    if sae_id is None and layer is not None:
-        sae_id = f"blocks.{layer}.hook_resid_pre"
-    sae = _load_sae_lens(source, sae_id, device, f"input SAE {str(source)!r}")
-    return InputSAE.from_sae_lens(sae, layer)
-
-
-def load_layer_z_sae(
-    source: str | os.PathLike,
-    *,
-    layer: int,
-    head: int,
-    n_heads: int,
-    d_head: int,
-    sae_id: str | None = None,
-    device: str = "cpu",
-) -> OutputSAE:
-    """A layer-level ``hook_z`` SAE over the concatenated heads (sae_lens folder or release), sliced to one head.
-
-    For a release, ``sae_id`` defaults to ``blocks.{layer}.hook_z`` (the ids of ``gpt2-small-hook-z-kk``).
-    Must be a standard ReLU SAE (``relu((z - b_dec) @ W_enc + b_enc)``) with ``d_in = n_heads * d_head``.
-    """
-    _check_int("layer", layer)
-    _check_int("n_heads", n_heads, low=1)
-    _check_int("head", head, below=n_heads, what=f"n_heads={n_heads}, ")
-    _check_int("d_head", d_head, low=1)
-    what = f"hook_z SAE {str(source)!r}"
-    sae = _load_sae_lens(source, sae_id or f"blocks.{layer}.hook_z", device, what)
-    cfg = sae.cfg
-    if cfg.architecture() != "standard" or not cfg.apply_b_dec_to_input or cfg.normalize_activations != "none":
-        raise ValueError(
-            f"{what}: expected a standard ReLU SAE with apply_b_dec_to_input and no activation normalisation, "
-            f"got architecture {cfg.architecture()!r}, apply_b_dec_to_input={cfg.apply_b_dec_to_input}, "
-            f"normalize_activations={cfg.normalize_activations!r}"
-        )
-    hook_name = cfg.metadata.hook_name
-    match = _HOOK_Z.fullmatch(hook_name or "")
-    if hook_name is not None and (match is None or int(match.group(1)) != layer):
-        raise ValueError(f"{what}: its hook_name is {hook_name!r}, expected 'blocks.{layer}.attn.hook_z'")
-    if cfg.metadata.hook_head_index is not None:
-        raise ValueError(
-            f"{what}: reads only head {cfg.metadata.hook_head_index} (hook_head_index); expected a layer-level SAE"
-        )
-    if cfg.d_in != n_heads * d_head:
-        raise ValueError(
-            f"{what}: d_in is {cfg.d_in}, expected n_heads*d_head = {n_heads}*{d_head} = {n_heads * d_head}"
-        )
-    weights = (sae.W_enc.detach(), sae.b_enc.detach(), sae.W_dec.detach(), sae.b_dec.detach())
-    return OutputSAE(*weights, layer, head, n_heads, d_head, per_head=False)
 
 
 # --------------------------------------------------------------------------------------------------
