@@ -243,6 +243,64 @@ def _add_report(sub) -> argparse.ArgumentParser:
     return p
 
 
+def _whole_number(text: str) -> int:
+    """An int, also written as 2e9 or 2_000_000_000."""
+    try:
+        value = float(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}")
+    return int(value)
+
+
+def _add_train_head_saes(sub) -> argparse.ArgumentParser:
+    """``train-head-saes``: model and corpus options as extract's, the training options from
+    :class:`~attnrules.pipeline.train.HeadSAETrainSettings` (defaults: the paper's per-head SAEs)."""
+    from attnrules.pipeline.train import HELP, HeadSAETrainSettings
+
+    p = sub.add_parser(
+        "train-head-saes",
+        help="train a per-head output SAE (hook_z of one head) for each head of a layer, through sae_lens",
+        description="Train, for each head of --layer, a standard ReLU SAE on blocks.L.attn.hook_z at that head "
+        "(d_in = d_head) with sae_lens's LanguageModelSAETrainingRunner, the paper's settings by default. Each head "
+        "goes to OUT/L{layer}H{head}/ as a sae_lens SAE folder (cfg.json with hook_name and hook_head_index, "
+        "sae_weights.safetensors) plus TRAIN.json; `attnrules extract --sae-out OUT/L{l}H{h}` reads it. Finished "
+        "heads are skipped on rerun.",
+        formatter_class=_Formatter,
+    )
+    src = p.add_argument_group("model and corpus")
+    src.add_argument("--model", default=TOY, help=f"'{TOY}', '{TOY_LN}', '{TOY_ROPE}' (planted models), a "
+                     "transformer_lens model name, e.g. gpt2-small, or a model folder")
+    src.add_argument("--layer", type=_int_arg(0), default=0, help="layer of the heads")
+    src.add_argument("--head", "--heads", dest="head", type=_head_list, default=None,
+                     help="head index or comma list (default: every head of the layer)")
+    src.add_argument("--device", default="cpu", help="torch device for the model and the SAEs: cpu, cuda or cuda:N")
+    src.add_argument("--corpus", type=Path, default=None, help="token ids (.pt tensor [n, seq_len]) or text (.txt, "
+                     "one document per line); required for real models (the toy generates its own)")
+    src.add_argument("--n-sequences", type=_int_arg(1), default=None,
+                     help="sequences to use (default: 3000 for the toy, 50000 otherwise)")
+    src.add_argument("--seq-len", type=_int_arg(2), default=None, help="tokens per sequence for text corpora "
+                     "(default: 32 for the toy, or the .pt corpus's; 64 otherwise)")
+    train = p.add_argument_group("training (defaults: the paper's per-head SAEs)")
+    for f in dataclasses.fields(HeadSAETrainSettings):
+        if f.name == "seed":
+            continue
+        default = f.default
+        kind = float if isinstance(default, float) else int
+        shown = "none" if default is None else f"{default:g}" if kind is float else f"{default:,}"
+        train.add_argument("--" + f.name.replace("_", "-"), dest=f"train_{f.name}", type=float if kind is float
+                           else _whole_number, default=default, metavar=kind.__name__.upper(),
+                           help=f"{HELP[f.name]} (default: {shown})")
+    run = p.add_argument_group("run")
+    run.add_argument("--out", type=Path, default=Path("out/head-saes"), help="output folder (one L{l}H{h} per head)")
+    run.add_argument("--overwrite", action="store_true", help="retrain heads whose folders hold SAEs trained from "
+                     "other inputs (model, corpus or settings), instead of an error")
+    run.add_argument("--seed", type=_int_arg(0), default=0, help="seed of the toy corpus and of training")
+    run.add_argument("--quiet", action="store_true", help="no progress output: only results and errors")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -250,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands = [_add_extract(sub), _add_sweep(sub), _add_report(sub)]
+    commands = [_add_extract(sub), _add_sweep(sub), _add_report(sub), _add_train_head_saes(sub)]
     parser.epilog = "Commands and all their options:\n\n" + "\n".join(c.format_help() for c in commands)
     return parser
 
@@ -504,17 +562,58 @@ def run_report(args: argparse.Namespace, notes: Notes) -> int:
     return 0
 
 
+def run_train_head_saes(args: argparse.Namespace, notes: Notes) -> int:
+    import dataclasses as _dc
+
+    from attnrules.pipeline.train import HeadSAETrainSettings, train_head_saes
+    from attnrules.pipeline.workload import _model_source, load_corpus
+    from attnrules.sources import load_model
+
+    values = {f.name: getattr(args, f"train_{f.name}") for f in _dc.fields(HeadSAETrainSettings) if f.name != "seed"}
+    settings = HeadSAETrainSettings(**values, seed=args.seed)  # a bad value: ValueError, one line
+    check_device(args.device, args.model)
+    if args.model not in TOYS and args.corpus is None:
+        raise UsageError("--corpus is required with a real model (a .txt file, one document per line, e.g. "
+                         "OpenWebText; or a .pt tensor of token ids)")
+    if args.corpus is not None and not args.corpus.is_file():
+        what = "does not exist" if not args.corpus.exists() else "is not a file"
+        raise UsageError(f"argument --corpus: {args.corpus} {what}; expected a .pt tensor of token ids or a .txt file "
+                         "(one document per line)")
+    corpus_len = _corpus_seq_len(args)
+    check_out_dir(args.out)
+    try:
+        with contextlib.redirect_stdout(io.StringIO() if args.quiet else sys.stderr):  # loaders' messages
+            if args.model in TOYS:
+                toy = TOYS[args.model](seq_len=args.seq_len or corpus_len or 32)
+                model = toy.model
+                n = 3000 if args.n_sequences is None else args.n_sequences
+                tokens = (toy.corpus(n, seed=args.seed) if args.corpus is None else
+                          load_corpus(args.corpus, model, n_sequences=n, seq_len=toy.seq_len))
+            else:
+                model = load_model(_model_source(args.model), device=args.device)
+                tokens = load_corpus(args.corpus, model, n_sequences=50_000 if args.n_sequences is None else
+                                     args.n_sequences, seq_len=args.seq_len or 64)
+    except CorpusError as err:
+        raise UsageError(f"argument --corpus: {err}") from None
+    folders = train_head_saes(model, tokens, args.layer, args.head, args.out, settings=settings,
+                              device=args.device, progress=not args.quiet, overwrite=args.overwrite)
+    for head, folder in folders.items():
+        print(f"L{args.layer}H{head}: {folder}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse's own errors: "attnrules <command>: error: ...", exit 2
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print(f"{PROG}: error: choose a command: extract, sweep or report (see {PROG} --help)", file=sys.stderr)
+        print(f"{PROG}: error: choose a command: extract, sweep, report or train-head-saes (see {PROG} --help)", file=sys.stderr)
         return 2
     notes = Notes(args.command, getattr(args, "quiet", False))
     try:
         with notes.from_warnings(), notes.quiet_logging():
-            return {"extract": run_extract, "sweep": run_sweep, "report": run_report}[args.command](args, notes)
+            return {"extract": run_extract, "sweep": run_sweep, "report": run_report,
+                    "train-head-saes": run_train_head_saes}[args.command](args, notes)
     except (UsageError, ValueError, OSError, SourceUnavailableError) as err:  # bad input: one clear line, no traceback
         print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
         return 2
