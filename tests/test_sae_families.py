@@ -7,6 +7,8 @@ import pytest
 import torch
 from families import build_family
 from sae_lens import (
+    AbsTopKSAE,
+    AbsTopKSAEConfig,
     BatchTopKTrainingSAE,
     BatchTopKTrainingSAEConfig,
     GatedSAE,
@@ -25,6 +27,7 @@ from tiny_gpt2 import build_tiny_gpt2
 
 from attnrules import ExtractSettings, extract_head
 from attnrules.circuit import HeadCircuit, reconstruct
+from attnrules.evaluation.metrics import binary_metrics
 from attnrules.exemplars import input_activations, scan_output_features
 from attnrules.importance import paper_importance
 from attnrules.sources import InputSAE, OutputSAE, as_sources
@@ -234,6 +237,8 @@ def test_post_activation_gate_and_prediction_threshold_are_the_saes(tiny, tokens
     closed = paper_importance(circuit, 0, queries, keys, acts, positions, loss_type="post_activation",
                               gate=lambda p: torch.zeros_like(p, dtype=torch.bool))
     assert bool(pre.abs().sum()) and torch.equal(pre, opened) and not bool(closed.abs().sum())
+    m = binary_metrics(torch.tensor([0.0, 0.0, 1.0]), torch.tensor([0.5, 1.5, 2.0]), prediction_threshold=1.0)
+    assert (m.tp, m.fp, m.fn, m.tn) == (1, 1, 0, 1)  # truth above threshold (0), predictions above 1.0
 
 
 def test_bad_sae_inputs_are_refused_by_name(tiny):
@@ -249,6 +254,9 @@ def test_bad_sae_inputs_are_refused_by_name(tiny):
         hook_name="blocks.1.ln2.hook_normalized", hook_name_out="blocks.1.hook_mlp_out")))
     with pytest.raises(ValueError, match="Transcoder on 'blocks.1.ln2.hook_normalized' is a transcoder"):
         InputSAE.from_sae_lens(tc, layer=1)
+    signed = AbsTopKSAE(AbsTopKSAEConfig(d_in=d, d_sae=8, k=2, metadata=SAEMetadata(hook_name="blocks.1.hook_resid_pre")))
+    with pytest.raises(ValueError, match="architecture 'abstopk' is not supported"):
+        InputSAE.from_sae_lens(signed)
     odd = lens_sae("standard", 20, 8, "blocks.1.attn.hook_z", seed=0, head_index=0)
     with pytest.raises(ValueError, match=r"SAE rel/odd: d_in is 20, expected d_head=16.*n_heads\*d_head=48"):
         OutputSAE.from_sae_lens(odd, n_heads=nh, d_head=dh, release="rel", sae_id="odd")

@@ -2,6 +2,7 @@
 and the sweep over the number of rule terms (the paper's Fig. 4).
 
 - truth: the exemplar's sequence max activation > threshold; prediction: predicted score > threshold
+  (or > ``prediction_threshold`` when given: the output SAE's own threshold of the feature)
 - precision = 1 when nothing is predicted active; recall = 1 when nothing is active; F1 = 0 when
   precision + recall = 0; Spearman is NaN on constant input.
 """
