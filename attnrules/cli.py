@@ -607,7 +607,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)  # argparse's own errors: "attnrules <command>: error: ...", exit 2
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print(f"{PROG}: error: choose a command: extract, sweep, report or train-head-saes (see {PROG} --help)", file=sys.stderr)
+        print(f"{PROG}: error: choose a command: extract, sweep or report, or train-head-saes (see {PROG} --help)", file=sys.stderr)
         return 2
     notes = Notes(args.command, getattr(args, "quiet", False))
     try:
