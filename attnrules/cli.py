@@ -595,8 +595,13 @@ def run_train_head_saes(args: argparse.Namespace, notes: Notes) -> int:
                                      args.n_sequences, seq_len=args.seq_len or 64)
     except CorpusError as err:
         raise UsageError(f"argument --corpus: {err}") from None
-    folders = train_head_saes(model, tokens, args.layer, args.head, args.out, settings=settings,
-                              device=args.device, progress=not args.quiet, overwrite=args.overwrite)
+    try:
+        folders = train_head_saes(model, tokens, args.layer, args.head, args.out, settings=settings,
+                                  device=args.device, progress=not args.quiet, overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        print(f"{PROG} train-head-saes: interrupted; finished heads are kept in {args.out}, and a rerun "
+              "continues with the others", file=sys.stderr)
+        return 130
     for head, folder in folders.items():
         print(f"L{args.layer}H{head}: {folder}")
     return 0

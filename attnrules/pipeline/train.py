@@ -337,6 +337,17 @@ def _latest_checkpoint(folder: Path, want: dict) -> Optional[Path]:
     return max(found)[1] if found else None
 
 
+def _store_state_into_checkpoints(save):
+    """sae_lens 6.54's runner adds its activation-store state to the checkpoint folder the trainer has just
+    written; on SIGINT/SIGTERM it is also called for a folder nobody made (and fails writing into it). Such a
+    checkpoint would hold no weights: it is skipped, so that the interruption reaches the caller."""
+    def save_checkpoint(checkpoint_path):
+        if checkpoint_path is not None and not Path(checkpoint_path).is_dir():
+            return None
+        return save(checkpoint_path)
+    return save_checkpoint
+
+
 def _train_one(model, dataset, tokens: torch.Tensor, layer: int, head: int, out_dir: Path, want: dict,
                settings: HeadSAETrainSettings, context: int, device: str, say: _Say, label: str,
                overwrite: bool) -> Path:
@@ -410,9 +421,17 @@ def _train_one(model, dataset, tokens: torch.Tensor, layer: int, head: int, out_
         f"{settings.batch_size_tokens:,} tokens = {epochs:.3g} passes over the corpus ({corpus_tokens:,} tokens){start}")
     t0 = time.perf_counter()
     torch.manual_seed(settings.seed)
+    from sae_lens.training._interruption import InterruptedException
+
     with _quiet_sae_lens(say.on):
         runner = LanguageModelSAETrainingRunner(cfg, override_dataset=dataset, override_model=model)
-        sae = runner.run()
+        runner.save_checkpoint = _store_state_into_checkpoints(runner.save_checkpoint)
+        try:
+            sae = runner.run()
+        except InterruptedException:  # sae_lens's SIGINT/SIGTERM handler: a plain interruption to callers
+            say(f"{label}: interrupted; a rerun continues" + (" from the last checkpoint" if settings.n_checkpoints
+                                                              else " (this head from the start)"))
+            raise KeyboardInterrupt from None
     seconds = time.perf_counter() - t0
     meta = sae.cfg.metadata
     report = {"format": FORMAT, **want, "d_in": d_head, "d_sae": d_sae, "hook_name": hook, "hook_head_index": head,
