@@ -231,6 +231,25 @@ def test_hashes_see_content_and_sample_big_tensors(monkeypatch):
     assert resume.hash_corpus(torch.ones(2, 3, dtype=torch.long)) != resume.hash_corpus(torch.ones(3, 2, dtype=torch.long))
 
 
+def test_output_sae_hash_sees_the_activation_parameters():
+    """Two output SAEs with the same weights but another JumpReLU threshold, TopK k or architecture
+    give other features, so other hashes (a results folder of one is never reused for the other)."""
+    from attnrules.pipeline.resume import hash_output_sae
+    from attnrules.sources import OutputSAE
+
+    g = torch.Generator().manual_seed(0)
+    w = dict(W_enc=torch.randn(4, 6, generator=g), b_enc=torch.zeros(6), W_dec=torch.randn(6, 4, generator=g),
+             b_dec=torch.zeros(4), layer=0, head=0)
+    hashes = {hash_output_sae(OutputSAE.from_tensors(**w)),
+              hash_output_sae(OutputSAE.from_tensors(**w, architecture="jumprelu", threshold=torch.full((6,), 0.1))),
+              hash_output_sae(OutputSAE.from_tensors(**w, architecture="jumprelu", threshold=torch.full((6,), 0.2))),
+              hash_output_sae(OutputSAE.from_tensors(**w, architecture="topk", k=2)),
+              hash_output_sae(OutputSAE.from_tensors(**w, architecture="topk", k=3))}
+    assert len(hashes) == 5
+    assert hash_output_sae(OutputSAE.from_tensors(**w, architecture="topk", k=2)) == hash_output_sae(
+        OutputSAE.from_tensors(**w, architecture="topk", k=2))
+
+
 def test_scan_cache_is_exact_and_keyed(toy, tokens, tmp_path):
     from attnrules.exemplars import scan_output_features
     from attnrules.pipeline.resume import HeadFolder, InputHashes

@@ -121,8 +121,8 @@ def hash_model(model) -> str:
 
 
 def _encode_state(encode) -> dict[str, torch.Tensor]:
-    """The tensors an InputSAE's ``encode`` reads besides W_dec/W_enc/b_dec: a bound module's state,
-    or the tensors in its closure."""
+    """The tensors an SAE's ``encode`` reads besides its weights: a bound module's state, or the tensors
+    in its closure."""
     owner = getattr(encode, "__self__", None)
     if owner is not None and hasattr(owner, "state_dict"):
         return {f"encode.{k}": v for k, v in owner.state_dict().items()}
@@ -138,8 +138,15 @@ def hash_input_sae(sae) -> str:
 
 
 def hash_output_sae(sae) -> str:
+    """Everything that decides the output features: weights, activation parameters (JumpReLU threshold,
+    TopK k, gated b_gate/r_mag), the SAE's own encode when it has one, and the layout."""
     tensors = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
-    return hash_tensors(tensors, {k: getattr(sae, k) for k in ("layer", "head", "n_heads", "d_head", "per_head")})
+    tensors.update({k: getattr(sae, k) for k in ("threshold", "b_gate", "r_mag") if getattr(sae, k, None) is not None})
+    if getattr(sae, "sae_encode", None) is not None:
+        tensors.update(_encode_state(sae.sae_encode))
+    meta = ("layer", "head", "n_heads", "d_head", "per_head", "architecture", "k", "apply_b_dec_to_input",
+            "scaling_factor")
+    return hash_tensors(tensors, {k: getattr(sae, k, None) for k in meta})
 
 
 def hash_corpus(tokens: torch.Tensor) -> str:
