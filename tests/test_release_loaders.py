@@ -18,14 +18,11 @@ from sae_lens.saes.sae import SAEMetadata
 
 from attnrules import sources
 from attnrules.pipeline.workload import pretrained_workload
-from attnrules.sources import OutputSAE, SourceUnavailableError, releases
+from attnrules.sources import SourceUnavailableError, releases
 from families import build_family
 from tiny_gpt2 import build_tiny_gpt2
 
 REV = "0123456789abcdef0123456789abcdef01234567"
-# JumpReLU (and every other architecture) output SAEs need OutputSAE.from_sae_lens (attnrules.sources.saes)
-any_architecture = pytest.mark.skipif(not hasattr(OutputSAE, "from_sae_lens"),
-                                      reason="OutputSAE.from_sae_lens (every architecture) is not there yet")
 
 
 def rng(seed: int) -> np.random.Generator:
@@ -128,7 +125,6 @@ def test_release_ids_and_default_sae_ids():
 # --- local folders in each release's format ------------------------------------------------------------
 
 
-@any_architecture
 def test_gemma_scope_att_folder_sliced_to_a_gqa_query_head(tmp_path, llama):
     """A Gemma Scope hook_z folder at the model's dims; GQA: hook_z has one slot per query head."""
     cfg = llama.cfg
@@ -279,7 +275,6 @@ def test_kissane_and_llama_scope_releases_from_the_cache(hub_cache):
     torch.testing.assert_close(inp.W_enc, state["encoder.weight"].T * scale)
 
 
-@any_architecture
 def test_gemma_scope_release_from_the_cache_at_full_dimensions(hub_cache):
     """SAE.from_pretrained takes Gemma Scope's dims from the release (2b hook_z: 8 heads x 256; 16k
     features), so the cached file has them (stored as int8 to keep the test small)."""
@@ -335,7 +330,6 @@ def test_missing_llama_scope_weights_name_the_file(hub_cache):
 # --- the workload behind the CLI --------------------------------------------------------------------------
 
 
-@any_architecture
 def test_pretrained_workload_with_sae_out(tmp_path):
     model = build_tiny_gpt2()
     folder = sources.save_model(model, tmp_path / "tiny")
