@@ -103,22 +103,26 @@ def own_active(sae, x):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_active_sets_are_the_saes_own_encode(tiny, tokens, arch):
+@pytest.mark.parametrize("model_name", ["gpt2", "llama"])
+def test_active_sets_are_the_saes_own_encode(tiny, tokens, arch, model_name):
+    """Exemplars' active sets are the SAE's own encode > 0, on a GPT-2-style and a rotary GQA model."""
+    model = tiny if model_name == "gpt2" else build_family("llama")
+    tokens = tokens % model.cfg.d_vocab
     for per_head, reshape in ((True, "none"), (False, "none"), (False, "hook_z")):
-        lens_in, lens_out = pair(tiny, arch, per_head=per_head, reshape=reshape)
+        lens_in, lens_out = pair(model, arch, per_head=per_head, reshape=reshape)
         sae_in = InputSAE.from_sae_lens(lens_in)
-        sae_out = OutputSAE.from_sae_lens(lens_out, head=HEAD, n_heads=tiny.cfg.n_heads, d_head=tiny.cfg.d_head)
+        sae_out = OutputSAE.from_sae_lens(lens_out, head=HEAD, n_heads=model.cfg.n_heads, d_head=model.cfg.d_head)
         assert sae_out.per_head == per_head and sae_in.architecture == sae_out.architecture
         with torch.no_grad():
-            _, cache = tiny.run_with_cache(tokens)
+            _, cache = model.run_with_cache(tokens)
         z, x = cache[f"blocks.{LAYER}.attn.hook_z"], cache[f"blocks.{LAYER}.hook_resid_pre"]
         reshaped = reshape == "hook_z" and arch != "batchtopk"  # a training SAE does not reshape itself
         z_sel = z[..., HEAD, :] if per_head else (z if reshaped else z.flatten(-2))
         want_out = own_active(lens_out, z_sel)
-        scan = scan_output_features(tiny, sae_out, tokens, batch_size=32)
+        scan = scan_output_features(model, sae_out, tokens, batch_size=32)
         assert torch.equal(scan.act_max > 0, want_out.any(dim=1)), (arch, per_head, reshape)
         assert 0 < int(want_out.sum()) < want_out.numel()
-        assert torch.equal(input_activations(tiny, sae_in, tokens) > 0, own_active(lens_in, x))
+        assert torch.equal(input_activations(model, sae_in, tokens) > 0, own_active(lens_in, x))
     # the same SAE from its own tensors decides the same
     state = {k: v.detach() for k, v in lens_out.state_dict().items()}
     kind = {"batchtopk": "jumprelu"}.get(arch, arch)
@@ -128,18 +132,15 @@ def test_active_sets_are_the_saes_own_encode(tiny, tokens, arch):
                      threshold=torch.full((8,), float(lens_out.topk_threshold)))
     from_state = OutputSAE.from_state_dict(state, layer=LAYER, head=HEAD, architecture=kind,
                                            k=4 if arch in ("topk", "batchtopk") and kind == "topk" else None,
-                                           n_heads=tiny.cfg.n_heads, d_head=tiny.cfg.d_head)
+                                           n_heads=model.cfg.n_heads, d_head=model.cfg.d_head)
     assert torch.equal(from_state.encode(z) > 0, sae_out.encode(z) > 0)
     torch.testing.assert_close(from_state.encode(z), sae_out.encode(z).detach())
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_exact_reconstruction_and_encoder_direction(tiny, tokens, arch):
-    models = [(tiny, pair(tiny, arch))]
-    if arch == "gated":
-        llama = build_family("llama")
-        models.append((llama, pair(llama, arch, seed=5)))
-    for model, (lens_in, lens_out) in models:
+    llama = build_family("llama")  # rotary, GQA (head 2 reads key/value head 1)
+    for model, (lens_in, lens_out) in [(tiny, pair(tiny, arch)), (llama, pair(llama, arch, seed=5))]:
         sae_in, sae_out = as_sources(model, lens_in, lens_out)
         ids = tokens[:4] % model.cfg.d_vocab
         dec = reconstruct(model, sae_in, HEAD, ids)
@@ -164,15 +165,19 @@ def viable(model, sae_out, tokens, n=3):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_extract_head_runs_on_every_architecture(tiny, tokens, arch):
-    lens_in, lens_out = pair(tiny, arch, per_head=arch != "topk")
-    sae_in, sae_out = as_sources(tiny, lens_in, lens_out, head=HEAD)
-    settings = dataclasses.replace(SETTINGS, features=viable(tiny, sae_out, tokens))
+@pytest.mark.parametrize("model_name", ["gpt2", "llama"])
+def test_extract_head_runs_on_every_architecture(tiny, tokens, arch, model_name):
+    """On a GPT-2-style model and on a rotary GQA one (Llama), with no failed step."""
+    model = tiny if model_name == "gpt2" else build_family("llama")
+    tokens = tokens % model.cfg.d_vocab
+    lens_in, lens_out = pair(model, arch, per_head=arch != "topk")
+    sae_in, sae_out = as_sources(model, lens_in, lens_out, head=HEAD)
+    settings = dataclasses.replace(SETTINGS, features=viable(model, sae_out, tokens))
     if arch == "jumprelu":
         settings = dataclasses.replace(settings, loss_type="post_activation", prediction_threshold="sae")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = extract_head(tiny, sae_in, sae_out, tokens, settings=settings, progress=False)
+        result = extract_head(model, sae_in, sae_out, tokens, settings=settings, progress=False)
     assert result.metadata["failed_steps"] == 0, [e for f in result.features for e in f.errors]
     assert result.features
     kind = "jumprelu" if arch == "batchtopk" else arch
