@@ -381,12 +381,14 @@ def check_sources(args: argparse.Namespace, *, whole_model: bool) -> None:
     toy = args.model in TOYS
     if toy:
         for flag, value in (("--sae-in", args.sae_in), ("--sae-in-id", args.sae_in_id),
-                            ("--sae-out-dir", args.sae_out_dir), ("--sae-out", args.sae_out),
-                            ("--sae-out-id", args.sae_out_id),
+                            ("--sae-out-dir", args.sae_out_dir), ("--sae-out-id", args.sae_out_id),
                             ("--sae-out-z", args.sae_out_z), ("--sae-out-z-id", args.sae_out_z_id)):
             if value is not None:
                 raise UsageError(f"argument {flag}: not used with the planted model (--model {args.model}), which "
-                                 "brings its own SAEs; drop it, or give a real model with --model")
+                                 "brings its own SAEs (only --sae-out may replace a head's output SAE, e.g. one "
+                                 "trained by train-head-saes); drop it, or give a real model with --model")
+        if args.sae_out is not None and (not args.head or len(args.head) != 1):
+            raise UsageError("argument --sae-out: with the planted model, name the one head it explains (--head H)")
     else:
         if not whole_model and (not args.head or args.layer is None):
             raise UsageError("--layer and --head are required with a real model (e.g. --layer 0 --head 0)")
@@ -442,7 +444,7 @@ def workload_from_args(args: argparse.Namespace, *, whole_model: bool) -> Worklo
             seq_len = args.seq_len or corpus_len or 32
             return toy_workload(layer=args.layer if args.layer is not None else 0, heads=args.head,
                                 n_sequences=3000 if args.n_sequences is None else args.n_sequences, seq_len=seq_len,
-                                seed=args.seed, corpus=args.corpus, variant=args.model)
+                                seed=args.seed, corpus=args.corpus, variant=args.model, sae_out=args.sae_out)
         layers = None if args.layer is None else (args.layer,)
         return pretrained_workload(
             args.model, corpus=args.corpus, layers=layers, heads=args.head, sae_in=args.sae_in or DEFAULT_SAE_IN,

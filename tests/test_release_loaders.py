@@ -388,5 +388,7 @@ def test_cli_sae_options(tmp_path, capsys):
                                "--sae-in-id", "layer_0/width_16k/canonical"])
     with pytest.raises(cli.UsageError, match=r"argument --sae-in-id: names the SAE of one layer; give --layer"):
         cli.check_sources(sweep, whole_model=True)
-    code = cli.main(["extract", "--sae-out", "gpt2-small-hook-z-kk"])
-    assert code == 2 and "argument --sae-out: not used with the planted model" in capsys.readouterr().err
+    code = cli.main(["extract", "--sae-out", "gpt2-small-hook-z-kk"])  # the toy takes --sae-out for one head only
+    assert code == 2 and "argument --sae-out: with the planted model, name the one head" in capsys.readouterr().err
+    code = cli.main(["extract", "--sae-out-id", "x"])
+    assert code == 2 and "argument --sae-out-id: not used with the planted model" in capsys.readouterr().err

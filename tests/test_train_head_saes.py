@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from attnrules import ExtractSettings, extract_head, load_results
-from attnrules.cli import build_parser, main
+from attnrules.cli import main
 from attnrules.pipeline.train import (
     CHECKPOINTS,
     TRAIN_FILE,
@@ -172,29 +172,12 @@ def test_cli_trains_reruns_and_says_what_is_wrong(tmp_path, capsys):
     assert "expected an int" in capsys.readouterr().err
 
 
-def test_cli_extract_reads_a_trained_folder(trained, toy, tmp_path, capsys):
-    """The trained folder goes to ``attnrules extract --sae-out`` with the toy saved as a model folder and its
-    input SAE as a sae_lens folder."""
-    extract = build_parser()._subparsers._group_actions[0].choices["extract"]
-    if "--sae-out" not in extract._option_string_actions:
-        pytest.skip("attnrules extract has no --sae-out here")
-    from sae_lens import SAE, StandardSAEConfig
-    from sae_lens.saes.sae import SAEMetadata
-
-    from attnrules.sources import save_model
-
+def test_cli_extract_reads_a_trained_folder(trained, tmp_path, capsys):
+    """The trained folder goes straight to ``attnrules extract --model toy --head 1 --sae-out FOLDER``,
+    replacing the planted output SAE of that head."""
     out, folders = trained
-    save_model(toy.model, tmp_path / "toy")
-    d = toy.model.cfg.d_model
-    sae_in = SAE.from_dict(StandardSAEConfig(d_in=d, d_sae=d, metadata=SAEMetadata(
-        hook_name="blocks.0.hook_resid_pre")).to_dict())
-    with torch.no_grad():
-        sae_in.W_enc.copy_(toy.input_sae.W_enc), sae_in.W_dec.copy_(toy.input_sae.W_dec)
-    sae_in.save_model(tmp_path / "sae_in")
-    torch.save(toy.corpus(3000), tmp_path / "corpus.pt")
-    argv = ["extract", "--model", str(tmp_path / "toy"), "--layer", "0", "--head", "1", "--sae-in",
-            str(tmp_path / "sae_in"), "--sae-out", str(folders[1]), "--corpus", str(tmp_path / "corpus.pt"),
-            "--min-count", "30", "--num-features", "all", "--no-exact", "--no-counting", "--exhaustive-k", "0",
+    argv = ["extract", "--model", "toy", "--head", "1", "--sae-out", str(folders[1]), "--min-count", "30",
+            "--num-features", "all", "--no-exact", "--no-counting", "--exhaustive-k", "0",
             "--distractor-checks", "0", "--out", str(tmp_path / "ex"), "--quiet"]
     assert main(argv) == 0, capsys.readouterr().err
     result = load_results(tmp_path / "ex" / "L0H1")

@@ -127,9 +127,11 @@ def toy_workload(
     seed: int = 0,
     corpus: Optional[Path] = None,
     variant: str = TOY,
+    sae_out: Optional[Union[str, os.PathLike]] = None,
 ) -> Workload:
     """A planted model (``variant``: one of :data:`TOYS`); all its planted heads unless ``heads`` says
-    otherwise."""
+    otherwise. ``sae_out``: an output SAE (folder or file, e.g. one that ``train-head-saes`` wrote) that
+    replaces the planted output SAE of the heads asked for."""
     if variant not in TOYS:
         raise ValueError(f"variant must be one of {sorted(TOYS)}, got {variant!r}")
     for name, value, least in (("n_sequences", n_sequences, 1), ("seq_len", seq_len, 2)):
@@ -144,8 +146,13 @@ def toy_workload(
         raise ValueError(f"the toy model has planted heads {planted} (layer 0) only; got {asked}")
     tokens = toy.corpus(n_sequences, seed=seed) if corpus is None else load_corpus(
         corpus, toy.model, n_sequences=n_sequences, seq_len=seq_len)
-    return Workload(variant, toy.model, tokens, tuple((0, h) for h in heads),
-                    lambda _layer: toy.input_sae, lambda _layer, h: toy.output_saes[h])
+    def output_sae(layer: int, head: int):
+        if sae_out is None:
+            return toy.output_saes[head]
+        cfg = toy.model.cfg
+        return load_output_sae(sae_out, layer=layer, head=head, n_heads=cfg.n_heads, d_head=cfg.d_head)
+
+    return Workload(variant, toy.model, tokens, tuple((0, h) for h in heads), lambda _layer: toy.input_sae, output_sae)
 
 
 def _model_source(model_name: Union[str, os.PathLike]) -> Union[str, Path]:
