@@ -30,6 +30,7 @@ from attnrules.pipeline import (
     RunMismatchError,
     extract_head,
     load_results,
+    train_head_saes,
 )
 from attnrules.rules import AbsenceRule, CountingRule, DistractorCheck, SkipgramRuleSet
 from attnrules.sources import (
@@ -40,6 +41,8 @@ from attnrules.sources import (
     load_input_sae,
     load_layer_z_sae,
     load_model,
+    load_output_sae,
+    load_sae,
     process_model,
 )
 
@@ -49,7 +52,7 @@ __all__ = [
     "AbsenceRule", "CountingRule", "DistractorCheck", "ExactTerms", "ExemplarView", "ExtractSettings",
     "FeatureResult", "HeadCircuit", "HeadResult", "IncompleteResultsError", "InputSAE", "LogitDecomposition", "Metrics", "OffsetTopK",
     "OutputSAE", "Rotary", "RunMismatchError", "SkipgramRuleSet", "SourceUnavailableError", "SweepPoint", "TopK", "dual_topk", "extract_head",
-    "load_head_sae", "load_input_sae", "load_layer_z_sae", "load_model", "load_results", "offset_topk", "pair_topk",
-    "process_model",
+    "load_head_sae", "load_input_sae", "load_layer_z_sae", "load_model", "load_output_sae", "load_results", "load_sae",
+    "offset_topk", "pair_topk", "process_model", "train_head_saes",
     "reconstruct",
 ]
