@@ -301,6 +301,53 @@ def _add_train_head_saes(sub) -> argparse.ArgumentParser:
     return p
 
 
+def _comma_choices(choices: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
+    def parse(text: str) -> tuple[str, ...]:
+        values = tuple(x.strip() for x in text.split(",") if x.strip())
+        bad = [v for v in values if v not in choices]
+        if not values or bad:
+            raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(choices)}, got {text!r}")
+        return values
+    parse.__name__ = "list"
+    return parse
+
+
+def _add_bench(sub) -> argparse.ArgumentParser:
+    from attnrules.benchmark import CASES, PROVIDERS
+
+    p = sub.add_parser(
+        "bench",
+        help="benchmark the all-pairs engine on this machine (CPU, and the GPU when present)",
+        description="Time the all-pairs top-k engine on this machine on GPT-2-small shapes (24,576 × 24,576 pairs, "
+        "d = 64): the cpu backend against the bare GEMM, materialised and chunked torch.topk and faiss, with the "
+        "CPU's sgemm peak measured in the same run; and, when a CUDA GPU is present, the triton backend against "
+        "cuBLAS + torch.topk (triton.testing.do_bench), with the GPU's GEMM peak. Prints a table (fractions of "
+        "peak, ratios to the engine) and writes the figures as JSON.",
+        formatter_class=_Formatter,
+    )
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="cpu: the CPU benchmark; cuda: the GPU benchmark; auto: the CPU one, and the GPU one too "
+                   "when a CUDA GPU is present")
+    p.add_argument("--quick", action="store_true", help="small shapes (1,024² on the CPU, 4,096² on the GPU) and "
+                   "1 repeat: under a minute; its figures are not the full-size ones")
+    p.add_argument("--size", type=_int_arg(2), default=None, help="queries = keys (default 24,576; with --quick "
+                   "1,024 on the CPU, 4,096 on the GPU)")
+    p.add_argument("--repeats", type=_int_arg(1), default=None, help="CPU: timed runs per measurement, after a "
+                   "warm-up (default 3; 1 with --quick)")
+    p.add_argument("--threads", type=_int_arg(1), default=None, help="CPU engine threads (default: all cores)")
+    p.add_argument("--cases", type=_comma_choices(CASES), default=CASES, help=f"CPU cases: a comma list of "
+                   f"{', '.join(CASES)} (default: all)")
+    p.add_argument("--providers", type=_comma_choices(PROVIDERS), default=PROVIDERS, help=f"CPU providers: a "
+                   f"comma list of {', '.join(PROVIDERS)} (default: all; faiss only if installed)")
+    p.add_argument("--isolated", action="store_true", help="CPU: each measurement in its own process, so that "
+                   "its peak memory is its own (slower to start)")
+    p.add_argument("--precision", choices=("ieee", "tf32", "tf32x3"), default="ieee",
+                   help="GPU: input precision of the kernels and the baselines")
+    p.add_argument("--out", type=Path, default=Path("attnrules-bench.json"), help="JSON file to write")
+    p.add_argument("--quiet", action="store_true", help="no progress output: only results and errors")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -308,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands = [_add_extract(sub), _add_sweep(sub), _add_report(sub), _add_train_head_saes(sub)]
+    commands = [_add_extract(sub), _add_sweep(sub), _add_report(sub), _add_train_head_saes(sub), _add_bench(sub)]
     parser.epilog = "Commands and all their options:\n\n" + "\n".join(c.format_help() for c in commands)
     return parser
 
@@ -609,18 +656,79 @@ def run_train_head_saes(args: argparse.Namespace, notes: Notes) -> int:
     return 0
 
 
+def run_bench(args: argparse.Namespace, notes: Notes) -> int:
+    import time
+
+    import attnrules
+    from attnrules import benchmark
+
+    gpu_reason = benchmark.no_gpu_reason()
+    if args.device == "cuda" and gpu_reason:
+        raise UsageError(f"argument --device: cuda: {gpu_reason}; use --device cpu (or auto)")
+    if args.out.is_dir():
+        raise UsageError(f"argument --out: {args.out} is a folder; expected a JSON file to write")
+    progress = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    command = " ".join([PROG, *args.argv])
+    result: dict[str, Any] = dict(benchmark="attnrules bench", version=getattr(attnrules, "__version__", None),
+                                  command=command, date=time.strftime("%Y-%m-%dT%H:%M:%S%z"), quick=args.quick,
+                                  cpu=None, gpu=None)
+    if args.device in ("auto", "cpu"):
+        cfg = benchmark.shapes(args.quick, args.size)
+        repeats = args.repeats or (1 if args.quick else 3)
+        full = benchmark.FULL
+        if args.quick or args.size:
+            print(f"{'quick run' if args.quick else 'smaller run'}: {cfg['n']:,} × {cfg['n']:,} pairs, "
+                  f"k = {cfg['k_global']:,} / {cfg['k_row']}, {cfg['n_ex']} exemplars, {repeats} repeat(s) — the "
+                  f"full benchmark is {full['n']:,}² pairs, k = {full['k_global']:,} / {full['k_row']}, 3 repeats; "
+                  "figures at this size are not the full-size ones")
+        for provider in args.providers:
+            if not benchmark.installed(provider):
+                notes.say(f"{provider} is not installed: its baseline is skipped (pip install faiss-cpu)")
+        report = benchmark.run_cpu_benchmark(cfg, repeats=repeats, threads=args.threads, cases=args.cases,
+                                             providers=args.providers, isolated=args.isolated, quick=args.quick,
+                                             command=command, progress=progress)
+        m = report["machine"]
+        print(f"CPU: {m['cpu_model']}, {m['logical_cores']} cores, kernel {m['isa']}, torch {m['versions']['torch']}")
+        print(f"sgemm peak (torch, 2048³, measured in this run): {report['sgemm_peak_gflops']:.1f} GFLOP/s")
+        print(benchmark.markdown(report))
+        ratios = [f"{c['case']} {c['cpu_vs_gemm_at_peak']:.2f}×" for c in report["cases"] if c["cpu_vs_gemm_at_peak"]]
+        if ratios:
+            print("engine time ÷ a bare GEMM of the same flops at the measured peak: " + ", ".join(ratios))
+        result["cpu"] = report
+    if args.device in ("auto", "cuda"):
+        if gpu_reason:
+            print(f"GPU: skipped ({gpu_reason})")
+            result["gpu"] = {"skipped": gpu_reason}
+        else:
+            if args.quick:
+                n = args.size or benchmark.GPU_QUICK["n"]
+                print(f"GPU quick run: {n:,} × {n:,} pairs (the full benchmark is {benchmark.GPU_FULL['n']:,}²), "
+                      "shorter do_bench; figures at this size are not the full-size ones")
+            gpu = benchmark.run_gpu_benchmark(precision=args.precision, quick=args.quick, n=args.size,
+                                              progress=progress)
+            sheet = "unknown" if gpu["peak_tflops"] is None else f"{gpu['peak_tflops']:.1f} TFLOP/s"
+            print(f"GPU: {gpu['machine']['gpu']}, GEMM peak (cuBLAS, {args.precision}, measured in this run): "
+                  f"{gpu['measured_gemm_peak_tflops']:.1f} TFLOP/s; datasheet peak: {sheet}")
+            print(benchmark.gpu_markdown(gpu))
+            result["gpu"] = gpu
+    benchmark.write_report(args.out, result)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse's own errors: "attnrules <command>: error: ...", exit 2
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print(f"{PROG}: error: choose a command: extract, sweep or report, or train-head-saes (see {PROG} --help)", file=sys.stderr)
+        print(f"{PROG}: error: choose a command: extract, sweep or report, train-head-saes or bench (see {PROG} --help)", file=sys.stderr)
         return 2
     notes = Notes(args.command, getattr(args, "quiet", False))
     try:
         with notes.from_warnings(), notes.quiet_logging():
             return {"extract": run_extract, "sweep": run_sweep, "report": run_report,
-                    "train-head-saes": run_train_head_saes}[args.command](args, notes)
+                    "train-head-saes": run_train_head_saes, "bench": run_bench}[args.command](args, notes)
     except (UsageError, ValueError, OSError, SourceUnavailableError) as err:  # bad input: one clear line, no traceback
         print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from attnrules import engine
+from attnrules.benchmark import inputs, run_cpu, shapes
 from attnrules.files import write_json
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "cpu_interleaved.json"
@@ -30,21 +29,16 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=24_576)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
-    g = torch.Generator().manual_seed(0)
-    q, k, w = torch.randn(args.n, 64, generator=g), torch.randn(args.n, 64, generator=g), torch.randn(args.n, generator=g)
-    cases = {
-        "global": lambda: engine.pair_topk(q, k, 10_000, key_weight=w, backend="cpu", threads=args.threads),
-        "per_key": lambda: engine.pair_topk(q, k, 100, by="key", key_weight=w, backend="cpu", threads=args.threads),
-        "per_query": lambda: engine.pair_topk(q, k, 100, by="query", key_weight=w, backend="cpu", threads=args.threads),
-    }
+    # The shapes, inputs and engine calls of attnrules.benchmark (bench_cpu_engine.py, `attnrules bench`).
+    cfg = shapes(quick=False, n=args.n)
+    x = inputs(cfg)
+    cases = {case: run_cpu(case, x, cfg, args.threads) for case in ("global", "per_key", "per_query")}
     for run in cases.values():  # warm-up
         run()
     times: dict[str, list[float]] = {c: [] for c in cases}
     for _ in range(args.rounds):
         for case, run in cases.items():
-            t0 = time.perf_counter()
-            run()
-            times[case].append(time.perf_counter() - t0)
+            times[case].append(run())
     median = {c: statistics.median(v) for c, v in times.items()}
     report = {
         "n": args.n, "rounds": args.rounds, "threads": args.threads or torch.get_num_threads(),
