@@ -212,3 +212,31 @@ def rank_all_pairs(
         attn = circuit.attn(best.query_idx, best.key_idx, offsets)
     return PairTable(feature, circuit.feature_name(feature), best.key_idx, best.query_idx, attn, v[best.key_idx],
                      best.scores, offsets)
+
+
+def rank_all_pairs_many(
+    circuit: HeadCircuit,
+    features: Optional[Sequence[int]],
+    k: int,
+    *,
+    backend: str = "auto",
+    **engine_options,
+) -> list["PairTable"]:
+    """:func:`rank_all_pairs` (signed A×V) for many output features at once: one ``PairTable`` per
+    feature of ``features`` (None: every output feature), each equal to ``rank_all_pairs(circuit, f, k)``,
+    through ``engine.multi_topk`` (the attn-score table is built once per head). Not offered on a
+    rotary head: use :func:`rank_all_pairs` per feature there."""
+    if circuit.rotary is not None:
+        raise ValueError("rank_all_pairs_many does not rank rotary heads (pairs score at their best offset): "
+                         "use rank_all_pairs per feature")
+    features = list(range(circuit.n_outputs)) if features is None else [circuit.check_feature(f) for f in features]
+    if not features:
+        raise ValueError("features must name at least one output feature")
+    v = value_scores(circuit, features)  # [n_in, len(features)]
+    best = engine.multi_topk(circuit.query_proj, circuit.key_proj, v, k, backend=backend, **engine_options)
+    tables = []
+    for j, feature in enumerate(features):
+        q, key = best.query_idx[j], best.key_idx[j]
+        tables.append(PairTable(feature, circuit.feature_name(feature), key, q, attn_scores(circuit, q, key),
+                                v[key, j], best.scores[j]))
+    return tables

@@ -11,6 +11,9 @@ Two operations, defined once here and implemented by every backend:
 ``offset_topk(queries, keys, k, cos=, sin=)`` (``offsets``)
     rotary heads: score(q, k) = max over offset rows o of A_o(q, k) × key_weight[k], with ``offset_idx``.
 
+``multi_topk(queries, keys, key_weights [Nk, G], k)`` (``features``)
+    every output feature of a head at once: row g of the ``[G, k]`` answer is ``pair_topk`` with key_weight[:, g].
+
 ``by="global"`` returns the k best pairs overall, ``by="query"`` the k best keys of every query and
 ``by="key"`` the k best queries of every key; always sorted best first, ties broken by the lower
 (query, key) index, so that every backend returns the same answer. No backend allocates Nq × Nk:
@@ -40,6 +43,7 @@ from attnrules.engine.contract import (
     dual_topk,
     pair_topk,
 )
+from attnrules.engine.features import multi_topk
 from attnrules.engine.offsets import OffsetTopK, offset_topk
 
 __all__ = [
@@ -55,6 +59,7 @@ __all__ = [
     "available_backends",
     "capabilities",
     "dual_topk",
+    "multi_topk",
     "offset_topk",
     "pair_topk",
 ]
