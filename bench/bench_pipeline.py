@@ -5,10 +5,15 @@ Times, on a random GPT-2-small-shaped model (12 layers, d_model 768, 12 heads ×
 24,576-feature input SAE (about 50 active features per token) and a random 2,048-feature output SAE:
 
 - ``forward``: tokens per second through blocks 0..L (the corpus scan and the exemplar activations);
-- per feature: input-SAE activations of 200 exemplars, REF's candidate table, the paper-mode
+- per feature: its share of the head's one shared forward pass (:mod:`attnrules.pipeline.activations`:
+  blocks 0..L once over the union of the features' train and val exemplars, keeping the input-SAE
+  activations sparse and the exact pass's hooks of the train ones; timed over one feature's 200
+  exemplars, i.e. no exemplar shared between features, the worst case), looking up its input-SAE
+  activations there, REF's candidate table, the paper-mode
   importance on 100 train exemplars, the N = 4 … 4096 sweep of both orderings on 100 val exemplars,
   the exhaustive top-100 pairs of all 24,576² by A×V and by importance (engine), the exact-mode
-  importance of feature pairs and pseudo-feature terms on the train exemplars, the distractor checks
+  importance of feature pairs and pseudo-feature terms on the train exemplars (from the shared pass's
+  hooks: no forward pass of its own), the distractor checks
   (8 terms × 3 distractors inserted into the exemplars where a term matches and the feature fires),
   and the counting detector (9 counts × 64 sequences);
 - per head (above layer 0): the token that stands for every input feature (one vocabulary pass).
@@ -85,10 +90,10 @@ def main() -> None:
     from attnrules.evaluation.insertion import check_distractors, feature_tokens
     from attnrules.importance import exact_importance_terms
     from attnrules.evaluation import n_terms_grid, sweep
-    from attnrules.exemplars import input_activations
     from attnrules.importance import paper_importance
     from attnrules.pipeline.extract import _first_appearance
     from attnrules.pipeline import exhaustive_pairs
+    from attnrules.pipeline.activations import SharedPasses
     from attnrules.files import write_json
     from attnrules.rules import rules_from_importance, rules_from_weights
     from attnrules.scoring import candidate_table
@@ -105,10 +110,15 @@ def main() -> None:
     tokens_per_s = 64 * seq_len / forward_s
     acts_box = {}
 
-    def activations():
-        acts_box["acts"] = input_activations(model, sae_in, tokens, batch_size=8)
+    rows = torch.arange(2 * n_ex)  # train (exact hooks kept too), then val
 
-    results = {"input_activations": timed(activations, 1)}
+    def shared_pass():
+        acts_box["shared"] = SharedPasses(model, sae_in, sae_out, tokens, rows.tolist(), rows[:n_ex].tolist(),
+                                          batch_size=8)
+
+    results = {"shared_pass": timed(shared_pass, 1)}
+    shared = acts_box["shared"]
+    results["input_activations_lookup"] = timed(lambda: acts_box.update(acts=shared.input_activations(rows)), 1)
     acts = acts_box["acts"]
     train, val = (acts[:n_ex], positions[:n_ex]), (acts[n_ex:], positions[n_ex:])
     active_per_token = float((acts > 0).sum(-1).float().mean())
@@ -136,7 +146,7 @@ def main() -> None:
         lambda: exhaustive_pairs(circuit, 0, train, 100, args.backend, lambda j: str(j)), 1)
     train_tokens = tokens[:n_ex]
     results["exact_importance_terms"] = timed(lambda: exact_importance_terms(
-        model, sae_in, sae_out, 0, queries, keys, train_tokens, positions[:n_ex]), 1)
+        model, sae_in, sae_out, 0, queries, keys, train_tokens, positions[:n_ex], runner=shared.runner(rows[:n_ex])), 1)
     # distractor checks: 8 terms x 3 distractors inserted into the exemplars where each term matches
     # (the pair most often present in the train exemplars stands for every term)
     q_on = acts[torch.arange(n_ex), positions[:n_ex]] > 0
@@ -158,7 +168,8 @@ def main() -> None:
                     "torch": torch.__version__, "python": platform.python_version()},
         "shapes": {"n_in": circuit.n_inputs, "n_out": circuit.n_outputs, "d_head": circuit.d_head,
                    "layer": args.layer, "exemplars": n_ex, "seq_len": seq_len, "quick": args.quick,
-                   "active_input_features_per_token": round(active_per_token, 1)},
+                   "active_input_features_per_token": round(active_per_token, 1),
+                   "shared_pass_mb_per_feature": round(shared.nbytes / 2**20, 1)},
         "backend": args.backend,
         "forward_tokens_per_s": round(tokens_per_s),
         "per_feature_seconds": {k: round(v, 4) for k, v in results.items()},

@@ -142,9 +142,12 @@ def _exact_pass(
     *,
     pseudo: bool = False,
     dtype: torch.dtype = torch.float64,
+    runner=None,
 ) -> _Pass:
     """The one pass over the exemplars behind every exact importance (see :class:`_Pass`); the
-    rotary vectors are stored in ``dtype`` (float32 for the all-pairs ranking halves their memory)."""
+    rotary vectors are stored in ``dtype`` (float32 for the all-pairs ranking halves their memory).
+    ``runner``: a drop-in for :func:`~attnrules.sources.runner.run_batches` (e.g. hooks already computed,
+    :meth:`attnrules.pipeline.activations.SharedPasses.runner`); default run_batches."""
     layer, index = output_sae.layer, output_sae.head
     sources.check_compatible(model, input_sae, output_sae)
     h = head_weights(model, input_sae, layer, index)
@@ -169,7 +172,7 @@ def _exact_pass(
     qk_norm = h.query_gain is not None
     rotation = h.rotation(t_len, device=input_sae.W_dec.device)
     query_acts, key_acts, query_vectors, key_vectors, sums = [], [], [], [], []
-    for rows, cache in run_batches(model, tokens, layer, names, batch_size=batch_size, desc="", progress=False):
+    for rows, cache in (runner or run_batches)(model, tokens, layer, names, batch_size=batch_size, desc="", progress=False):
         x, v, pattern, z = (cache[name] for name in names[:4])
         t = positions[rows].to(x.device)
         b = torch.arange(len(t), device=x.device)
@@ -333,6 +336,7 @@ def exact_importance_terms(
     positions: Tensor,
     *,
     batch_size: int = 8,
+    runner=None,
 ) -> ExactTerms:
     """:func:`exact_importance` of the (query, key) feature pairs and of every pseudo-feature term:
     (pseudo query component × key feature) and (query feature × pseudo key component); see
@@ -340,8 +344,10 @@ def exact_importance_terms(
 
     Each factors over exemplars like the pairs do: query_pseudo[c, k] = Σ_n key_acts[k, n]
     (qc_{n,t}·P_K[k]) and key_pseudo[c, q] = Σ_n query_acts[q, n] (P_Q[q]·Σ_i g_{n,i} kc_{n,i}).
+    ``runner``: where the hooks come from (see :func:`_exact_pass`; default a forward pass).
     """
-    run = _exact_pass(model, input_sae, output_sae, feature, tokens, positions, queries, keys, batch_size, pseudo=True)
+    run = _exact_pass(model, input_sae, output_sae, feature, tokens, positions, queries, keys, batch_size, pseudo=True,
+                      runner=runner)
     h, query_acts, sums = run.h, run.query_acts, run.pseudo
     features = _pair_importance(run)
 

@@ -33,9 +33,11 @@ from attnrules.evaluation.insertion import (
     insertion_token,
     natural_prevalence,
 )
-from attnrules.exemplars import FeatureScan, exemplar_views, input_activations, sample_exemplars, sample_features, scan_output_features
+from attnrules.exemplars import Exemplars, FeatureScan, exemplar_views, input_activations, sample_exemplars, sample_features, scan_output_features
 from attnrules.files import plain
 from attnrules.importance import ExactTerms, exact_importance_terms, paper_importance, rank_all_pairs_by_importance
+from attnrules.pipeline import activations
+from attnrules.pipeline.activations import SharedPasses, group_features
 from attnrules.pipeline.resume import HeadFolder, InputHashes
 from attnrules.pipeline.results import (
     DistractorEvidence,
@@ -364,21 +366,32 @@ def extract_head(
     results: list[FeatureResult] = []
     computed: list[str] = []
     reused: list[str] = []
-    for i, g in enumerate(features):
+    # each feature: its result read back, None (skipped), or its exemplars to compute
+    todo: list = []
+    for g in features:
         name = circuit.feature_name(g)
         cached = folder.load_feature(name) if folder is not None else None
         if cached is not None:
-            results.append(cached)
-            reused.append(name)
+            todo.append(cached)
             continue
-        if progress:
-            print(f"[{i + 1}/{len(features)}] {name}", file=sys.stderr)
         ex = sample_exemplars(scan, g, seq_len=tokens.shape[1], examples_per_bin=settings.examples_per_bin,
                               seed=settings.seed + g, positives=settings.positives)
         if ex is None:
             notes.append(f"{name} skipped: too few active or inactive sequences")
+        todo.append(ex)
+    shared = shared_groups(model, input_sae, output_sae, tokens, todo, settings)
+    for i, (g, ex) in enumerate(zip(features, todo)):
+        name = circuit.feature_name(g)
+        if isinstance(ex, FeatureResult):
+            results.append(ex)
+            reused.append(name)
             continue
-        result = extract_one(model, input_sae, output_sae, circuit, g, tokens, scan, ex, settings, describe, token_of)
+        if ex is None:
+            continue
+        if progress:
+            print(f"[{i + 1}/{len(features)}] {name}", file=sys.stderr)
+        result = extract_one(model, input_sae, output_sae, circuit, g, tokens, scan, ex, settings, describe, token_of,
+                             shared=shared(i))
         computed.append(name)
         if folder is not None and not result.errors:  # a feature with a failed step is retried on resume
             folder.save_feature(result)
@@ -409,20 +422,30 @@ def extract_one(
     model: HookedTransformer, input_sae: InputSAE, output_sae: OutputSAE, circuit: HeadCircuit, g: int,
     tokens: torch.Tensor, scan: FeatureScan, ex,
     settings: ExtractSettings, describe: InputDescriptions, token_of: TokenLookup,
+    shared: Optional[SharedPasses] = None,
 ) -> FeatureResult:
-    """Every step for one output feature; a step that fails is recorded in the result (step, error)."""
+    """Every step for one output feature; a step that fails is recorded in the result (step, error).
+    ``shared``: the head's hooks of this feature's exemplars, already computed (:mod:`attnrules.pipeline.activations`);
+    None: the steps run their own forward passes."""
     steps = FeatureSteps()
     name = circuit.feature_name(g)
     batch = max(1, settings.batch_size // 8)
-    acts = steps.run("input_activations", lambda: {
-        s: input_activations(model, input_sae, tokens[getattr(ex, s).sequence], batch_size=batch) for s in ("train", "val")})
+
+    def acts_of(s: str) -> torch.Tensor:
+        rows = getattr(ex, s).sequence
+        if shared is not None and shared.covers(rows):
+            return shared.input_activations(rows)
+        return input_activations(model, input_sae, tokens[rows], batch_size=batch)
+
+    acts = steps.run("input_activations", lambda: {s: acts_of(s) for s in ("train", "val")})
     if acts is None:
         return FeatureResult(g, name, len(ex.train), len(ex.val), errors=tuple(steps.errors))
     train = TrainExemplars(tokens[ex.train.sequence], ex.train.position, acts["train"], ex.train.positive)
+    runner = shared.runner(ex.train.sequence) if shared is not None and shared.covers(ex.train.sequence, exact=True) else None
 
     def exact_terms(queries: torch.Tensor, keys: torch.Tensor) -> ExactTerms:
         return exact_importance_terms(model, input_sae, output_sae, g, queries, keys, tokens=train.tokens,
-                                      positions=train.positions, batch_size=batch)
+                                      positions=train.positions, batch_size=batch, runner=runner)
 
     firing = float(output_sae.firing_threshold[g]) if settings.prediction_threshold == "sae" else None
     found = steps.run("rules", lambda: extract_feature(
@@ -445,6 +468,40 @@ def extract_one(
     return FeatureResult(g, name, len(ex.train), len(ex.val), rules, tuple(SweepRecord.from_point(p) for p in points),
                          tuple(pairs), exemplars=tuple(views),
                          unseen_keys=tuple(unseen), notes=tuple(steps.notes), errors=tuple(steps.errors), **extra)
+
+
+def shared_groups(
+    model: HookedTransformer, input_sae: InputSAE, output_sae: OutputSAE, tokens: torch.Tensor,
+    todo: list, settings: ExtractSettings,
+) -> Callable[[int], Optional[SharedPasses]]:
+    """For the i-th feature, the shared pass of its group (:mod:`attnrules.pipeline.activations`), built
+    when its group is first asked for and dropped when the next group is; None for a feature outside any
+    group, or when the group's pass fails or passes the memory bound (the feature then runs its own passes)."""
+    index = [i for i, ex in enumerate(todo) if isinstance(ex, Exemplars)]
+    groups = group_features([(todo[i].train.sequence, todo[i].val.sequence) for i in index],
+                            activations.SHARED_MAX_SEQUENCES)
+    group_of = {index[j]: n for n, group in enumerate(groups) for j in group}
+    held: dict[int, Optional[SharedPasses]] = {}
+
+    def get(i: int) -> Optional[SharedPasses]:
+        n = group_of.get(i)
+        if n is None:
+            return None
+        if n not in held:
+            held.clear()  # one group's hooks in memory at a time
+            members = [todo[index[j]] for j in groups[n]]
+            rows = torch.cat([torch.cat([ex.train.sequence, ex.val.sequence]) for ex in members])
+            exact_rows = torch.cat([ex.train.sequence for ex in members]) if settings.exact else None
+            try:
+                held[n] = SharedPasses(model, input_sae, output_sae, tokens, rows.tolist(),
+                                       None if exact_rows is None else exact_rows.tolist(),
+                                       batch_size=max(1, settings.batch_size // 8),
+                                       max_bytes=activations.SHARED_MAX_BYTES)
+            except Exception:  # noqa: BLE001 - each feature then runs (and records) its own passes
+                held[n] = None
+        return held[n]
+
+    return get
 
 
 def distractor_evidence(

@@ -1,0 +1,179 @@
+"""One forward pass per head serves every feature: the hooks the exemplar steps read, kept in memory.
+
+Each feature's steps used to run blocks 0..L over their own exemplars: the input-SAE activations of
+the train and val sequences (:func:`attnrules.exemplars.input_activations`) and, in exact mode, the
+exact-importance pass over the train sequences (:func:`attnrules.importance.exact_importance_terms`).
+:class:`SharedPasses` runs blocks 0..L ONCE over the union of the sequences that a group of features
+uses and keeps
+
+- the input-SAE activations of every sequence, sparse (the entries whose bits are not +0.0, so that
+  the dense tensor rebuilt from them is bit for bit the one computed);
+- in exact mode, for the train sequences, what the exact pass reads: ``hook_resid_pre`` (whole),
+  ``hook_z`` (the head's slot, or every head for a layer-level output SAE), ``hook_v`` (the head's
+  key/value slot), ``hook_pattern`` and ``hook_attn_scores`` (the head's slot), on the CPU.
+
+Each feature then looks its rows up: :meth:`SharedPasses.input_activations` rebuilds the dense
+``[N, T, n_in]`` tensor, and :meth:`SharedPasses.runner` gives a drop-in for
+:func:`~attnrules.sources.runner.run_batches` that yields the stored hooks in the feature's own batch
+composition (the other heads' slots zero; the exact pass reads only this head's), so every later
+float operation is today's on the same values. Identity rests on a forward pass and an SAE encode
+giving each sequence the same values whatever the other sequences of its batch (row independence:
+checked bit for bit in ``tests/test_shared_passes.py`` on the planted models and on GPT-2-small
+shapes on the CPU).
+
+Memory is bounded: features are grouped (in their order) so that a group's union holds at most
+:data:`SHARED_MAX_SEQUENCES` sequences, and a group whose stored hooks pass :data:`SHARED_MAX_BYTES`
+while being built is dropped; a feature outside any group (or in a dropped one) runs its own passes
+as before. On GPT-2-small shapes (d_model 768, 64 tokens, ~50 active input features a token) a train
+sequence costs about 0.25 MB (mostly ``hook_resid_pre``) and a val sequence about 40 kB.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import torch
+
+from attnrules.sources.runner import hook_names, run_batches
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+    from attnrules.sources import InputSAE, OutputSAE
+
+# The most sequences one shared pass keeps (the union of a group of features' train and val rows).
+SHARED_MAX_SEQUENCES = 4096
+# The most bytes one shared pass keeps; a group that would keep more falls back to per-feature passes.
+SHARED_MAX_BYTES = 4 * 2**30
+
+
+def _nonzero_bits(x: torch.Tensor) -> torch.Tensor:
+    """Where ``x`` is not +0.0 (keeps -0.0 and NaN, so the rebuilt tensor is bit-identical)."""
+    return (x != 0) | torch.signbit(x)
+
+
+class SharedPasses:
+    """The hooks of ``tokens[rows]`` for one head, from one pass over their union (module docstring).
+
+    ``rows``: corpus rows whose input-SAE activations are kept; ``exact_rows`` (a subset): rows whose
+    exact-pass hooks are kept too (None: none). ``batch_size``: sequences per forward pass.
+    Raises :class:`MemoryError` when the stored hooks would pass ``max_bytes``."""
+
+    def __init__(self, model: HookedTransformer, input_sae: InputSAE, output_sae: OutputSAE, tokens: torch.Tensor,
+                 rows: Sequence[int], exact_rows: Optional[Sequence[int]] = None, *, batch_size: int = 8,
+                 max_bytes: int = SHARED_MAX_BYTES) -> None:
+        self.tokens, self.layer = tokens, input_sae.layer
+        self.rows = sorted({int(r) for r in rows})
+        self.slot = {r: i for i, r in enumerate(self.rows)}
+        exact_set = set() if exact_rows is None else {int(r) for r in exact_rows}
+        if not exact_set <= set(self.slot):
+            raise ValueError("exact_rows must be among rows")
+        resid, z_name = hook_names(output_sae.layer)
+        self.names = [resid]
+        self.slices: dict[str, Optional[int]] = {resid: None}  # hook name -> head slot kept (None: whole)
+        if exact_set:
+            from attnrules.circuit.exact import head_weights
+
+            h = head_weights(model, input_sae, output_sae.layer, output_sae.head)
+            kv = output_sae.head if h.kv_head is None else h.kv_head
+            attn = f"blocks.{output_sae.layer}.attn"
+            self.slices.update({f"{attn}.hook_v": kv, f"{attn}.hook_pattern": output_sae.head,
+                                z_name: output_sae.head if output_sae.per_head else None})
+            if h.soft_cap is not None:
+                self.slices[f"{attn}.hook_attn_scores"] = output_sae.head
+            self.names = list(self.slices)
+        self.head_dim = {f"blocks.{output_sae.layer}.attn.hook_{x}": d for x, d in
+                         (("v", 2), ("pattern", 1), ("attn_scores", 1), ("z", 2))}
+        self.shapes: dict[str, tuple] = {}
+        self.hooks: dict[int, dict[str, torch.Tensor]] = {}
+        self.n_in = input_sae.n_features
+        values, index, counts = [], [], []
+        self.passes = 0
+        nbytes = 0
+        for batch, cache in run_batches(model, tokens[self.rows], self.layer, self.names, batch_size=batch_size,
+                                        desc="shared passes", progress=False):
+            self.passes += 1
+            acts = input_sae.encode(cache[resid].to(input_sae.W_dec.dtype)).cpu()
+            self.dtype, self.seq_len = acts.dtype, acts.shape[1]
+            flat = acts.reshape(acts.shape[0], -1)
+            for i in range(flat.shape[0]):
+                keep = torch.nonzero(_nonzero_bits(flat[i])).flatten()
+                index.append(keep)
+                values.append(flat[i, keep])
+                counts.append(keep.numel())
+                nbytes += keep.numel() * (keep.element_size() + flat.element_size())
+                row = self.rows[batch.start + i]
+                if row in exact_set:
+                    kept = {}
+                    for name in self.names:
+                        a = cache[name]
+                        self.shapes[name] = tuple(a.shape[1:])
+                        s = self.slices[name]
+                        part = a[i] if s is None else a[i].select(self.head_dim[name] - 1, s)
+                        kept[name] = part.detach().cpu().clone()
+                        nbytes += kept[name].numel() * kept[name].element_size()
+                    self.hooks[row] = kept
+            if nbytes > max_bytes:
+                raise MemoryError(f"the shared pass would keep more than {max_bytes} bytes")
+        self.nbytes = nbytes
+        self.values, self.index = values, index
+
+    def covers(self, rows: torch.Tensor, exact: bool = False) -> bool:
+        rows = [int(r) for r in rows]
+        return all(r in self.slot for r in rows) and (not exact or all(r in self.hooks for r in rows))
+
+    def input_activations(self, rows: torch.Tensor) -> torch.Tensor:
+        """The input-SAE activations ``[len(rows), T, n_in]`` of corpus rows ``rows``, as
+        :func:`~attnrules.exemplars.input_activations` computes them."""
+        out = torch.zeros(len(rows), self.seq_len * self.n_in, dtype=self.dtype)
+        for i, r in enumerate(rows.tolist()):
+            s = self.slot[int(r)]
+            out[i, self.index[s]] = self.values[s]
+        return out.view(len(rows), self.seq_len, self.n_in)
+
+    def runner(self, rows: torch.Tensor):
+        """A drop-in for :func:`~attnrules.sources.runner.run_batches` over ``tokens[rows]`` that yields the
+        stored hooks (in the caller's batches); it runs the model as before for anything not stored."""
+        rows = rows.clone()
+
+        def run(model, tokens, layer, names, *, batch_size, desc, progress):
+            stored = (layer == self.layer and all(n in self.slices for n in names)
+                      and all(int(r) in self.hooks for r in rows) and tokens.shape == (len(rows), self.tokens.shape[1])
+                      and torch.equal(tokens.cpu().long(), self.tokens[rows].long()))
+            if not stored:
+                yield from run_batches(model, tokens, layer, names, batch_size=batch_size, desc=desc, progress=progress)
+                return
+            device = next(model.parameters()).device
+            with torch.no_grad():  # as run_batches: the caller's code between batches runs without grad too
+                for start in range(0, len(rows), batch_size):
+                    batch = slice(start, min(start + batch_size, len(rows)))
+                    yield batch, {name: self._stack(name, rows[batch]).to(device) for name in names}
+
+        return run
+
+    def _stack(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        parts = [self.hooks[int(r)][name] for r in rows]
+        s = self.slices[name]
+        if s is None:
+            return torch.stack(parts)
+        full = torch.zeros((len(parts), *self.shapes[name]), dtype=parts[0].dtype)
+        full.select(self.head_dim[name], s).copy_(torch.stack(parts))
+        return full
+
+
+def group_features(uses: Sequence[tuple[torch.Tensor, torch.Tensor]], max_sequences: int = SHARED_MAX_SEQUENCES
+                   ) -> list[list[int]]:
+    """Consecutive groups of features (indices into ``uses``: each feature's (train rows, val rows))
+    whose union of rows holds at most ``max_sequences``; a feature that alone holds more is left out."""
+    groups, current, union = [], [], set()
+    for i, (train, val) in enumerate(uses):
+        rows = {int(r) for r in train} | {int(r) for r in val}
+        if len(rows) > max_sequences:
+            continue
+        if current and len(union | rows) > max_sequences:
+            groups.append(current)
+            current, union = [], set()
+        current.append(i)
+        union |= rows
+    if current:
+        groups.append(current)
+    return groups
