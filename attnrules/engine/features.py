@@ -39,6 +39,7 @@ from attnrules.engine.contract import TopK
 
 DEFAULT_DEPTH = 256  # queries per key and side in the table (capped by k and Nq)
 DEFAULT_BATCH = 128  # features answered together
+TAU_KEYS = 8  # keys read for the lower bound τ₀, per table-full of k
 
 
 def _check_weights(key_weights: object, keys: torch.Tensor) -> torch.Tensor:
@@ -183,7 +184,7 @@ def _answer(table, v: torch.Tensor, k: int, nq: int, fetch, single) -> tuple[tor
     best = torch.where(on_high, tab_first[:nk], tab_first[nk:]) * mag
     # τ₀: the k-th best candidate among the full rows of the keys with the best first candidates — a
     # score of k distinct pairs, so a lower bound of the feature's k-th score.
-    n_keys = min(nk, 4 * math.ceil(k / depth))  # n_keys × depth ≥ k (the table depth is ≥ k / Nk)
+    n_keys = min(nk, TAU_KEYS * math.ceil(k / depth))  # n_keys × depth ≥ k (the table depth is ≥ k / Nk)
     top_keys = torch.topk(best, n_keys, dim=1).indices  # [B, r]
     rows = (top_keys + side.gather(1, top_keys)).reshape(-1)
     cand = (tab_s[rows] * mag.gather(1, top_keys).reshape(-1, 1)).reshape(n_b, -1)
