@@ -92,6 +92,7 @@ OPTIONS = {
     "counting_max": (["--counting-max", "4"], 4),
     "counting_bases": (["--counting-bases", "32"], 32),
     "counting_min_bases": (["--counting-min-bases", "8"], 8),
+    "counting_screen": (["--no-counting-screen"], False),
     "insertion_counts": (["--insertion-counts", "0,2"], (0, 2)),
     "show_exemplars": (["--show-exemplars", "1"], 1),
     "exact": (["--no-exact"], False),

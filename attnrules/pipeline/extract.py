@@ -209,7 +209,7 @@ def beyond_skipgrams(
                 model, output_sae, feature, name, tokens, act_max, token_of(q), token_of(k),
                 avoid=[t for t in map(token_of, kept[:3]) if t is not None], bos=token_of.bos,
                 n_base=settings.counting_bases, min_base=settings.counting_min_bases,
-                max_count=settings.counting_max, seed=settings.seed)
+                max_count=settings.counting_max, seed=settings.seed, screen=settings.counting_screen)
 
         check, rule = steps.run("counting", counting) or (None, None)
         words = token_strings(model)

@@ -133,6 +133,10 @@ class ExtractSettings:
         64, "base sequences for the counting detector (silent corpus sequences, then filler)", group=BEYOND, min=1)
     counting_min_bases: int = setting(
         16, "fewer base sequences than this: counting is 'undetermined'", group=BEYOND, min=1)
+    counting_screen: bool = setting(
+        True, "screen each feature on 8 base sequences at 1, 2 and counting_max key copies first; run the full "
+        "count sweep only when the activation changes with the count (else: 'screened out')", group=BEYOND,
+        flag_help="always run the full count sweep (no cheap screen first)")
     insertion_counts: tuple[int, ...] = setting(
         (0, 1, 2, 3), "copies of the distractor inserted (REF: 0,1,2,3)", group=BEYOND, min=0)
     show_exemplars: int = setting(
