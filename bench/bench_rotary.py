@@ -30,21 +30,18 @@ over pairs × offsets on a reduced size (``--verify-n`` queries and keys).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
-import psutil
 import torch
 
 import attnrules.engine as engine
 from attnrules.circuit.rotary import Rotary
+from attnrules.benchmark import machine, write_report
 from attnrules.engine import merge, offsets
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "rotary.json"
@@ -243,28 +240,6 @@ def pruned_share(x: dict, cos, sin, kth: float) -> float:
     return 1.0 - above / (problem.nq * problem.nk)
 
 
-def machine() -> dict:
-    from attnrules import _C
-
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())  # fmt: skip
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("numpy", "psutil"):
-        versions[name] = __import__(name).__version__
-    info = _C.build_info()
-    return dict(cpu_model=model, physical_cores=psutil.cpu_count(logical=False), logical_cores=psutil.cpu_count(),
-                torch_threads=torch.get_num_threads(), isa=info["isa"], openmp=info["openmp"],
-                load_average=os.getloadavg(), versions=versions)  # fmt: skip
-
-
-def write_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-
-
 def markdown(report: dict) -> str:
     lines = ["| case | provider | median s | passes | note |", "|---|---|---:|---:|---|"]
     for case in report["cases"]:
@@ -336,7 +311,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                        met=c["offset_topk_passes"] <= (8 if c["case"] == "random" else 2))
                        for c in report["cases"]}  # fmt: skip
     report["machine"]["load_average_end"] = os.getloadavg()
-    write_atomic(args.out, report)
+    write_report(args.out, report)
     print(markdown(report))
     return report
 
