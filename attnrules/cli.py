@@ -163,6 +163,16 @@ def _cli_text(name: str, value: Any) -> str:
 # Parser
 
 
+def _add_corpus_options(group: argparse._ArgumentGroup) -> None:
+    """--corpus, --n-sequences, --seq-len: the corpus options extract, sweep and train-head-saes share."""
+    group.add_argument("--corpus", type=Path, default=None, help="token ids (.pt tensor [n, seq_len], seq_len ≥ 2) "
+                       "or text (.txt, one document per line); required for real models (the toy generates its own)")
+    group.add_argument("--n-sequences", type=_int_arg(1), default=None,
+                       help="sequences to use (default: 3000 for the toy, 50000 otherwise)")
+    group.add_argument("--seq-len", type=_int_arg(2), default=None, help="tokens per sequence for text corpora "
+                       "(default: 32 for the toy, or the .pt corpus's; 64 otherwise)")
+
+
 def _add_run_options(p: argparse.ArgumentParser, default_out: str) -> argparse.ArgumentParser:
     """The options extract and sweep share: sources, corpus, method (from ExtractSettings), run."""
     src = p.add_argument_group("model and SAEs")
@@ -189,13 +199,7 @@ def _add_run_options(p: argparse.ArgumentParser, default_out: str) -> argparse.A
     src.add_argument("--sae-out-z-id", default=None, help="sae_id of --sae-out-z within its release")
     src.add_argument("--device", default="cpu", help="torch device for the model and SAEs: cpu, cuda or cuda:N "
                      "(the toy runs on the CPU)")
-    data = p.add_argument_group("corpus")
-    data.add_argument("--corpus", type=Path, default=None, help="token ids (.pt tensor [n, seq_len], seq_len ≥ 2) or "
-                      "text (.txt, one document per line); required for real models")
-    data.add_argument("--n-sequences", type=_int_arg(1), default=None,
-                      help="sequences to use (default: 3000 for the toy, 50000 otherwise)")
-    data.add_argument("--seq-len", type=_int_arg(2), default=None, help="tokens per sequence for text corpora "
-                      "(default: 32 for the toy, or the .pt corpus's; 64 otherwise)")
+    _add_corpus_options(p.add_argument_group("corpus"))
     groups = {title: p.add_argument_group(title) for title in SETTING_GROUPS}
     _add_setting_options(groups.__getitem__)
     run = groups[RUN]
@@ -276,12 +280,7 @@ def _add_train_head_saes(sub) -> argparse.ArgumentParser:
     src.add_argument("--head", "--heads", dest="head", type=_head_list, default=None,
                      help="head index or comma list (default: every head of the layer)")
     src.add_argument("--device", default="cpu", help="torch device for the model and the SAEs: cpu, cuda or cuda:N")
-    src.add_argument("--corpus", type=Path, default=None, help="token ids (.pt tensor [n, seq_len]) or text (.txt, "
-                     "one document per line); required for real models (the toy generates its own)")
-    src.add_argument("--n-sequences", type=_int_arg(1), default=None,
-                     help="sequences to use (default: 3000 for the toy, 50000 otherwise)")
-    src.add_argument("--seq-len", type=_int_arg(2), default=None, help="tokens per sequence for text corpora "
-                     "(default: 32 for the toy, or the .pt corpus's; 64 otherwise)")
+    _add_corpus_options(src)
     train = p.add_argument_group("training (defaults: the paper's per-head SAEs)")
     for f in dataclasses.fields(HeadSAETrainSettings):
         if f.name == "seed":
