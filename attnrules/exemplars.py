@@ -197,15 +197,46 @@ def sample_exemplars(
 
 
 @dataclass(frozen=True)
+class TermMatch(Record):
+    """A rule term that fires in an exemplar: its ordering (``method``), its rank in that ordering's stored
+    rule set, its input features, and the key position it matched (the query is the exemplar's scored
+    position)."""
+
+    method: str
+    rank: int
+    query: int
+    key: int
+    key_position: int
+
+
+@dataclass(frozen=True)
+class ConditionHit(Record):
+    """A condition of a combined rule set that holds in an exemplar and silences the term (query, key):
+    ``kind`` "distractor": the distractor input ``feature`` is present at ``positions`` (at or before the
+    query); "count": the key ``feature`` is present only at ``positions``, fewer than ``min_count`` times."""
+
+    kind: str
+    query: int
+    key: int
+    feature: int
+    positions: tuple[int, ...]
+    min_count: Optional[int] = None
+
+
+@dataclass(frozen=True)
 class ExemplarView(Record):
     """What a reader sees of one exemplar: its tokens, the feature's activation at every position, and
-    the direct feature attribution of every key position to the scored one (paper §4.1)."""
+    the direct feature attribution of every key position to the scored one (paper §4.1); with the rule
+    terms that fire at the scored position (``matches``) and, for a pattern negative, the conditions
+    of the combined rule set that hold there (``conditions``: the distractor, or too few keys)."""
 
     sequence: int
     position: int
     tokens: tuple[str, ...]
     acts: tuple[float, ...]
     dfa: tuple[float, ...]  # a[t, t'] · (v[t'] · u), 0 after t
+    matches: tuple[TermMatch, ...] = ()
+    conditions: tuple[ConditionHit, ...] = ()
 
 
 def exemplar_views(

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass
-from typing import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
 
 import torch
 
@@ -76,13 +76,21 @@ def n_terms_grid(max_rules: int = 4096) -> list[int]:
 
 @dataclass(frozen=True)
 class SweepPoint:
+    """One rule set of the sweep evaluated: its method, N, its real number of terms, the metrics, on which
+    negatives ("random": REF's, "pattern": hard ones), the aggregation used, and the predicted labels
+    ``[n_exemplars]`` (bool, in the evaluation set's order)."""
+
     method: str
     n_terms: int  # N asked for
     n_selected: int  # terms the rule really has (fewer with ties, zeros or few candidates)
     metrics: Metrics
+    negatives: str = "random"
+    aggregation: Optional[str] = None
+    predicted: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "num_rules": self.n_terms, "num_terms": self.n_selected, **self.metrics.to_dict()}
+        return {"method": self.method, "num_rules": self.n_terms, "num_terms": self.n_selected, **self.metrics.to_dict(),
+                "negatives": self.negatives, "aggregation": self.aggregation}
 
 
 def sweep(

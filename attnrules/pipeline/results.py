@@ -10,7 +10,7 @@ input). Input features are named query first, then key, as the engine orders the
 A head folder (written by :meth:`HeadResult.write`, last of all the completion marker ``DONE.json``)::
 
     results.json                       HeadResult.to_json()
-    rules.csv metrics.csv pairs.csv absence.csv distractor_checks.csv counting.csv
+    rules.csv metrics.csv pairs.csv absence.csv distractor_checks.csv counting.csv predictions.csv
     DONE.json                          {"inputs": content hashes, "run": RunInfo, "files": [...]}
 
 (plus what resuming needs, see :mod:`attnrules.pipeline.resume`: ``RUN.json``, ``scan.pt`` and
@@ -34,7 +34,8 @@ from attnrules.rules.counting import CountingRule
 
 RESULTS_FILE = "results.json"
 MARKER_FILE = "DONE.json"  # written last: a head folder without it is not complete
-CSV_FILES = ("rules.csv", "metrics.csv", "pairs.csv", "absence.csv", "distractor_checks.csv", "counting.csv")
+CSV_FILES = ("rules.csv", "metrics.csv", "pairs.csv", "absence.csv", "distractor_checks.csv", "counting.csv",
+             "predictions.csv")
 HEAD_FILES = (RESULTS_FILE, *CSV_FILES, MARKER_FILE)
 
 # ----------------------------------------------------------------------------------------------------------
@@ -100,7 +101,15 @@ class RuleSetView(Record):
 @dataclass(frozen=True)
 class SweepRecord(Record):
     """One point of the sweep over N: the ordering, N asked for, the terms the rule really has, and its
-    metrics on the validation exemplars (the row of ``metrics.csv``)."""
+    metrics on the validation exemplars (the row of ``metrics.csv``).
+
+    ``negatives``: "random" — REF's evaluation (the val split: top-activating sequences and random
+    sequences where the feature never fires); "pattern" — the same positives and pattern negatives
+    (positions where the feature's rule terms fire but the feature does not;
+    :mod:`attnrules.evaluation.negatives`). ``method`` is an ordering ("weights", "importance", "exact",
+    "unigram") or a combined rule set, ``"{ordering}+absence+counting"`` (its terms with their absence
+    conditions and counting threshold, :class:`~attnrules.rules.combined.CombinedRuleSet`).
+    ``aggregation``: how the matches of an exemplar make its predicted score (REF's aggregation types)."""
 
     method: str
     num_rules: int
@@ -114,11 +123,47 @@ class SweepRecord(Record):
     f1: Optional[float]
     spearman: Optional[float]  # None: undefined (constant input)
     pvalue: Optional[float]
+    negatives: str = "random"
+    aggregation: Optional[str] = None
 
     @classmethod
     def from_point(cls, point) -> "SweepRecord":
         """From an :class:`~attnrules.evaluation.SweepPoint`."""
         return cls.from_json(point.to_dict())
+
+
+@dataclass(frozen=True)
+class PredictedLabels(Record):
+    """One rule set's predictions on an evaluation set: ``predicted`` holds one character per exemplar,
+    in the set's order, "1" when the rule predicts the feature active and "0" when not."""
+
+    method: str
+    num_rules: int
+    predicted: str
+
+
+@dataclass(frozen=True)
+class Predictions(Record):
+    """Per-example predictions of one evaluation (``negatives`` "random" or "pattern", as in
+    :class:`SweepRecord`): each exemplar's corpus row, scored position and true max activation (active:
+    above the threshold), and every (method, N) of the sweep's predicted labels. ``n_candidates``: for
+    pattern negatives, how many (sequence, position) candidates the search found before sampling."""
+
+    negatives: str
+    sequence: tuple[int, ...]
+    position: tuple[int, ...]
+    act_max: tuple[float, ...]
+    labels: tuple[PredictedLabels, ...] = ()
+    n_candidates: Optional[int] = None
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per exemplar; per method a string of its labels over the sweep's N (ascending)."""
+        frame = pd.DataFrame({"negatives": self.negatives, "example": range(len(self.sequence)),
+                              "sequence": self.sequence, "position": self.position, "act_max": self.act_max})
+        for method in dict.fromkeys(label.method for label in self.labels):
+            runs = sorted((label.num_rules, label.predicted) for label in self.labels if label.method == method)
+            frame[method] = ["".join(p[i] for _, p in runs) for i in range(len(self.sequence))]
+        return frame
 
 
 @dataclass(frozen=True)
@@ -165,6 +210,9 @@ class FeatureResult(Record):
     unseen_keys: tuple[UnseenKey, ...] = ()  # candidate keys with V > 0 never present in a train positive
     notes: tuple[str, ...] = ()  # e.g. "no key's value score rises above float noise"
     errors: tuple[StepError, ...] = ()  # each step that failed for this feature
+    pattern_negatives: tuple[ExemplarView, ...] = ()  # sampled pattern negatives, with the matched terms and
+    # the conditions of the combined rule sets that hold there
+    predictions: tuple[Predictions, ...] = ()  # per-example predictions, one per evaluation (random, pattern)
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -333,6 +381,15 @@ class HeadResult(Record):
     def pairs_frame(self) -> pd.DataFrame:
         return pd.DataFrame([{"feature": f.name, **row.to_json()} for f in self.features for row in f.pairs])
 
+    def predictions_frame(self) -> pd.DataFrame:
+        """One row per (feature, evaluation, exemplar): its corpus row, position and true max activation,
+        and per method its predicted labels over N as a string ("0011…": character i is the i-th N)."""
+        frames = [p.to_frame().assign(feature=f.name) for f in self.features for p in f.predictions]
+        if not frames:
+            return pd.DataFrame(columns=["feature", "negatives", "example", "sequence", "position", "act_max"])
+        frame = pd.concat(frames, ignore_index=True)
+        return frame[["feature", *[c for c in frame.columns if c != "feature"]]]
+
     def marker(self) -> dict:
         """The completion marker's content: the inputs' hashes, how the run went, the files it completes."""
         return {"layer": self.layer, "head": self.head, "inputs": self.metadata.get("inputs"),
@@ -345,7 +402,7 @@ class HeadResult(Record):
         out = Path(out_dir)
         (out / MARKER_FILE).unlink(missing_ok=True)
         frames = (self.rules_frame(), self.metrics_frame(), self.pairs_frame(), self.absence_frame(),
-                  self.distractor_checks_frame(), self.counting_frame())
+                  self.distractor_checks_frame(), self.counting_frame(), self.predictions_frame())
         written = [write_json(out / RESULTS_FILE, self.to_json())]
         written += [write_csv(out / name, frame) for name, frame in zip(CSV_FILES, frames)]
         return written + [write_json(out / MARKER_FILE, self.marker())]
