@@ -45,24 +45,32 @@ class FeatureScan:
 
 
 def scan_output_features(
-    model: HookedTransformer, output_sae: OutputSAE, tokens: torch.Tensor, *, batch_size: int = 64, progress: bool = False
+    model: HookedTransformer, output_sae: OutputSAE, tokens: torch.Tensor, *, batch_size: int = 64, progress: bool = False,
+    observers: Sequence = (),
 ) -> FeatureScan:
-    """One pass over the corpus with the output SAE on ``hook_z`` of ``output_sae.layer``."""
-    return scan_heads(model, [output_sae], tokens, batch_size=batch_size, progress=progress)[0]
+    """One pass over the corpus with the output SAE on ``hook_z`` of ``output_sae.layer`` (``observers``:
+    see :func:`scan_heads`)."""
+    return scan_heads(model, [output_sae], tokens, batch_size=batch_size, progress=progress, observers=observers)[0]
 
 
 def scan_heads(
-    model: HookedTransformer, output_saes: Sequence, tokens: torch.Tensor, *, batch_size: int = 64, progress: bool = False
+    model: HookedTransformer, output_saes: Sequence, tokens: torch.Tensor, *, batch_size: int = 64, progress: bool = False,
+    observers: Sequence = (),
 ) -> list[FeatureScan]:
-    """:func:`scan_output_features` for several output SAEs of one layer, sharing one forward pass."""
+    """:func:`scan_output_features` for several output SAEs of one layer, sharing one forward pass.
+    ``observers`` measure more on the same pass: each names the ``hooks`` of the layer it reads and is
+    given every batch, ``observe(rows, cache)`` (e.g. input-feature statistics, head attention metrics)."""
     layers = {sae.layer for sae in output_saes}
     if len(layers) != 1:
         raise ValueError(f"output_saes must all read one layer, got layers {sorted(layers)}")
     _, z_name = hook_names(layers.pop())
+    names = list(dict.fromkeys([z_name, *(h for o in observers for h in o.hooks)]))
     maxima = [[] for _ in output_saes]
     argmaxima = [[] for _ in output_saes]
-    for _, acts in run_batches(model, tokens, output_saes[0].layer, [z_name], batch_size=batch_size,
-                               desc="output features", progress=progress):
+    for rows, acts in run_batches(model, tokens, output_saes[0].layer, names, batch_size=batch_size,
+                                  desc="output features", progress=progress):
+        for observer in observers:
+            observer.observe(rows, acts)
         for i, sae in enumerate(output_saes):
             m, a = sae.encode(acts[z_name].to(sae.W_enc.dtype)).max(dim=1)  # over positions
             maxima[i].append(m.cpu())
