@@ -28,3 +28,27 @@ def test_results_equal_the_old_pipeline(case):
     old["metadata"].pop("inputs", None)  # the settings' fingerprint may gain fields; the values are compared
     differences = _differences(old, new)
     assert not differences, differences[:10]
+
+
+@pytest.mark.parametrize("names", [["blocks.1.hook_resid_pre"], ["blocks.1.attn.hook_z"],
+                                   ["blocks.1.attn.hook_v", "blocks.1.hook_resid_pre", "blocks.1.attn.hook_pattern"]])
+def test_hooked_forward_stops_after_the_last_hook_with_the_full_pass_values(names):
+    """The early-stopped pass gives transformer_lens's full-pass activations bit for bit, and the
+    model computes nothing after the last hook asked for (block 1's MLP never runs)."""
+    import torch
+
+    from attnrules.sources.runner import hooked_forward
+    from tiny_gpt2 import build_tiny_gpt2
+
+    model = build_tiny_gpt2(seed=1)
+    tokens = torch.randint(0, model.cfg.d_vocab, (6, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, full = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+        later = []
+        with model.hooks(fwd_hooks=[("blocks.1.mlp.hook_post", lambda t, hook: later.append(hook.name))]):
+            got = hooked_forward(model, tokens, 1, names)
+    assert later == [] and sorted(got) == sorted(names)
+    for name in names:
+        assert torch.equal(got[name], full[name])
+    with pytest.raises(KeyError, match="no hook"):
+        hooked_forward(model, tokens, 0, ["blocks.1.hook_resid_pre"])

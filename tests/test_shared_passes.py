@@ -39,7 +39,7 @@ class Passes:
     those of the exemplar steps (input activations, exact importance, the shared pass)."""
 
     def __init__(self, model, monkeypatch):
-        self.calls, self.sequences, real = 0, 0, model.run_with_cache
+        self.calls, self.sequences, real = 0, 0, model.forward
         self.exemplar_calls, self.exemplar_sequences = 0, 0
         self.exact_sequences = 0  # run by the exact-importance pass itself (desc "")
 
@@ -48,7 +48,7 @@ class Passes:
             self.sequences += tokens.shape[0]
             return real(tokens, *args, **kwargs)
 
-        monkeypatch.setattr(model, "run_with_cache", counted)
+        monkeypatch.setattr(model, "forward", counted)
         for module in (exemplars_module, exact_module, activations):
             monkeypatch.setattr(module, "run_batches", self.wrap(module.run_batches, module is not exemplars_module))
 

@@ -3,7 +3,10 @@
 - :func:`check_tokens` — a 2-D int64 tensor of valid ids for the model, or a clear error;
 - :func:`tokenize_corpus` — REF's contiguous ``seq_len`` chunks of documents, BOS at position 0;
 - :func:`hook_names` — the hooks the input and output SAEs of a layer read;
-- :func:`run_batches` — blocks 0..L over a corpus in batches, yielding the activations asked for.
+- :func:`run_batches` — blocks 0..L over a corpus in batches, yielding the activations asked for;
+  each forward pass stops as soon as the last of them is computed (e.g. before block L's MLP when
+  only ``attn.hook_z`` is asked for; before block L itself for ``hook_resid_pre``), so the values are
+  those of the full pass, bit for bit, without the work after them.
 """
 from __future__ import annotations
 
@@ -71,6 +74,32 @@ def hook_names(layer: int) -> tuple[str, str]:
     return f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.attn.hook_z"
 
 
+class _Computed(Exception):
+    """Raised by the last hook asked for: the rest of the forward pass is not needed."""
+
+
+def hooked_forward(model: HookedTransformer, tokens: torch.Tensor, layer: int, names: Sequence[str]) -> dict:
+    """{hook name: activation} of blocks 0..layer over ``tokens``, stopping the pass once every hook in
+    ``names`` has fired (the activations are the full pass's; nothing after them is computed)."""
+    wanted = set(names)
+    cache: dict = {}
+
+    def save(tensor: torch.Tensor, hook) -> None:
+        cache[hook.name] = tensor.detach()
+        if len(cache) == len(wanted):
+            raise _Computed
+
+    with model.hooks(fwd_hooks=[(name, save) for name in wanted]):
+        try:
+            model(tokens, stop_at_layer=layer + 1)
+        except _Computed:
+            pass
+    missing = wanted - set(cache)
+    if missing:
+        raise KeyError(f"the model has no hook {sorted(missing)} in blocks 0..{layer}")
+    return cache
+
+
 def run_batches(
     model: HookedTransformer, tokens: torch.Tensor, layer: int, names: Sequence[str], *, batch_size: int, desc: str, progress: bool
 ) -> Iterator[tuple[slice, dict]]:
@@ -83,7 +112,5 @@ def run_batches(
     with torch.no_grad():
         for start in _progress(starts, len(starts), desc, progress):
             rows = slice(start, min(start + batch_size, tokens.shape[0]))
-            _, cache = model.run_with_cache(
-                tokens[rows].to(device), stop_at_layer=layer + 1, names_filter=lambda n: n in names
-            )
+            cache = hooked_forward(model, tokens[rows].to(device), layer, names)
             yield rows, {name: cache[name] for name in names}
