@@ -38,6 +38,7 @@ from attnrules.files import plain
 from attnrules.importance import ExactTerms, exact_importance_terms, paper_importance, rank_all_pairs_by_importance
 from attnrules.pipeline import activations
 from attnrules.pipeline.activations import SharedPasses, group_features
+from attnrules.pipeline.corpus_stats import CorpusObservers, CorpusStats, load_stats, measure_corpus, save_stats, stats_key
 from attnrules.pipeline.resume import HeadFolder, InputHashes
 from attnrules.pipeline.results import (
     DistractorEvidence,
@@ -298,6 +299,36 @@ def sae_metadata(sae: InputSAE | OutputSAE) -> dict:
                                                       "scaling_factor", "apply_b_dec_to_input")}
 
 
+def _corpus_stats(model: HookedTransformer, input_sae: InputSAE, tokens: torch.Tensor, folder: Optional[HeadFolder],
+                  stats: Optional[CorpusStats], settings: ExtractSettings, progress: bool) -> CorpusStats:
+    """The layer's corpus statistics: as given (measured on the scan pass), else cached in the folder, else
+    from a pass of their own (a scan cached by an older run); saved to the folder when not read from it."""
+    key = stats_key(folder.inputs) if folder is not None else None
+    cached = load_stats(folder.path, key) if folder is not None else None
+    if cached is not None:
+        return cached
+    if stats is None:
+        stats = measure_corpus(model, input_sae, tokens, batch_size=settings.batch_size, progress=progress)
+    if folder is not None:
+        save_stats(folder.path, key, stats)
+    return stats
+
+
+def used_inputs(results: list[FeatureResult]) -> list[int]:
+    """The input features the head's results name (rule terms, exhaustive pairs, absence rules as rendered,
+    REF's distractor check, unseen keys), sorted; pseudo-features (negative ids) left out."""
+    used: set[int] = set()
+    for f in results:
+        used.update(j for r in f.rules for t in r.terms for j in (t.query, t.key))
+        used.update(j for p in f.pairs for j in (p.query, p.key))
+        used.update(j for a in f.absence for j in (a.query, a.key, *a.kept[:3]))  # as rendered
+        used.update(u.key for u in f.unseen_keys)
+        if f.paper_distractor is not None:
+            d = f.paper_distractor
+            used.update(j for j in (d.q, d.k, d.k_) if j is not None)
+    return sorted(j for j in used if j >= 0)
+
+
 def extract_head(
     model: HookedTransformer,
     input_sae: InputSAE,
@@ -310,6 +341,7 @@ def extract_head(
     scan: Optional[FeatureScan] = None,
     overwrite: bool = False,
     inputs: Optional[InputHashes] = None,
+    corpus_stats: Optional[CorpusStats] = None,
 ) -> HeadResult:
     """Run the pipeline on one head (the output SAE's layer and head) over a token corpus. The SAEs
     may be attnrules' containers or sae_lens SAEs (see :func:`attnrules.sources.as_sources`).
@@ -324,7 +356,9 @@ def extract_head(
 
     ``scan``: this head's :func:`~attnrules.exemplars.scan_output_features` of ``tokens`` when already
     computed (a sweep scans all heads of a layer in one pass). ``inputs``: the inputs' hashes when
-    already computed (a sweep hashes the model and the corpus once)."""
+    already computed (a sweep hashes the model and the corpus once). ``corpus_stats``: the layer's
+    input-feature statistics and head metrics when already measured on the scan pass (a sweep's);
+    otherwise they ride on this head's scan, or are read from the folder (:mod:`attnrules.pipeline.corpus_stats`)."""
     input_sae, output_sae = as_sources(model, input_sae, output_sae)
     if inputs is None:
         inputs = InputHashes.of(model, input_sae, output_sae, tokens, settings)
@@ -349,10 +383,13 @@ def extract_head(
     if scan is None:
         scan, scan_state = (folder.load_scan() if folder is not None else None), "cached"
     if scan is None:
-        scan = scan_output_features(model, output_sae, tokens, batch_size=settings.batch_size, progress=progress)
-        scan_state = "computed"
+        observers = CorpusObservers(input_sae, tokens)
+        scan = scan_output_features(model, output_sae, tokens, batch_size=settings.batch_size, progress=progress,
+                                    observers=observers.observers)
+        scan_state, corpus_stats = "computed", observers.result()
     if folder is not None and scan_state != "cached":
         folder.save_scan(scan)
+    corpus_stats = _corpus_stats(model, input_sae, tokens, folder, corpus_stats, settings, progress)
     if settings.features is not None:
         features = [circuit.check_feature(f) for f in settings.features]
     else:
@@ -361,7 +398,8 @@ def extract_head(
         if not features:
             notes.append(f"no output feature is active in at least {settings.min_count} and at most "
                          f"{settings.max_count or scan.n_sequences - settings.min_count} of the {scan.n_sequences} sequences")
-    describe = describe_input_features(model, input_sae, backend=settings.backend)
+    describe = describe_input_features(model, input_sae, backend=settings.backend, stats=corpus_stats.inputs,
+                                       tokens=tokens, labels=settings.input_labels)
     token_of = TokenLookup(model, input_sae, bos_token(model, tokens))
     results: list[FeatureResult] = []
     computed: list[str] = []
@@ -402,6 +440,9 @@ def extract_head(
                 "distractor_share": len(flagged) / len(results) if results else None,
                 "features_with_failures": [f.name for f in results if f.errors], "inputs": inputs.to_json()}
     metadata["saes"] = {role: sae_metadata(sae) for role, sae in (("input", input_sae), ("output", output_sae))}
+    head_metrics = corpus_stats.heads.get(circuit.head)
+    metadata["head_metrics"] = head_metrics.to_json() if head_metrics is not None else None
+    metadata["input_features"] = {str(j): describe.record(j) for j in used_inputs(results)}
     head_steps = FeatureSteps()  # head-level steps: failures recorded in metadata["head_errors"]
     if settings.exact:
         groups = head_steps.run("exact_logit_groups", lambda: reconstruct(model, input_sae, circuit.head, tokens[:16]).summary())

@@ -141,6 +141,9 @@ class ExtractSettings:
         (0, 1, 2, 3), "copies of the distractor inserted (REF: 0,1,2,3)", group=BEYOND, min=0)
     show_exemplars: int = setting(
         5, "top-activating validation exemplars stored per feature (with activations and DFA)", group=RUN, min=0)
+    input_labels: Optional[str] = setting(
+        None, "a CSV of your own input-feature labels (header: id,label), shown in rule text before the corpus "
+        "descriptions", group=RUN)
     exact: bool = setting(
         True, "add the exact-mode ordering (exact importance) and the head's logit decomposition", group=BEYOND,
         flag_help="skip exact mode (the exact-importance ordering and the logit decomposition)")
