@@ -31,6 +31,7 @@ from attnrules.exemplars import ExemplarView
 from attnrules.records import Record, _dump
 from attnrules.rules.absence import AbsenceRule, PaperDistractor
 from attnrules.rules.counting import CountingRule
+from attnrules.rules.term_table import term_table
 
 RESULTS_FILE = "results.json"
 MARKER_FILE = "DONE.json"  # written last: a head folder without it is not complete
@@ -155,6 +156,16 @@ class Predictions(Record):
     act_max: tuple[float, ...]
     labels: tuple[PredictedLabels, ...] = ()
     n_candidates: Optional[int] = None
+
+    @classmethod
+    def from_points(cls, negatives: str, sequence, position, act_max, points, n_candidates: Optional[int] = None
+                    ) -> "Predictions":
+        """From an evaluation set (tensors ``[N]``) and the sweep points evaluated on it (those of
+        ``negatives`` with predicted labels, :class:`~attnrules.evaluation.SweepPoint`)."""
+        labels = tuple(PredictedLabels(p.method, p.n_terms, "".join("1" if x else "0" for x in p.predicted.tolist()))
+                       for p in points if p.negatives == negatives and p.predicted is not None)
+        return cls(negatives, tuple(sequence.tolist()), tuple(position.tolist()), tuple(act_max.tolist()), labels,
+                   n_candidates)
 
     def to_frame(self) -> pd.DataFrame:
         """One row per exemplar; per method a string of its labels over the sweep's N (ascending)."""
@@ -413,8 +424,15 @@ class HeadResult(Record):
         for f in self.features:
             lines.append(f"\n{f.name}  (train {f.n_train}, val {f.n_val} exemplars)")
             for rules in f.rules:
-                lines.append(f"  {rules.method}:")
-                lines += [f"    {t}" for t in rules.text[:n_terms]]
+                table, left_out = term_table(rules.terms, f.name, n_terms)
+                label = f"  {rules.method}:"
+                head = "    " + table[0] if table else ""  # the column titles, aligned with the terms below
+                lines.append(label + " no term can contribute" if not table else label + head[len(label):]
+                             if head[:len(label)].isspace() else f"{label}\n{head}")
+                lines += [f"    {t}" for t in table[1:]]
+                if left_out:
+                    lines.append(f"    ({left_out} of {len(rules.terms)} stored terms left out: A×V = 0 or no firing "
+                                 "offset, they cannot contribute; rules.csv keeps them)")
             if f.absence:
                 lines.append("  absence:")
                 lines += [f"    {a.text}" for a in f.absence]
