@@ -24,6 +24,7 @@ import torch
 
 from attnrules.exemplars import scan_heads
 from attnrules.files import clean_temporaries, write_csv, write_json, write_with
+from attnrules.pipeline.corpus_stats import CorpusObservers
 from attnrules.pipeline.extract import extract_head
 from attnrules.pipeline.resume import (
     HeadFolder,
@@ -149,7 +150,7 @@ def run_sweep(
     for lh in stale:
         if lh in mine:  # only the owner touches a shard
             _manifest(out, shard_name(*lh)).unlink(missing_ok=True)
-    start, finished_here, scans = time.time(), 0, {}
+    start, finished_here, scans, layer_stats = time.time(), 0, {}, None
     for i, (layer, head) in enumerate(mine):
         name = shard_name(layer, head)
         inputs = hashes(layer, head)
@@ -160,12 +161,19 @@ def run_sweep(
         if (layer, head) not in scans:  # one corpus pass for this rank's unfinished, unscanned heads of the layer
             todo = [h for l, h in mine if l == layer and not _is_done(out, shard_name(l, h), hashes(l, h))
                     and not HeadFolder(out / "shards" / shard_name(l, h), hashes(l, h)).has_scan()]
-            found = scan_heads(work.model, [work.output_sae(layer, h) for h in todo], work.tokens,
-                               batch_size=settings.batch_size, progress=progress) if todo else []
+            found, layer_stats = [], None
+            if todo:  # the layer's input-feature statistics and head metrics ride on the same pass
+                observers = CorpusObservers(as_sources(work.model, work.input_sae(layer), work.output_sae(layer, todo[0]))[0],
+                                            work.tokens)
+                found = scan_heads(work.model, [work.output_sae(layer, h) for h in todo], work.tokens,
+                                   batch_size=settings.batch_size, progress=progress, observers=observers.observers)
+                layer_stats = observers.result()
             scans = {(layer, h): s for h, s in zip(todo, found)}
         result = extract_head(work.model, work.input_sae(layer), work.output_sae(layer, head), work.tokens,
                               settings=settings, out_dir=out / "shards" / name, progress=progress,
-                              scan=scans.pop((layer, head), None), overwrite=overwrite, inputs=inputs)
+                              scan=scans.pop((layer, head), None), overwrite=overwrite, inputs=inputs,
+                              corpus_stats=layer_stats if layer_stats is not None and layer_stats.inputs.layer == layer
+                              else None)
         write_json(_manifest(out, name), {
             "shard": name, "layer": layer, "head": head, "settings": settings.fingerprint(), "inputs": inputs.to_json(),
             "rank": rank.rank, "seconds": round(time.time() - t0, 3), "n_features": len(result.features),
