@@ -98,36 +98,42 @@ def _probe(
 ):
     """For each (rows, key positions, token) run: the exemplars (token None) or the exemplars with
     ``token`` inserted once after BOS; per exemplar the activation at the (moved) query, the real
-    logits query → key and query → inserted token (position 1), and their values projected on u."""
+    logits query → key and query → inserted token (position 1), and their values projected on u.
+
+    A sequence is determined by its row and token, so each distinct (row, token) runs once, however
+    many runs ask for it (terms share exemplars and distractors); a sequence's values do not depend
+    on the other sequences of its batch (``tests/test_shared_passes.py``), so they are the same."""
     layer, head = output_sae.layer, output_sae.head
     names = [f"blocks.{layer}.attn.hook_{x}" for x in ("z", "attn_scores", "v")]
     u = output_sae.head_encoder[:, feature]
-    seqs, qpos, kpos = [], [], []
+    fields = ("act", "logit_key", "logit_distractor", "value_key", "value_distractor")
+    slot: dict[tuple[int, Optional[int]], int] = {}  # (row, token) -> its sequence, in order of first use
+    uses = []  # per run: (sequence of each exemplar, key positions in the sequence)
     for rows, key_pos, tok in runs:
-        shift = 0 if tok is None else 1
-        new, pos, _ = insert_copies(tokens[rows], positions[rows], 0 if tok is None else tok, shift)
-        seqs.append(new)
-        qpos.append(pos)
-        kpos.append(key_pos + shift * (key_pos >= 1))  # BOS stays at 0
-    sizes = [len(s) for s in seqs]
-    if sum(sizes) == 0:
-        return [{x: torch.zeros(0, dtype=torch.float64) for x in
-                 ("act", "logit_key", "logit_distractor", "value_key", "value_distractor")} for _ in runs]
-    seqs, qpos, kpos = torch.cat(seqs), torch.cat(qpos), torch.cat(kpos)
-    out = {x: [] for x in ("act", "logit_key", "logit_distractor", "value_key", "value_distractor")}
+        used = torch.tensor([slot.setdefault((r, tok), len(slot)) for r in rows.tolist()], dtype=torch.long)
+        uses.append((used, key_pos + (tok is not None) * (key_pos >= 1)))  # BOS stays at 0
+    if not slot:
+        return [{x: torch.zeros(0, dtype=torch.float64) for x in fields} for _ in runs]
+    seqs = torch.empty(len(slot), tokens.shape[1], dtype=tokens.dtype)
+    qpos = torch.empty(len(slot), dtype=torch.long)
+    by_token: dict[Optional[int], list[int]] = {}
+    for (row, tok), i in slot.items():
+        by_token.setdefault(tok, []).append(i)
+    for tok, where in by_token.items():
+        rows = torch.tensor([r for (r, t) in slot if t == tok], dtype=torch.long)
+        seqs[where], qpos[where], _ = insert_copies(tokens[rows], positions[rows], 0 if tok is None else tok,
+                                                    int(tok is not None))
+    act, scores, values = [], [], []  # per sequence: activation at the query, its logits, the values
     for rows, cache in run_batches(model, seqs, layer, names, batch_size=batch_size, desc="", progress=False):
-        z, scores, v = (cache[name] for name in names)
+        z, s, v = (cache[name] for name in names)
         b = torch.arange(z.shape[0])
-        t, k = qpos[rows].to(z.device), kpos[rows].to(z.device)
-        values = v[:, :, kv_head(model, head)].to(u.dtype) @ u  # [B, T] (GQA: hook_v holds the kv heads)
-        out["act"].append(output_sae.encode(z.to(output_sae.W_enc.dtype))[b, t, feature].cpu())
-        out["logit_key"].append(scores[b, head, t, k].cpu().double())
-        out["logit_distractor"].append(scores[b, head, t, 1].cpu().double())
-        out["value_key"].append(values[b, k].cpu().double())
-        out["value_distractor"].append(values[b, 1].cpu().double())
-    merged = {x: torch.cat(parts).double() for x, parts in out.items()}
-    splits = {x: torch.split(m, sizes) for x, m in merged.items()}
-    return [{x: splits[x][i] for x in splits} for i in range(len(runs))]
+        t = qpos[rows].to(z.device)
+        act.append(output_sae.encode(z.to(output_sae.W_enc.dtype))[b, t, feature].cpu())
+        scores.append(s[b, head, t].cpu().double())
+        values.append((v[:, :, kv_head(model, head)].to(u.dtype) @ u).cpu().double())  # GQA: hook_v holds the kv heads
+    act, scores, values = torch.cat(act).double(), torch.cat(scores), torch.cat(values)
+    return [{"act": act[i], "logit_key": scores[i, k], "logit_distractor": scores[i, 1],
+             "value_key": values[i, k], "value_distractor": values[i, 1]} for i, k in uses]
 
 
 @dataclass(frozen=True)
