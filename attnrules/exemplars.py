@@ -185,11 +185,7 @@ def sample_exemplars(
     neg_positions = torch.from_numpy(rng.integers(1, seq_len, size=neg.numel()))
     parts = {"train": [], "val": [], "test": []}
     for seqs, positions, positive in ((pos, pos_positions, True), (neg, neg_positions, False)):
-        n = seqs.numel()
-        n_test = round(n / 3)
-        n_train = (n - n_test + 1) // 2
-        bounds = {"test": (0, n_test), "train": (n_test, n_test + n_train), "val": (n_test + n_train, n)}
-        for name, (a, b) in bounds.items():
+        for name, (a, b) in split_bounds(seqs.numel()).items():
             parts[name].append((seqs[a:b], positions[a:b], positive))
     splits = {}
     for name, pieces in parts.items():
@@ -202,6 +198,14 @@ def sample_exemplars(
             positive=torch.cat([torch.full((p[0].numel(),), p[2]) for p in pieces]),
         )
     return Exemplars(**splits)
+
+
+def split_bounds(n: int) -> dict[str, tuple[int, int]]:
+    """REF's split of one class of ``n`` exemplars (in drawn order): the first 1/3 (rounded) test, then
+    the rest in half, train (the larger half) and val."""
+    n_test = round(n / 3)
+    n_train = (n - n_test + 1) // 2
+    return {"test": (0, n_test), "train": (n_test, n_test + n_train), "val": (n_test + n_train, n)}
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from attnrules.rules import SkipgramRuleSet
+from attnrules.rules.matches import default_aggregation
 
 
 @dataclass(frozen=True)
@@ -102,13 +103,20 @@ def sweep(
     *,
     threshold: float = 0.0,
     prediction_threshold: float | None = None,
+    negatives: str = "random",
+    aggregation: Optional[str] = None,
 ) -> list[SweepPoint]:
     """Build a rule set for every N in ``grid`` and evaluate it on the given exemplars (predictions
-    above ``prediction_threshold`` when given, else above ``threshold``)."""
+    above ``prediction_threshold`` when given, else above ``threshold``; its matches reduced by
+    ``aggregation``, default REF's for its method, see :mod:`attnrules.rules.matches`). ``negatives``
+    labels the evaluation ("random": REF's exemplars, "pattern": with hard negatives). Each point keeps
+    its predicted labels."""
     points = []
     for n in grid:
         rules = build(n)
-        metrics = binary_metrics(act_max, rules.predict(acts, positions), threshold=threshold,
-                                 prediction_threshold=prediction_threshold)
-        points.append(SweepPoint(rules.method, n, len(rules), metrics))
+        how = aggregation or default_aggregation(rules.method)
+        predicted = rules.predict(acts, positions, aggregation=how)
+        metrics = binary_metrics(act_max, predicted, threshold=threshold, prediction_threshold=prediction_threshold)
+        fires = predicted > (threshold if prediction_threshold is None else prediction_threshold)
+        points.append(SweepPoint(rules.method, n, len(rules), metrics, negatives, how, fires))
     return points

@@ -26,6 +26,14 @@ import torch
 from attnrules.circuit import HeadCircuit, reconstruct
 from attnrules.evaluation import SweepPoint, n_terms_grid, sweep
 from attnrules.evaluation.counts import CountingCheck, check_counting
+from attnrules.evaluation.negatives import (
+    Conditions,
+    EvaluationSet,
+    PatternPool,
+    annotated,
+    evaluate_beyond_random,
+    memoized,
+)
 from attnrules.evaluation.insertion import (
     check_distractors,
     counterfactual_insertion,
@@ -45,6 +53,7 @@ from attnrules.pipeline.results import (
     FeatureResult,
     HeadResult,
     PairRecord,
+    Predictions,
     RuleSetView,
     RunInfo,
     StepError,
@@ -53,6 +62,7 @@ from attnrules.pipeline.results import (
 )
 from attnrules.pipeline.settings import ExtractSettings
 from attnrules.rules import SkipgramRuleSet, rules_from_exact, rules_from_importance, rules_from_weights
+from attnrules.rules.unigram import rules_from_values
 from attnrules.rules.absence import absence_rules, paper_distractor, significant_values
 from attnrules.rules.descriptions import InputDescriptions, describe_input_features, token_strings
 from attnrules.scoring import PairTable, candidate_table, rank_all_pairs, value_scores
@@ -98,7 +108,45 @@ def extract_feature(
     the same candidate cross product and the pseudo-feature terms by the gradient through the real head.
     ``gate``: the output SAE's own gate for the "post_activation" loss (default REF's relu(pred + b_enc));
     ``prediction_threshold``: where predictions fire (default ``settings.threshold``, REF).
+    With ``settings.unigram`` REF's unigram baseline is swept too (it has no rule set to show).
     """
+    rules, points, table, _ = rules_and_sweep(circuit, feature, train, val, settings, exact, gate=gate,
+                                              prediction_threshold=prediction_threshold)
+    return rules, points, table
+
+
+def rules_and_sweep(circuit: HeadCircuit, feature: int, train: tuple[torch.Tensor, torch.Tensor],
+                    val: tuple[torch.Tensor, torch.Tensor, torch.Tensor], settings: ExtractSettings,
+                    exact: Optional[Callable[[torch.Tensor, torch.Tensor], ExactTerms]] = None, *,
+                    gate: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                    prediction_threshold: Optional[float] = None):
+    """:func:`extract_feature`'s rules, sweep and table, and the builders of every ordering's rule sets."""
+    builders, table = rule_builders(circuit, feature, train, settings, exact, gate=gate)
+    points, rules = [], {}
+    for method, build in builders.items():
+        points += sweep(build, *val, n_terms_grid(settings.max_rules), threshold=settings.threshold,
+                        prediction_threshold=prediction_threshold, aggregation=aggregation_of(settings))
+        if method != "unigram":
+            rules[method] = build(settings.show_terms)
+    return rules, points, table, builders
+
+
+def aggregation_of(settings: ExtractSettings) -> Optional[str]:
+    """The aggregation the settings ask for (None: REF's default of each ordering)."""
+    return None if settings.aggregation == "ref" else settings.aggregation
+
+
+def rule_builders(
+    circuit: HeadCircuit,
+    feature: int,
+    train: tuple[torch.Tensor, torch.Tensor],
+    settings: ExtractSettings,
+    exact: Optional[Callable[[torch.Tensor, torch.Tensor], ExactTerms]] = None,
+    *,
+    gate: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+) -> tuple[dict[str, Callable[[int], object]], PairTable]:
+    """For each ordering, the function that builds its N-term rule set (each built once per N), and the
+    candidate table (arguments as :func:`extract_feature`'s)."""
     table = candidate_table(circuit, feature, num_values=settings.num_values, num_queries=settings.num_queries,
                             negative_values=settings.negative_values, backend=settings.backend)
     queries, keys = _first_appearance(table.queries), _first_appearance(table.keys)
@@ -112,12 +160,9 @@ def extract_feature(
         terms = exact(queries, keys)
         builders["exact"] = lambda n: rules_from_exact(circuit, feature, queries, keys, terms, n,
                                                        absolute=settings.absolute)
-    grid = n_terms_grid(settings.max_rules)
-    points, rules = [], {}
-    for method, build in builders.items():
-        points += sweep(build, *val, grid, threshold=settings.threshold, prediction_threshold=prediction_threshold)
-        rules[method] = build(settings.show_terms)
-    return rules, points, table
+    if settings.unigram:
+        builders["unigram"] = lambda n: rules_from_values(table, n, circuit.max_offset)
+    return {m: memoized(b) for m, b in builders.items()}, table
 
 
 @dataclass(frozen=True)
@@ -214,7 +259,7 @@ def beyond_skipgrams(
 
         check, rule = steps.run("counting", counting) or (None, None)
         words = token_strings(model)
-        out["counting"] = rule.with_text(words.__getitem__) if rule is not None else None
+        out["counting"] = dataclasses.replace(rule, query=q, key=k).with_text(words.__getitem__) if rule is not None else None
         out["counting_check"] = check
     elif settings.counting:
         out["counting_check"] = CountingCheck("not run", "no top term promotes the feature")
@@ -418,6 +463,11 @@ def extract_head(
             notes.append(f"{name} skipped: too few active or inactive sequences")
         todo.append(ex)
     shared = shared_groups(model, input_sae, output_sae, tokens, todo, settings)
+    head_steps = FeatureSteps()  # head-level steps: failures recorded in metadata["head_errors"]
+    pool = None
+    if settings.pattern_negatives and any(isinstance(ex, Exemplars) for ex in todo):
+        pool = head_steps.run("pattern_pool", lambda: PatternPool.build(
+            model, input_sae, tokens, settings.pattern_pool, seed=settings.seed, batch_size=max(1, settings.batch_size // 8)))
     for i, (g, ex) in enumerate(zip(features, todo)):
         name = circuit.feature_name(g)
         if isinstance(ex, FeatureResult):
@@ -429,7 +479,7 @@ def extract_head(
         if progress:
             print(f"[{i + 1}/{len(features)}] {name}", file=sys.stderr)
         result = extract_one(model, input_sae, output_sae, circuit, g, tokens, scan, ex, settings, describe, token_of,
-                             shared=shared(i))
+                             shared=shared(i), pool=pool)
         computed.append(name)
         if folder is not None and not result.errors:  # a feature with a failed step is retried on resume
             folder.save_feature(result)
@@ -443,7 +493,6 @@ def extract_head(
     head_metrics = corpus_stats.heads.get(circuit.head)
     metadata["head_metrics"] = head_metrics.to_json() if head_metrics is not None else None
     metadata["input_features"] = {str(j): describe.record(j) for j in used_inputs(results)}
-    head_steps = FeatureSteps()  # head-level steps: failures recorded in metadata["head_errors"]
     if settings.exact:
         groups = head_steps.run("exact_logit_groups", lambda: reconstruct(model, input_sae, circuit.head, tokens[:16]).summary())
         if groups is not None:
@@ -463,11 +512,12 @@ def extract_one(
     model: HookedTransformer, input_sae: InputSAE, output_sae: OutputSAE, circuit: HeadCircuit, g: int,
     tokens: torch.Tensor, scan: FeatureScan, ex,
     settings: ExtractSettings, describe: InputDescriptions, token_of: TokenLookup,
-    shared: Optional[SharedPasses] = None,
+    shared: Optional[SharedPasses] = None, pool: Optional[PatternPool] = None,
 ) -> FeatureResult:
     """Every step for one output feature; a step that fails is recorded in the result (step, error).
     ``shared``: the head's hooks of this feature's exemplars, already computed (:mod:`attnrules.pipeline.activations`);
-    None: the steps run their own forward passes."""
+    None: the steps run their own forward passes. ``pool``: the head's sample for pattern negatives
+    (:mod:`attnrules.evaluation.negatives`; None: no pattern-negative evaluation)."""
     steps = FeatureSteps()
     name = circuit.feature_name(g)
     batch = max(1, settings.batch_size // 8)
@@ -489,26 +539,52 @@ def extract_one(
                                       positions=train.positions, batch_size=batch, runner=runner)
 
     firing = float(output_sae.firing_threshold[g]) if settings.prediction_threshold == "sae" else None
-    found = steps.run("rules", lambda: extract_feature(
+    found = steps.run("rules", lambda: rules_and_sweep(
         circuit, g, (train.acts, train.positions), (acts["val"], ex.val.position, ex.val.act_max), settings,
         exact_terms if settings.exact else None, gate=output_sae.surrogate_gate(g), prediction_threshold=firing))
     if found is None:
         return FeatureResult(g, name, len(ex.train), len(ex.val), errors=tuple(steps.errors))
-    rule_sets, points, table = found
+    rule_sets, points, table, builders = found
     rules = tuple(RuleSetView.from_rules(r, describe) for r in rule_sets.values())
     extra = beyond_skipgrams(model, input_sae, output_sae, circuit, g, rule_sets, tokens, scan.act_max[:, g], train,
                              settings, describe, token_of, steps)
+    conditions = Conditions.of(extra["absence"], extra["counting"])
+    val_set = EvaluationSet("random", ex.val.sequence, ex.val.position, ex.val.act_max, acts["val"])
+    beyond = steps.run("hard_negatives", lambda: evaluate_beyond_random(
+        builders, conditions, list(rule_sets.values()), val_set, ex.val.positive, n_terms_grid(settings.max_rules),
+        pool=pool, feature=g, act_max=scan.act_max[:, g],
+        exclude=torch.cat([ex.train.sequence, ex.val.sequence, ex.test.sequence]), count=settings.examples_per_bin,
+        seed=settings.seed + g, threshold=settings.threshold, prediction_threshold=firing,
+        aggregation=aggregation_of(settings)))
+    points = points + (beyond.points if beyond is not None else [])
+    predictions = [Predictions.from_points("random", ex.val.sequence, ex.val.position, ex.val.act_max, points)]
+    pattern_views = []
+    fire_above = settings.threshold if firing is None else firing
+    if beyond is not None and beyond.pattern_set is not None:
+        p = beyond.pattern_set
+        predictions.append(Predictions.from_points("pattern", p.sequence, p.position, p.act_max, points,
+                                                   beyond.pattern.n_candidates))
+        first = int(ex.val.positive.sum())  # the pattern negatives follow the val positives
+        shown_negatives = torch.arange(first, len(p.sequence))[: settings.show_exemplars]
+        if shown_negatives.numel():
+            pattern_views = steps.run("pattern_views", lambda: [
+                annotated(v, p.acts[i], rule_sets, conditions, threshold=fire_above, max_offset=circuit.max_offset)
+                for v, i in zip(exemplar_views(model, output_sae, g, tokens, p.sequence[shown_negatives],
+                                               p.position[shown_negatives]), shown_negatives.tolist())]) or []
     pairs = []
     if settings.exhaustive_k > 0:
         pairs = steps.run("exhaustive_pairs", lambda: exhaustive_pairs(
             circuit, g, (train.acts, train.positions), settings.exhaustive_k, settings.backend, describe)) or []
     top = torch.sort(ex.val.act_max, descending=True, stable=True).indices[: settings.show_exemplars]
-    views = steps.run("exemplar_views", lambda: exemplar_views(
-        model, output_sae, g, tokens, ex.val.sequence[top], ex.val.position[top])) or []
+    views = steps.run("exemplar_views", lambda: [
+        annotated(v, acts["val"][i], rule_sets, conditions, threshold=fire_above, max_offset=circuit.max_offset)
+        for v, i in zip(exemplar_views(model, output_sae, g, tokens, ex.val.sequence[top], ex.val.position[top]),
+                        top.tolist())]) or []
     unseen = steps.run("unseen_keys", lambda: unseen_keys(circuit, g, table, train, describe)) or []
     return FeatureResult(g, name, len(ex.train), len(ex.val), rules, tuple(SweepRecord.from_point(p) for p in points),
                          tuple(pairs), exemplars=tuple(views),
-                         unseen_keys=tuple(unseen), notes=tuple(steps.notes), errors=tuple(steps.errors), **extra)
+                         unseen_keys=tuple(unseen), notes=tuple(steps.notes), errors=tuple(steps.errors),
+                         pattern_negatives=tuple(pattern_views), predictions=tuple(predictions), **extra)
 
 
 def shared_groups(

@@ -167,6 +167,16 @@ class Predictions(Record):
         return cls(negatives, tuple(sequence.tolist()), tuple(position.tolist()), tuple(act_max.tolist()), labels,
                    n_candidates)
 
+    @classmethod
+    def from_points(cls, negatives: str, sequence, position, act_max, points, n_candidates: Optional[int] = None
+                    ) -> "Predictions":
+        """From an evaluation set (tensors ``[N]``) and the sweep points evaluated on it (those of
+        ``negatives`` with predicted labels, :class:`~attnrules.evaluation.SweepPoint`)."""
+        labels = tuple(PredictedLabels(p.method, p.n_terms, "".join("1" if x else "0" for x in p.predicted.tolist()))
+                       for p in points if p.negatives == negatives and p.predicted is not None)
+        return cls(negatives, tuple(sequence.tolist()), tuple(position.tolist()), tuple(act_max.tolist()), labels,
+                   n_candidates)
+
     def to_frame(self) -> pd.DataFrame:
         """One row per exemplar; per method a string of its labels over the sweep's N (ascending)."""
         frame = pd.DataFrame({"negatives": self.negatives, "example": range(len(self.sequence)),

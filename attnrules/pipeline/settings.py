@@ -41,16 +41,19 @@ from types import MappingProxyType
 from typing import Any, Optional
 
 from attnrules.files import plain
+from attnrules.rules.matches import AGGREGATIONS
 
 METHOD = "method (REF defaults)"
 BEYOND = "absence and counting rules"
+HARD = "hard negatives"
 RUN = "run"
-GROUPS = (METHOD, BEYOND, RUN)  # the CLI lists its option groups in this order
+GROUPS = (METHOD, BEYOND, HARD, RUN)  # the CLI lists its option groups in this order
 
 POSITIVES = ("top", "quantiles")
 LOSS_TYPES = ("activation", "post_activation")
 BACKENDS = ("auto", "torch", "cpu", "triton")
 PREDICTION_THRESHOLDS = ("ref", "sae")
+AGGREGATION_CHOICES = ("ref", *AGGREGATIONS)
 
 
 class InvalidSetting(ValueError):
@@ -116,6 +119,12 @@ class ExtractSettings:
         "ref", "a rule predicts the feature active when its score exceeds: 'ref' threshold (REF), 'sae' the output "
         "SAE's own threshold of that feature (JumpReLU's per-feature threshold; 0 for standard, TopK, gated)",
         group=METHOD, choices=PREDICTION_THRESHOLDS)
+    aggregation: str = setting(
+        "ref", "how an exemplar's rule matches make its predicted score, REF's --aggregation_type: 'ref' REF's "
+        "default per ordering (kqv_max for importance, max otherwise), or one of REF's types for every ordering",
+        group=METHOD, choices=AGGREGATION_CHOICES)
+    unigram: bool = setting(
+        False, "also evaluate REF's unigram baseline (method 'unigram': the top-N value keys, no query)", group=METHOD)
     seed: int = setting(0, "seed for feature and exemplar sampling", group=METHOD, min=0)
     batch_size: int = setting(64, "sequences per model forward pass", group=RUN, min=1)
     backend: str = setting("auto", "engine backend", group=RUN, choices=BACKENDS)
@@ -147,6 +156,12 @@ class ExtractSettings:
     exact: bool = setting(
         True, "add the exact-mode ordering (exact importance) and the head's logit decomposition", group=BEYOND,
         flag_help="skip exact mode (the exact-importance ordering and the logit decomposition)")
+    pattern_negatives: bool = setting(
+        True, "also evaluate every rule set (and the combined sets with absence and counting conditions) on the "
+        "top-activating exemplars and pattern negatives: positions where the shown rule terms fire but the feature "
+        "does not", group=HARD, flag_help="skip the pattern-negative (hard-negative) evaluation")
+    pattern_pool: int = setting(
+        2048, "corpus sequences searched for pattern negatives (one extra forward pass per head)", group=HARD, min=1)
 
     def __post_init__(self) -> None:
         hints = _type_hints(type(self))

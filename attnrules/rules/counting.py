@@ -46,6 +46,8 @@ class CountingRule(Record):
     threshold: Optional[int]
     evidence: CountResponse
     text: str = ""
+    query: Optional[int] = None  # the input features of the skip-gram term the response was measured on
+    key: Optional[int] = None  # (set by the pipeline; a combined rule set applies the threshold to that term)
 
     def render(self, token_str: Callable[[int], str]) -> str:
         k = f"[{token_str(self.key_token)}]"

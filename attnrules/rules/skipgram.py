@@ -28,7 +28,7 @@ never match (``max_offset``).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import pandas as pd
@@ -39,6 +39,7 @@ from attnrules.circuit import PSEUDO, pseudo_name
 from attnrules.importance import ExactTerms
 from attnrules.importance import select_terms
 from attnrules.files import plain
+from attnrules.rules.matches import Matches, concat_matches, default_aggregation, no_matches
 from attnrules.scoring import PairTable, attn_scores, value_scores
 
 
@@ -83,24 +84,39 @@ class SkipgramRuleSet:
     offsets: Optional[torch.Tensor] = None  # [n] rotary heads: each term's best offset (-1: a pseudo term)
     offset_attn: Optional[torch.Tensor] = None  # [n, max_offset + 1] rotary: A_δ per term (NaN: no candidate)
     max_offset: Optional[int] = None  # the farthest a key may be from its query (window or offsets); None: any
+    value_features: Optional[torch.Tensor] = None  # [m] REF's importance rule: value features whose own rows count
+    value_feature_scores: Optional[torch.Tensor] = None  # [m] their value scores
 
     def __len__(self) -> int:
         return self.queries.numel()
 
-    def predict(self, acts: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Predicted score ``[N]`` of each exemplar (input-SAE acts ``[N, T, n_in]``, scored position ``[N]``)."""
+    def predict(self, acts: torch.Tensor, positions: torch.Tensor, *, aggregation: Optional[str] = None,
+                act_scale: Optional[float] = None) -> torch.Tensor:
+        """Predicted score ``[N]`` of each exemplar (input-SAE acts ``[N, T, n_in]``, scored position ``[N]``):
+        its matches reduced by ``aggregation`` (REF's types, :mod:`attnrules.rules.matches`; default REF's for
+        the method: "kqv_max" for importance, "max" otherwise). ``act_scale``: see :meth:`matches`."""
+        return self.matches(acts, positions, act_scale=act_scale).aggregate(aggregation or default_aggregation(self.method))
+
+    def matches(self, acts: torch.Tensor, positions: torch.Tensor, *, act_scale: Optional[float] = None) -> Matches:
+        """REF's evaluation rows of this rule set on the exemplars (:class:`~attnrules.rules.matches.Matches`):
+        a kq row per firing match (term, key position t' ≤ t) and, when the set has ``value_features``
+        (REF's importance rule), a value row per active value feature at t' ≤ t. ``act_scale``: the largest
+        activation that ``act_floor`` is relative to (default: the largest in ``acts``)."""
         if acts.dim() != 3:
             raise ValueError(f"acts must be [n_exemplars, seq_len, n_inputs], got shape {tuple(acts.shape)}")
         if positions.shape != (acts.shape[0],):
             raise ValueError(f"positions must be [n_exemplars={acts.shape[0]}], got shape {tuple(positions.shape)}")
         n, t_len, _ = acts.shape
-        best = torch.full((n,), float("-inf"), dtype=acts.dtype)
+        kinds = ("kq",) if self.value_features is None else ("kq", "value")
+        rows = [no_matches(n, t_len, positions, kinds, False, acts.dtype)]
         weight = (self.attn_score * self.value_score if self.weight is None else self.weight).to(acts.dtype)
         # pseudo-features (negative ids) are present everywhere: activation 1
         q_act = acts[torch.arange(n), positions][:, self.queries.clamp(min=0)]  # [N, terms]
         q_act = torch.where(self.queries < 0, torch.ones_like(q_act), q_act)
         live = weight > self.min_weight
-        floor = self.act_floor * float(acts.max()) if self.act_floor > 0 else 0.0
+        floor = 0.0
+        if self.act_floor > 0:
+            floor = self.act_floor * (float(acts.max()) if act_scale is None else act_scale)
         # only (exemplar, term) pairs whose query feature is active at t can match
         ex, term = torch.nonzero((q_act > floor) & live, as_tuple=True)
         if ex.numel():
@@ -118,10 +134,22 @@ class SkipgramRuleSet:
                 match &= gate
             if self.method == "importance":  # REF's importance rules list only the nonzero F[t,q]·F[t',k]·A terms
                 match &= attn != 0
-            score = q_act[ex, term][:, None] * k_act**self.key_power * per_match
-            per_pair = score.masked_fill(~match, float("-inf")).amax(dim=1)
-            best = best.scatter_reduce(0, ex, per_pair, reduce="amax")
-        return torch.where(torch.isinf(best), torch.zeros_like(best), best)
+            q = q_act[ex, term][:, None]
+            kv = q * k_act**self.key_power * per_match
+            score = q * k_act * attn.to(acts.dtype) if self.method == "importance" else kv
+            pair, key_pos = torch.nonzero(match, as_tuple=True)
+            rows.append(replace(rows[0], exemplar=ex[pair], kq=torch.ones_like(pair, dtype=torch.bool), term=term[pair],
+                                key_position=key_pos, score=score[pair, key_pos], kv_score=kv[pair, key_pos]))
+        if self.value_features is not None and self.value_features.numel():
+            v_act = acts[:, :, self.value_features]  # [N, T, values]
+            upto = torch.arange(t_len)[None, :] <= positions[:, None]
+            if self.max_offset is not None:
+                upto &= positions[:, None] - torch.arange(t_len)[None, :] <= self.max_offset
+            e, key_pos, v = torch.nonzero((v_act > 0) & upto[:, :, None], as_tuple=True)
+            value = v_act[e, key_pos, v] * self.value_feature_scores.to(acts.dtype)[v]
+            rows.append(replace(rows[0], exemplar=e, kq=torch.zeros_like(e, dtype=torch.bool), term=v,
+                                key_position=torch.full_like(e, -1), score=value, kv_score=value))
+        return concat_matches(rows)
 
     def _at_offsets(self, term: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype):
         """Per match (``term [P]`` × key positions at offsets ``delta [P, T]``): its weight, its A_δ and
@@ -259,8 +287,10 @@ def rules_from_importance(
     ("importance": paper mode, "exact": exact mode)."""
     rows, cols = _selected_cells(importance, n, absolute)
     q, k = queries[rows], keys[cols]
+    v = value_scores(circuit, feature)
     return positioned(SkipgramRuleSet(
-        circuit.feature_name(feature), q, k, attn_scores(circuit, q, k), value_scores(circuit, feature)[k], 1, method
+        circuit.feature_name(feature), q, k, attn_scores(circuit, q, k), v[k], 1, method,
+        value_features=keys[:n], value_feature_scores=v[keys[:n]],  # REF: the first N value features' own rows
     ), circuit)
 
 

@@ -1,0 +1,307 @@
+"""Pattern negatives (hard negatives): positions where a feature's rule terms fire but the feature does not.
+
+REF evaluates a rule on top-activating sequences and *random* sequences where the feature never fires;
+those almost never hold the rule's pattern, so a skip-gram that fires too often (it ignores a
+distractor, or one copy of a key where two are needed) still scores F1 = 1. Here the negatives are
+sampled where the rule's own terms fire:
+
+- :class:`PatternPool` — the input-SAE activations of a random sample of the corpus (``pool_size``
+  sequences, one forward pass per head), kept sparse;
+- :func:`sample_pattern_negatives` — among the pool's sequences where the feature never fires (the
+  corpus scan says which) and that are none of the feature's own exemplars (train, val or test), the
+  (sequence, position t ≥ 1) pairs where a term of the given rule sets fires, i.e. gives a match with
+  predicted score above the threshold (query at t, key at t' ≤ t, offsets and windows respected, as the
+  rule predicts); one random firing position per sequence, up to ``count`` sequences, split like REF's
+  negatives (1/3 test, the rest halved into train and val). The evaluation uses the val part beside
+  the val positives, so no sequence that chose or ranked the rules (the train split) is evaluated on.
+
+Cost: the pool's pass (blocks 0..L and the input SAE over ``pool_size`` sequences, once per head; about
+12 bytes per active input feature and position kept, ~80 MB for 2,048 GPT-2-small sequences) and, per
+feature, the rule sets' matches at every position of the pool's silent sequences over the few input
+features their terms use.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import numpy as np
+import torch
+
+from attnrules.evaluation.metrics import SweepPoint, sweep
+from attnrules.exemplars import ConditionHit, ExemplarSplit, Exemplars, ExemplarView, TermMatch, split_bounds
+from attnrules.rules.combined import COMBINED, CombinedRuleSet, Conditions, presence
+from attnrules.sources.runner import hook_names, run_batches
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+    from attnrules.sources import InputSAE
+
+
+@dataclass(frozen=True)
+class PatternPool:
+    """Input-SAE activations of ``sequences`` (corpus rows), as coordinate lists: entry i is activation
+    ``value[i]`` of input feature ``feature[i]`` at position ``position[i]`` of pool row ``row[i]``."""
+
+    sequences: torch.Tensor  # [P] corpus rows, ascending
+    seq_len: int
+    n_inputs: int
+    row: torch.Tensor
+    position: torch.Tensor
+    feature: torch.Tensor
+    value: torch.Tensor
+    act_scale: float  # the largest activation in the pool (what an exact rule's activation floor is relative to)
+
+    @classmethod
+    def build(cls, model: HookedTransformer, input_sae: InputSAE, tokens: torch.Tensor, size: int, *, seed: int = 0,
+              batch_size: int = 8) -> "PatternPool":
+        """Draw ``size`` corpus rows (all when the corpus is smaller) and encode them in one pass."""
+        if size < 1:
+            raise ValueError(f"size must be a positive number of sequences, got {size}")
+        n = tokens.shape[0]
+        rng = np.random.default_rng(seed)
+        rows = torch.from_numpy(np.sort(rng.choice(n, size=min(size, n), replace=False))).long()
+        resid, _ = hook_names(input_sae.layer)
+        parts: list[tuple[torch.Tensor, ...]] = []
+        scale = 0.0
+        for batch, cache in run_batches(model, tokens[rows], input_sae.layer, [resid], batch_size=batch_size,
+                                        desc="pattern pool", progress=False):
+            acts = input_sae.encode(cache[resid].to(input_sae.W_dec.dtype)).cpu()
+            scale = max(scale, float(acts.max())) if acts.numel() else scale
+            r, p, f = torch.nonzero(acts, as_tuple=True)
+            parts.append((r + batch.start, p, f, acts[r, p, f]))
+        row, position, feature, value = (torch.cat([p[i] for p in parts]) for i in range(4))
+        return cls(rows, tokens.shape[1], input_sae.n_features, row, position, feature, value, scale)
+
+    def dense(self, rows: torch.Tensor, features: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Activations ``[len(rows), T, len(features)]`` of pool rows ``rows`` (indices into ``sequences``)
+        over ``features`` (default: every input feature, ``[len(rows), T, n_in]``)."""
+        columns = torch.arange(self.n_inputs) if features is None else features
+        col_of = torch.full((self.n_inputs,), -1, dtype=torch.long)
+        col_of[columns] = torch.arange(columns.numel())
+        row_of = torch.full((self.sequences.numel(),), -1, dtype=torch.long)
+        row_of[rows] = torch.arange(rows.numel())
+        keep = (col_of[self.feature] >= 0) & (row_of[self.row] >= 0)
+        out = torch.zeros(rows.numel(), self.seq_len, columns.numel(), dtype=self.value.dtype)
+        out[row_of[self.row[keep]], self.position[keep], col_of[self.feature[keep]]] = self.value[keep]
+        return out
+
+    def rows_of(self, sequences: torch.Tensor) -> torch.Tensor:
+        """Pool rows (indices into ``self.sequences``) of corpus rows ``sequences`` (all in the pool)."""
+        return torch.searchsorted(self.sequences, sequences)
+
+
+@dataclass(frozen=True)
+class PatternNegatives:
+    """A feature's sampled pattern negatives, split as REF splits its negatives, and how many firing
+    (sequence, position) candidates the search found."""
+
+    splits: Exemplars
+    n_candidates: int
+
+
+def firing_positions(rule_sets: Sequence, acts: torch.Tensor, *, threshold: float = 0.0,
+                     act_scale: Optional[float] = None) -> torch.Tensor:
+    """``[N, T]`` bool: where some term of ``rule_sets`` fires (a kq match with predicted score above
+    ``threshold``) with the query at that position (position 0, BOS, never)."""
+    n, t_len, _ = acts.shape
+    fires = torch.zeros(n, t_len, dtype=torch.bool)
+    for t in range(1, t_len):
+        positions = torch.full((n,), t, dtype=torch.long)
+        for rules in rule_sets:
+            rows = rules.matches(acts, positions, act_scale=act_scale)
+            hit = rows.kq & (rows.kv_score > threshold)
+            fires[rows.exemplar[hit], t] = True
+    return fires
+
+
+def on_columns(rules, features: torch.Tensor):
+    """``rules`` (a :class:`~attnrules.rules.SkipgramRuleSet`) reading activations restricted to ``features``
+    (column j is input feature ``features[j]``; pseudo-feature ids stay as they are), without value rows."""
+    col_of = {int(f): j for j, f in enumerate(features.tolist())}
+
+    def remap(ids: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([col_of[i] if i >= 0 else i for i in ids.tolist()], dtype=torch.long)
+
+    return dataclasses.replace(rules, queries=remap(rules.queries), keys=remap(rules.keys), value_features=None,
+                               value_feature_scores=None)
+
+
+def sample_pattern_negatives(
+    pool: PatternPool,
+    feature: int,
+    act_max: torch.Tensor,
+    rule_sets: Sequence,
+    exclude: torch.Tensor,
+    *,
+    count: int,
+    seed: int = 0,
+    threshold: float = 0.0,
+    fire_above: Optional[float] = None,
+) -> PatternNegatives:
+    """Pattern negatives of one output feature (module docstring). ``act_max [n_sequences]``: the
+    feature's max activation in each corpus sequence (the scan; silent: at most ``threshold``);
+    ``rule_sets``: the skip-gram rule sets whose terms define the pattern (a term fires where its match
+    scores above ``fire_above``, default ``threshold``); ``exclude``: corpus rows never to use (the
+    feature's own exemplars)."""
+    if count < 1:
+        raise ValueError(f"count must be a positive number of negatives, got {count}")
+    silent = (act_max[pool.sequences] <= threshold) & ~torch.isin(pool.sequences, exclude)
+    candidates = torch.nonzero(silent).flatten()
+    features = torch.unique(torch.cat([torch.cat([r.queries, r.keys]) for r in rule_sets] or [torch.zeros(0, dtype=torch.long)]))
+    features = features[features >= 0]
+    fires = torch.zeros(candidates.numel(), pool.seq_len, dtype=torch.bool)
+    if candidates.numel() and features.numel():
+        acts = pool.dense(candidates, features)
+        fires = firing_positions([on_columns(r, features) for r in rule_sets], acts,
+                                 threshold=threshold if fire_above is None else fire_above, act_scale=pool.act_scale)
+    rng = np.random.default_rng(seed)
+    hit_rows = torch.nonzero(fires.any(dim=1)).flatten().numpy()
+    chosen = rng.permutation(hit_rows)[:count]
+    positions = torch.tensor([int(rng.choice(torch.nonzero(fires[r]).flatten().numpy())) for r in chosen],
+                             dtype=torch.long)
+    sequences = pool.sequences[candidates[torch.from_numpy(chosen).long()]] if len(chosen) else torch.zeros(0, dtype=torch.long)
+    splits = {}
+    for name, (a, b) in split_bounds(len(chosen)).items():
+        splits[name] = ExemplarSplit(feature, sequences[a:b], positions[a:b], act_max[sequences[a:b]],
+                                     torch.zeros(b - a, dtype=torch.bool))
+    return PatternNegatives(Exemplars(**splits), int(fires.sum()))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One feature's evaluations beyond REF's
+
+
+def memoized(build):
+    """``build(n)`` computed once per n (a rule set is evaluated on several exemplar sets)."""
+    built: dict[int, object] = {}
+
+    def get(n: int):
+        if n not in built:
+            built[n] = build(n)
+        return built[n]
+
+    return get
+
+
+def combined_builders(builders: dict, conditions: Conditions) -> dict:
+    """For each skip-gram ordering's builder, the combined set's: ``"{ordering}+absence+counting"``."""
+    return {m + COMBINED: (lambda n, b=b: CombinedRuleSet(b(n), conditions)) for m, b in builders.items() if m != "unigram"}
+
+
+@dataclass(frozen=True)
+class EvaluationSet:
+    """Exemplars a sweep is evaluated on: corpus rows, scored positions, true max activations and the
+    input-SAE activations ``[N, T, n_in]``."""
+
+    negatives: str
+    sequence: torch.Tensor
+    position: torch.Tensor
+    act_max: torch.Tensor
+    acts: torch.Tensor
+
+
+def pattern_evaluation_set(val: EvaluationSet, positive: torch.Tensor, negatives: ExemplarSplit,
+                           pool: PatternPool) -> EvaluationSet:
+    """The val positives (``positive [N]`` marks them in ``val``) and the pattern negatives' val part."""
+    acts = pool.dense(pool.rows_of(negatives.sequence)).to(val.acts.dtype)
+    return EvaluationSet("pattern", torch.cat([val.sequence[positive], negatives.sequence]),
+                         torch.cat([val.position[positive], negatives.position]),
+                         torch.cat([val.act_max[positive], negatives.act_max.to(val.act_max.dtype)]),
+                         torch.cat([val.acts[positive], acts]))
+
+
+def sweep_all(builders: dict, sets: Sequence[EvaluationSet], grid: list[int], **options) -> list[SweepPoint]:
+    """Every builder's sweep over ``grid`` on every evaluation set (``options``: those of :func:`sweep`)."""
+    return [p for s in sets for build in builders.values()
+            for p in sweep(build, s.acts, s.position, s.act_max, grid, negatives=s.negatives, **options)]
+
+
+def term_matches(rule_sets: dict, acts: torch.Tensor, position: int, *, threshold: float = 0.0) -> list[TermMatch]:
+    """The terms of ``rule_sets`` (method → rule set, in rank order) that fire in one exemplar (acts
+    ``[T, n_in]``, scored at ``position``), one per key position; pseudo-feature terms left out."""
+    out = []
+    for method, rules in rule_sets.items():
+        rows = rules.matches(acts[None], torch.tensor([position]))
+        for term, key_pos in zip(*(rows.term[rows.kq & (rows.kv_score > threshold)].tolist(),
+                                   rows.key_position[rows.kq & (rows.kv_score > threshold)].tolist())):
+            q, k = int(rules.queries[term]), int(rules.keys[term])
+            if q >= 0 and k >= 0:
+                out.append(TermMatch(method, term, q, k, key_pos))
+    return out
+
+
+def condition_hits(conditions: Conditions, matched: Sequence[TermMatch], acts: torch.Tensor, position: int,
+                   max_offset: Optional[int] = None) -> list[ConditionHit]:
+    """The conditions of matched terms that hold in one exemplar: a distractor present at or before the
+    query, or fewer copies of the key than the threshold."""
+    present = presence(acts[None], torch.tensor([position]), max_offset)
+    terms = {(m.query, m.key) for m in matched}
+    hits = []
+    for q, k, distractors in conditions.distractors:
+        if (q, k) in terms:
+            for d in distractors:
+                where = torch.nonzero(present(d)[0]).flatten().tolist()
+                if where:
+                    hits.append(ConditionHit("distractor", q, k, d, tuple(where)))
+    for q, k, c in conditions.min_counts:
+        where = torch.nonzero(present(k)[0]).flatten().tolist()
+        if (q, k) in terms and len(where) < c:
+            hits.append(ConditionHit("count", q, k, k, tuple(where), c))
+    return hits
+
+
+@dataclass(frozen=True)
+class BeyondRandom:
+    """What :func:`evaluate_beyond_random` adds to REF's sweep: the combined sets on REF's exemplars, every
+    set on pattern negatives, the pattern evaluation set and the sample it came from (None when none)."""
+
+    points: list[SweepPoint]
+    pattern_set: Optional[EvaluationSet]
+    pattern: Optional[PatternNegatives]
+
+
+def evaluate_beyond_random(
+    builders: dict,
+    conditions: Conditions,
+    shown: Sequence,
+    val: EvaluationSet,
+    positive: torch.Tensor,
+    grid: list[int],
+    *,
+    pool: Optional[PatternPool] = None,
+    feature: int = 0,
+    act_max: Optional[torch.Tensor] = None,
+    exclude: Optional[torch.Tensor] = None,
+    count: int = 150,
+    seed: int = 0,
+    threshold: float = 0.0,
+    prediction_threshold: Optional[float] = None,
+    aggregation: Optional[str] = None,
+) -> BeyondRandom:
+    """The combined rule sets (``builders``' orderings with ``conditions``) swept on REF's val exemplars
+    ``val``, and — with a ``pool`` — every ordering and combined set swept on the val positives
+    (``positive``) and pattern negatives: positions where a term of the ``shown`` rule sets fires, sampled
+    (:func:`sample_pattern_negatives`) for output ``feature`` with its corpus maxima ``act_max``, never
+    from ``exclude``. The other arguments are :func:`sweep`'s and the sampler's."""
+    options = dict(threshold=threshold, prediction_threshold=prediction_threshold, aggregation=aggregation)
+    combined = combined_builders(builders, conditions)
+    points = sweep_all(combined, [val], grid, **options)
+    if pool is None:
+        return BeyondRandom(points, None, None)
+    pattern = sample_pattern_negatives(pool, feature, act_max, list(shown), exclude, count=count, seed=seed,
+                                       threshold=threshold, fire_above=prediction_threshold)
+    pattern_set = pattern_evaluation_set(val, positive, pattern.splits.val, pool)
+    points += sweep_all({**builders, **combined}, [pattern_set], grid, **options)
+    return BeyondRandom(points, pattern_set, pattern)
+
+
+def annotated(view: ExemplarView, acts: torch.Tensor, shown: dict, conditions: Conditions, *, threshold: float = 0.0,
+              max_offset: Optional[int] = None) -> ExemplarView:
+    """``view`` with the terms of the ``shown`` rule sets (method → rule set) that fire in it and the
+    conditions that hold there (``acts [T, n_in]``: the exemplar's input-SAE activations)."""
+    matched = term_matches(shown, acts, view.position, threshold=threshold)
+    hits = condition_hits(conditions, matched, acts, view.position, max_offset)
+    return dataclasses.replace(view, matches=tuple(matched), conditions=tuple(hits))
