@@ -227,7 +227,7 @@ def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
 
 def merge_sweep(out_dir: Path | str, shards: list) -> pd.DataFrame:
     """Merge finished shards into ``merged/*.parquet`` and return (and write) the summary table:
-    mean precision / recall / F1 by layer, method and N, with each layer's share of features with a
+    mean precision / recall / F1 by layer, evaluation (``negatives``: "random" or "pattern"), method and N, with each layer's share of features with a
     distractor key, its counting features and how many of its features had a failed step."""
     out = Path(out_dir)
     frames = _frames(out, shards)
@@ -235,9 +235,11 @@ def merge_sweep(out_dir: Path | str, shards: list) -> pd.DataFrame:
         _write_parquet(out / "merged" / f"{name}.parquet", frame)
     metrics, features = frames["metrics"], frames["features"]
     if metrics.empty:
-        summary = pd.DataFrame(columns=["layer", "method", "num_rules", "precision", "recall", "f1"])
-    else:
-        summary = metrics.groupby(["layer", "method", "num_rules"], as_index=False)[["precision", "recall", "f1"]].mean()
+        summary = pd.DataFrame(columns=["layer", "negatives", "method", "num_rules", "precision", "recall", "f1"])
+    else:  # by evaluation: REF's random negatives, or pattern negatives (shards from before them: random)
+        negatives = metrics["negatives"].fillna("random") if "negatives" in metrics else "random"
+        summary = metrics.assign(negatives=negatives).groupby(["layer", "negatives", "method", "num_rules"], as_index=False)[
+            ["precision", "recall", "f1"]].mean()
         by_layer = features.groupby("layer").agg(
             n_features=("feature", "size"), distractor_share=("has_distractor", "mean"),
             counting_features=("counting_rule", lambda s: "; ".join(x for x in s if isinstance(x, str))),
