@@ -106,3 +106,46 @@ def test_unknown_aggregation_is_rejected():
     with pytest.raises(InvalidSetting, match="aggregation"):
         ExtractSettings(aggregation="mean")
     assert ExtractSettings().aggregation == "ref" and ExtractSettings().unigram is False
+
+
+def test_cli_options_reach_the_settings():
+    from attnrules.cli import build_parser, settings_from_args
+
+    parser = build_parser()
+    got = settings_from_args(parser.parse_args(["extract", "--aggregation", "pos_max_sum", "--unigram",
+                                                "--no-pattern-negatives", "--pattern-pool", "64"]))
+    assert (got.aggregation, got.unigram, got.pattern_negatives, got.pattern_pool) == ("pos_max_sum", True, False, 64)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["extract", "--aggregation", "mean"])
+
+
+def test_pipeline_sweeps_the_unigram_baseline_with_the_asked_aggregation():
+    """On the planted L0H0.0 ([If] … [then]): the unigram rule (top value keys, no query) is swept with the
+    other orderings, every point records its aggregation, and the unigram's predictions are the literal
+    reading "some top-N key with V > 0 active at t' ≤ t" (checked here on the val exemplars)."""
+    from attnrules.exemplars import input_activations, sample_exemplars, scan_output_features
+    from attnrules.pipeline import extract_feature
+    from attnrules.scoring import value_scores
+    from attnrules.toy import build_toy
+
+    toy = build_toy()
+    corpus = toy.corpus(1500, seed=0)
+    scan = scan_output_features(toy.model, toy.output_saes[0], corpus)
+    ex = sample_exemplars(scan, 0, seq_len=corpus.shape[1])
+    acts = {s: input_activations(toy.model, toy.input_sae, corpus[getattr(ex, s).sequence]) for s in ("train", "val")}
+    circuit = toy.circuit(0)
+    n_in = circuit.n_inputs
+    for aggregation, expected in (("ref", {"weights": "max", "importance": "kqv_max", "unigram": "max"}),
+                                  ("sum", {"weights": "sum", "importance": "sum", "unigram": "sum"})):
+        settings = ExtractSettings(num_values=n_in, num_queries=n_in, max_rules=8, unigram=True, aggregation=aggregation,
+                                   backend="torch")
+        _, points, _ = extract_feature(circuit, 0, (acts["train"], ex.train.position),
+                                       (acts["val"], ex.val.position, ex.val.act_max), settings)
+        assert {(p.method, p.aggregation) for p in points} == set(expected.items())
+    v = value_scores(circuit, 0)
+    top = torch.sort(v, descending=True, stable=True).indices
+    for p in (p for p in points if p.method == "unigram"):
+        keys = top[: p.n_terms]
+        upto = torch.arange(corpus.shape[1])[None, :] <= ex.val.position[:, None]
+        literal = ((acts["val"][:, :, keys] > 0) & upto[:, :, None] & (v[keys] > 0)).any(dim=(1, 2))
+        assert torch.equal(p.predicted, literal), p.n_terms

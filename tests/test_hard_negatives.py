@@ -18,7 +18,7 @@ from attnrules.rules.combined import CombinedRuleSet, Conditions
 from attnrules.rules.counting import CountingRule, CountResponse
 from attnrules.toy import VOCAB, build_toy
 
-SETTINGS = dict(max_rules=16, exhaustive_k=0, show_exemplars=3)
+SETTINGS = dict(max_rules=16, exhaustive_k=0, show_exemplars=3, backend="torch")  # the torch reference engine
 ORDERINGS = ("weights", "importance", "exact")
 
 
@@ -142,7 +142,7 @@ def test_pattern_negatives_respect_rotary_offsets():
     silent = ~bigram.any(dim=1)
     assert int((far.any(dim=1) & silent).sum()) >= 20  # the hard negatives an offset-blind rule would take
     act_max = silent.logical_not().double()  # the feature fires exactly on the bigram (tests/test_planted.py)
-    table = candidate_table(circuit, 0, num_values=4, num_queries=4)
+    table = candidate_table(circuit, 0, num_values=4, num_queries=4, backend="torch")
     rules = rules_from_weights(table, 4, circuit)
     pool = PatternPool.build(rope.model, rope.input_sae, tokens, 1500)
     found = sample_pattern_negatives(pool, 0, act_max, [rules], torch.zeros(0, dtype=torch.long), count=150)
