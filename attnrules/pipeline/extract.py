@@ -517,7 +517,7 @@ def extract_one(
     """Every step for one output feature; a step that fails is recorded in the result (step, error).
     ``shared``: the head's hooks of this feature's exemplars, already computed (:mod:`attnrules.pipeline.activations`);
     None: the steps run their own forward passes. ``pool``: the head's sample for pattern negatives
-    (:mod:`attnrules.evaluation.negatives`; None: no pattern-negative evaluation)."""
+    (:mod:`attnrules.evaluation.negatives`; None: REF's evaluation only, no combined sets or pattern negatives)."""
     steps = FeatureSteps()
     name = circuit.feature_name(g)
     batch = max(1, settings.batch_size // 8)
@@ -550,7 +550,7 @@ def extract_one(
                              settings, describe, token_of, steps)
     conditions = Conditions.of(extra["absence"], extra["counting"])
     val_set = EvaluationSet("random", ex.val.sequence, ex.val.position, ex.val.act_max, acts["val"])
-    beyond = steps.run("hard_negatives", lambda: evaluate_beyond_random(
+    beyond = None if pool is None else steps.run("hard_negatives", lambda: evaluate_beyond_random(
         builders, conditions, list(rule_sets.values()), val_set, ex.val.positive, n_terms_grid(settings.max_rules),
         pool=pool, feature=g, act_max=scan.act_max[:, g],
         exclude=torch.cat([ex.train.sequence, ex.val.sequence, ex.test.sequence]), count=settings.examples_per_bin,

@@ -157,9 +157,10 @@ class ExtractSettings:
         True, "add the exact-mode ordering (exact importance) and the head's logit decomposition", group=BEYOND,
         flag_help="skip exact mode (the exact-importance ordering and the logit decomposition)")
     pattern_negatives: bool = setting(
-        True, "also evaluate every rule set (and the combined sets with absence and counting conditions) on the "
-        "top-activating exemplars and pattern negatives: positions where the shown rule terms fire but the feature "
-        "does not", group=HARD, flag_help="skip the pattern-negative (hard-negative) evaluation")
+        True, "beside REF's evaluation, evaluate the combined rule sets (skip-gram terms with their absence and "
+        "counting conditions) and every rule set on the top-activating exemplars and pattern negatives: positions "
+        "where the shown rule terms fire but the feature does not", group=HARD,
+        flag_help="REF's evaluation only (no pattern negatives, no combined rule sets)")
     pattern_pool: int = setting(
         2048, "corpus sequences searched for pattern negatives (one extra forward pass per head)", group=HARD, min=1)
 
