@@ -208,6 +208,18 @@ def split_bounds(n: int) -> dict[str, tuple[int, int]]:
     return {"test": (0, n_test), "train": (n_test, n_test + n_train), "val": (n_test + n_train, n)}
 
 
+def decile_sequences(act_max: torch.Tensor, n: int = 10) -> torch.Tensor:
+    """Corpus rows spread over the activation range, as dataset-wide viewers show them: the sequences where
+    the feature fires (``act_max [n_sequences] > 0``) ranked by their max activation, and the one at the
+    middle rank of each of ``n`` equal slices of that ranking, weakest first (fewer when fewer fire)."""
+    active = torch.nonzero(act_max > 0).flatten()
+    if active.numel() == 0:
+        return active
+    ranked = active[torch.sort(act_max[active], stable=True).indices]
+    picks = ((torch.arange(n, dtype=torch.float64) + 0.5) / n * ranked.numel()).floor().long()
+    return ranked[torch.unique(picks.clamp(max=ranked.numel() - 1))]
+
+
 @dataclass(frozen=True)
 class TermMatch(Record):
     """A rule term that fires in an exemplar: its ordering (``method``), its rank in that ordering's stored

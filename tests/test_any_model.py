@@ -87,8 +87,9 @@ def test_real_distractors_are_confirmed_and_false_ones_cleared(run):
         if rule.kind == "absence":
             assert distractor in kept.get(pair, ()), (rule.name, f.absence)
             assert checks[distractor].status == "confirmed"
-            assert any(a.text.endswith(f"unless [{planted.input_sae.layer and f'L{planted.layer}.in{distractor}'}]")
-                       for a in f.absence if (a.query, a.key) == pair)
+            # above layer 0 an input feature reads '"token" (L{layer}.in{id})' (described from the corpus)
+            ending = f"(L{planted.layer}.in{distractor})]" if planted.input_sae.layer else "unless [0]"
+            assert any(a.text.endswith(ending) for a in f.absence if (a.query, a.key) == pair)
         else:  # paper mode claims it, insertion and the real logits deny it
             assert distractor in checks, (rule.name, f.absence, f.absence_dropped)
             assert checks[distractor].status == "cleared"
@@ -104,8 +105,9 @@ def test_query_bias_rule_is_an_exact_mode_term(run):
         f = features[rule.name]
         key = input_feature(planted, rule.key)
         assert (-2, key) in terms(f, "exact", 3), f.rule_set("exact").text
-        label = f"L{planted.layer}.in{key}"  # input features above layer 0 without descriptions: their ids
-        assert any(t.startswith(f"[{label}] … [any query, via b_Q] → {rule.name}") for t in f.rule_set("exact").text)
+        label = f"(L{planted.layer}.in{key})]"  # above layer 0: '"token" (L{layer}.in{id})', from the corpus
+        assert any(t.startswith("[") and f"{label} … [any query, via b_Q] → {rule.name}" in t
+                   for t in f.rule_set("exact").text)
 
 
 def test_counting_threshold_is_found(run):

@@ -41,7 +41,7 @@ from attnrules.evaluation.insertion import (
     insertion_token,
     natural_prevalence,
 )
-from attnrules.exemplars import Exemplars, FeatureScan, exemplar_views, input_activations, sample_exemplars, sample_features, scan_output_features
+from attnrules.exemplars import Exemplars, FeatureScan, decile_sequences, exemplar_views, input_activations, sample_exemplars, sample_features, scan_output_features
 from attnrules.files import plain
 from attnrules.importance import ExactTerms, exact_importance_terms, paper_importance, rank_all_pairs_by_importance
 from attnrules.pipeline import activations
@@ -49,6 +49,7 @@ from attnrules.pipeline.activations import SharedPasses, group_features
 from attnrules.pipeline.corpus_stats import CorpusObservers, CorpusStats, load_stats, measure_corpus, save_stats, stats_key
 from attnrules.pipeline.resume import HeadFolder, InputHashes
 from attnrules.pipeline.results import (
+    ActivationHistogram,
     DistractorEvidence,
     FeatureResult,
     HeadResult,
@@ -580,11 +581,21 @@ def extract_one(
         annotated(v, acts["val"][i], rule_sets, conditions, threshold=fire_above, max_offset=circuit.max_offset)
         for v, i in zip(exemplar_views(model, output_sae, g, tokens, ex.val.sequence[top], ex.val.position[top]),
                         top.tolist())]) or []
+    deciles = decile_sequences(scan.act_max[:, g]) if settings.show_exemplars else torch.zeros(0, dtype=torch.long)
+
+    def decile_views() -> list:  # one small pass (input activations) and the views' own, over ≤ 10 sequences
+        positions = scan.act_argmax[deciles, g].long()
+        decile_acts = input_activations(model, input_sae, tokens[deciles], batch_size=batch)
+        return [annotated(v, decile_acts[i], rule_sets, conditions, threshold=fire_above, max_offset=circuit.max_offset)
+                for i, v in enumerate(exemplar_views(model, output_sae, g, tokens, deciles, positions))]
+
+    decile = steps.run("decile_exemplars", decile_views) or [] if deciles.numel() else []
     unseen = steps.run("unseen_keys", lambda: unseen_keys(circuit, g, table, train, describe)) or []
     return FeatureResult(g, name, len(ex.train), len(ex.val), rules, tuple(SweepRecord.from_point(p) for p in points),
                          tuple(pairs), exemplars=tuple(views),
                          unseen_keys=tuple(unseen), notes=tuple(steps.notes), errors=tuple(steps.errors),
-                         pattern_negatives=tuple(pattern_views), predictions=tuple(predictions), **extra)
+                         pattern_negatives=tuple(pattern_views), predictions=tuple(predictions),
+                         histogram=ActivationHistogram.of(scan.act_max[:, g]), decile_exemplars=tuple(decile), **extra)
 
 
 def shared_groups(

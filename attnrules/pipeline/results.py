@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import pandas as pd
 
 from attnrules.files import write_csv, write_json
@@ -167,16 +168,6 @@ class Predictions(Record):
         return cls(negatives, tuple(sequence.tolist()), tuple(position.tolist()), tuple(act_max.tolist()), labels,
                    n_candidates)
 
-    @classmethod
-    def from_points(cls, negatives: str, sequence, position, act_max, points, n_candidates: Optional[int] = None
-                    ) -> "Predictions":
-        """From an evaluation set (tensors ``[N]``) and the sweep points evaluated on it (those of
-        ``negatives`` with predicted labels, :class:`~attnrules.evaluation.SweepPoint`)."""
-        labels = tuple(PredictedLabels(p.method, p.n_terms, "".join("1" if x else "0" for x in p.predicted.tolist()))
-                       for p in points if p.negatives == negatives and p.predicted is not None)
-        return cls(negatives, tuple(sequence.tolist()), tuple(position.tolist()), tuple(act_max.tolist()), labels,
-                   n_candidates)
-
     def to_frame(self) -> pd.DataFrame:
         """One row per exemplar; per method a string of its labels over the sweep's N (ascending)."""
         frame = pd.DataFrame({"negatives": self.negatives, "example": range(len(self.sequence)),
@@ -211,6 +202,27 @@ class UnseenKey(Record):
 
 
 @dataclass(frozen=True)
+class ActivationHistogram(Record):
+    """The feature's activation over the whole corpus, from the scan: each sequence's max activation,
+    binned over the active sequences (``edges``: bin bounds, ``counts``: sequences per bin), and the
+    number of sequences where it never fires."""
+
+    edges: tuple[float, ...]
+    counts: tuple[int, ...]
+    n_inactive: int
+
+    @classmethod
+    def of(cls, act_max, bins: int = 30) -> "ActivationHistogram":
+        """From every sequence's max activation (``act_max [n_sequences]``, e.g. a scan's column)."""
+        values = np.asarray(act_max, dtype=np.float64)
+        active = values[values > 0]
+        if active.size == 0:
+            return cls((), (), int(values.size))
+        counts, edges = np.histogram(active, bins=bins, range=(0.0, float(active.max())))
+        return cls(tuple(edges.tolist()), tuple(counts.tolist()), int(values.size - active.size))
+
+
+@dataclass(frozen=True)
 class FeatureResult(Record):
     """Rules and their evaluation for one output feature."""
 
@@ -234,6 +246,8 @@ class FeatureResult(Record):
     pattern_negatives: tuple[ExemplarView, ...] = ()  # sampled pattern negatives, with the matched terms and
     # the conditions of the combined rule sets that hold there
     predictions: tuple[Predictions, ...] = ()  # per-example predictions, one per evaluation (random, pattern)
+    histogram: Optional[ActivationHistogram] = None  # the max activation of every corpus sequence
+    decile_exemplars: tuple[ExemplarView, ...] = ()  # one active sequence per decile of the activation, weakest first
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -344,6 +358,12 @@ class HeadResult(Record):
     metadata: dict = field(default_factory=dict)
     distractors: tuple[DistractorEvidence, ...] = ()
     run: Optional[RunInfo] = field(default=None, compare=False)
+
+    def _repr_html_(self) -> str:
+        """The head's section of the HTML report (:mod:`attnrules.report`), for notebooks."""
+        from attnrules.report import head_html
+
+        return head_html(self.to_json())
 
     def feature(self, name: str) -> FeatureResult:
         for f in self.features:

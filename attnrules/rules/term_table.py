@@ -20,31 +20,40 @@ def can_contribute(attn_score: Optional[float], value_score: Optional[float], we
     return attn_score is not None and value_score is not None and attn_score * value_score != 0
 
 
-def term_table(terms: Sequence, feature_name: str, limit: Optional[int] = None) -> tuple[list[str], int]:
+def term_rows(terms: Sequence, feature_name: str, limit: Optional[int] = None
+              ) -> tuple[list[tuple[str, Optional[float], Optional[float], Optional[float]]], str, int]:
     """Stored terms (objects with ``query_desc``, ``key_desc``, ``attn_score``, ``value_score``, ``weight``,
-    ``offsets``, like :class:`~attnrules.pipeline.results.RuleTerm`) as a header and one line per term, the
-    rule then A, V and A×V (or the exact importance) in aligned columns; terms that cannot contribute
-    (:func:`can_contribute`) are left out. Returns the lines and how many terms were left out."""
+    ``offsets``, like :class:`~attnrules.pipeline.results.RuleTerm`) that can contribute
+    (:func:`can_contribute`), the first ``limit`` of them, as (rule text, A, V, A×V or the exact importance);
+    the name of that last column ("A×V" or "importance"); and how many terms were left out."""
     shown = [t for t in terms if can_contribute(t.attn_score, t.value_score, t.weight, t.offsets)]
     left_out = len(terms) - len(shown)
-    shown = shown[:limit]
-    if not shown:
-        return [], left_out
     exact = any(t.weight is not None for t in shown)
-    rules = []
-    for t in shown:
+    rows = []
+    for t in shown[:limit]:
         at = t.offsets or "any"
         gap = {"any": "…", "none": "…(never)…"}.get(at, f"…({at})…")
-        rules.append(f"[{t.key_desc}] {gap} [{t.query_desc}] → {feature_name}")
-    width = max(len(r) for r in rules)
-    last = "importance" if exact else "A×V"
-    cells = [(_num(t.attn_score), _num(t.value_score),
-              _num(t.weight if exact else t.attn_score * t.value_score)) for t in shown]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(("A", "V", last))]
-    header = " " * width + "  " + "  ".join(h.rjust(w) for h, w in zip(("A", "V", last), widths))
-    return [header] + [r.ljust(width) + "  " + "  ".join(c.rjust(w) for c, w in zip(cell, widths))
-                       for r, cell in zip(rules, cells)], left_out
+        last = t.weight if exact else t.attn_score * t.value_score
+        rows.append((f"[{t.key_desc}] {gap} [{t.query_desc}] → {feature_name}", t.attn_score, t.value_score, last))
+    return rows, "importance" if exact else "A×V", left_out
 
 
-def _num(value: Optional[float]) -> str:
+def term_table(terms: Sequence, feature_name: str, limit: Optional[int] = None) -> tuple[list[str], int]:
+    """:func:`term_rows` as text: a header, then one line per term, the rule and then A, V and A×V (or the
+    importance) in aligned columns. Returns the lines (none when no term can contribute) and how many
+    terms were left out."""
+    rows, last, left_out = term_rows(terms, feature_name, limit)
+    if not rows:
+        return [], left_out
+    width = max(len(r[0]) for r in rows)
+    titles = ("A", "V", last)
+    cells = [tuple(format_number(x) for x in r[1:]) for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(titles)]
+    header = " " * width + "  " + "  ".join(h.rjust(w) for h, w in zip(titles, widths))
+    return [header] + [r[0].ljust(width) + "  " + "  ".join(c.rjust(w) for c, w in zip(cell, widths))
+                       for r, cell in zip(rows, cells)], left_out
+
+
+def format_number(value: Optional[float]) -> str:
+    """A term's number as shown: 4 significant digits, "—" when undefined."""
     return "—" if value is None else f"{value:.4g}"
