@@ -520,6 +520,13 @@ def prepare_run(args: argparse.Namespace, *, whole_model: bool) -> tuple[Extract
     check_device(args.device, args.model)
     check_backend(settings.backend)
     check_sources(args, whole_model=whole_model)
+    if settings.input_labels is not None:  # read now: a bad file stops the run before the model loads
+        from attnrules.rules.descriptions import load_input_labels
+
+        try:
+            load_input_labels(settings.input_labels)
+        except ValueError as err:
+            raise UsageError(f"argument --input-labels: {err}") from None
     created = check_out_dir(args.out)
     try:
         with contextlib.redirect_stdout(io.StringIO() if args.quiet else sys.stderr):  # loaders' messages are not results

@@ -104,3 +104,14 @@ def test_user_labels_from_a_csv_take_precedence_and_bad_ones_are_named(tmp_path)
         describe_input_features(toy.model, toy.input_sae, backend="torch", labels={500: "x"})
     with pytest.raises(ValueError, match="ids must be ints"):
         load_input_labels({"1": "x"})
+
+
+def test_cli_input_labels_a_bad_file_stops_before_any_work(tmp_path, capsys):
+    from attnrules.cli import main
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,label\nx,foo\n")
+    assert main(["extract", "--input-labels", str(bad), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "attnrules extract: error: argument --input-labels:" in err and "line 2" in err
+    assert not (tmp_path / "out").exists()
