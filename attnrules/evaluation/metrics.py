@@ -115,8 +115,16 @@ def sweep(
     for n in grid:
         rules = build(n)
         how = aggregation or default_aggregation(rules.method)
-        predicted = rules.predict(acts, positions, aggregation=how)
-        metrics = binary_metrics(act_max, predicted, threshold=threshold, prediction_threshold=prediction_threshold)
-        fires = predicted > (threshold if prediction_threshold is None else prediction_threshold)
-        points.append(SweepPoint(rules.method, n, len(rules), metrics, negatives, how, fires))
+        points.append(sweep_point(rules.method, n, len(rules), rules.predict(acts, positions, aggregation=how), act_max,
+                                  threshold=threshold, prediction_threshold=prediction_threshold, negatives=negatives,
+                                  aggregation=how))
     return points
+
+
+def sweep_point(method: str, n_terms: int, n_selected: int, predicted: torch.Tensor, act_max: torch.Tensor, *,
+                threshold: float = 0.0, prediction_threshold: float | None = None, negatives: str = "random",
+                aggregation: Optional[str] = None) -> SweepPoint:
+    """The :class:`SweepPoint` of one rule set's predicted scores ``[N]`` against ``act_max [N]``."""
+    metrics = binary_metrics(act_max, predicted, threshold=threshold, prediction_threshold=prediction_threshold)
+    fires = predicted > (threshold if prediction_threshold is None else prediction_threshold)
+    return SweepPoint(method, n_terms, n_selected, metrics, negatives, aggregation, fires)

@@ -29,9 +29,10 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import numpy as np
 import torch
 
-from attnrules.evaluation.metrics import SweepPoint, sweep
+from attnrules.evaluation.metrics import SweepPoint, sweep_point
 from attnrules.exemplars import ConditionHit, ExemplarSplit, Exemplars, ExemplarView, TermMatch, split_bounds
 from attnrules.rules.combined import COMBINED, CombinedRuleSet, Conditions, presence
+from attnrules.rules.matches import default_aggregation
 from attnrules.sources.runner import hook_names, run_batches
 
 if TYPE_CHECKING:
@@ -103,17 +104,23 @@ class PatternNegatives:
 
 
 def firing_positions(rule_sets: Sequence, acts: torch.Tensor, *, threshold: float = 0.0,
-                     act_scale: Optional[float] = None) -> torch.Tensor:
+                     act_scale: Optional[float] = None, max_elements: int = 2**24) -> torch.Tensor:
     """``[N, T]`` bool: where some term of ``rule_sets`` fires (a kq match with predicted score above
-    ``threshold``) with the query at that position (position 0, BOS, never)."""
-    n, t_len, _ = acts.shape
+    ``threshold``) with the query at that position (position 0, BOS, never). Every position of a
+    sequence is scored at once, on copies of its activations, at most ``max_elements`` at a time."""
+    n, t_len, n_cols = acts.shape
     fires = torch.zeros(n, t_len, dtype=torch.bool)
-    for t in range(1, t_len):
-        positions = torch.full((n,), t, dtype=torch.long)
+    if t_len < 2:
+        return fires
+    per_chunk = max(1, max_elements // ((t_len - 1) * t_len * max(n_cols, 1)))
+    for start in range(0, n, per_chunk):
+        chunk = acts[start:start + per_chunk]
+        copies = chunk.repeat_interleave(t_len - 1, dim=0)  # [c·(T−1), T, F]: copy j of a row is scored at 1 + j
+        positions = torch.arange(1, t_len).repeat(chunk.shape[0])
         for rules in rule_sets:
-            rows = rules.matches(acts, positions, act_scale=act_scale)
-            hit = rows.kq & (rows.kv_score > threshold)
-            fires[rows.exemplar[hit], t] = True
+            rows = rules.matches(copies, positions, act_scale=act_scale)
+            hit = rows.exemplar[rows.kq & (rows.kv_score > threshold)]
+            fires[start + hit // (t_len - 1), 1 + hit % (t_len - 1)] = True
     return fires
 
 
@@ -186,11 +193,6 @@ def memoized(build):
     return get
 
 
-def combined_builders(builders: dict, conditions: Conditions) -> dict:
-    """For each skip-gram ordering's builder, the combined set's: ``"{ordering}+absence+counting"``."""
-    return {m + COMBINED: (lambda n, b=b: CombinedRuleSet(b(n), conditions)) for m, b in builders.items() if m != "unigram"}
-
-
 @dataclass(frozen=True)
 class EvaluationSet:
     """Exemplars a sweep is evaluated on: corpus rows, scored positions, true max activations and the
@@ -213,10 +215,28 @@ def pattern_evaluation_set(val: EvaluationSet, positive: torch.Tensor, negatives
                          torch.cat([val.acts[positive], acts]))
 
 
-def sweep_all(builders: dict, sets: Sequence[EvaluationSet], grid: list[int], **options) -> list[SweepPoint]:
-    """Every builder's sweep over ``grid`` on every evaluation set (``options``: those of :func:`sweep`)."""
-    return [p for s in sets for build in builders.values()
-            for p in sweep(build, s.acts, s.position, s.act_max, grid, negatives=s.negatives, **options)]
+def sweep_with_conditions(builders: dict, conditions: Conditions, data: EvaluationSet, grid: list[int], *,
+                          plain: bool = True, threshold: float = 0.0, prediction_threshold: Optional[float] = None,
+                          aggregation: Optional[str] = None) -> list[SweepPoint]:
+    """For every builder (ordering) and N in ``grid``, on ``data``: the combined set's point (method
+    ``"{ordering}+absence+counting"``; not for the unigram baseline) and, with ``plain``, the plain set's,
+    both from one computation of the set's matches. Points come ordering by ordering, plain ones first."""
+    points: dict[str, list[SweepPoint]] = {}
+    for method, build in builders.items():
+        for n in grid:
+            rules = build(n)
+            how = aggregation or default_aggregation(method)
+            rows = rules.matches(data.acts, data.position)
+            evaluated = [(method, rows)] if plain else []
+            if method != "unigram":
+                combined = CombinedRuleSet(rules, conditions)
+                evaluated.append((combined.method, rows.select(~combined.silenced(data.acts, data.position, rows))))
+            for name, r in evaluated:
+                points.setdefault(name, []).append(sweep_point(
+                    name, n, len(rules), r.aggregate(how), data.act_max, threshold=threshold,
+                    prediction_threshold=prediction_threshold, negatives=data.negatives, aggregation=how))
+    order = [m for m in points if COMBINED not in m] + [m for m in points if COMBINED in m]
+    return [p for m in order for p in points[m]]
 
 
 def term_matches(rule_sets: dict, acts: torch.Tensor, position: int, *, threshold: float = 0.0) -> list[TermMatch]:
@@ -285,16 +305,15 @@ def evaluate_beyond_random(
     ``val``, and — with a ``pool`` — every ordering and combined set swept on the val positives
     (``positive``) and pattern negatives: positions where a term of the ``shown`` rule sets fires, sampled
     (:func:`sample_pattern_negatives`) for output ``feature`` with its corpus maxima ``act_max``, never
-    from ``exclude``. The other arguments are :func:`sweep`'s and the sampler's."""
+    from ``exclude``. The other arguments are :func:`~attnrules.evaluation.metrics.sweep`'s and the sampler's."""
     options = dict(threshold=threshold, prediction_threshold=prediction_threshold, aggregation=aggregation)
-    combined = combined_builders(builders, conditions)
-    points = sweep_all(combined, [val], grid, **options)
+    points = sweep_with_conditions(builders, conditions, val, grid, plain=False, **options)
     if pool is None:
         return BeyondRandom(points, None, None)
     pattern = sample_pattern_negatives(pool, feature, act_max, list(shown), exclude, count=count, seed=seed,
                                        threshold=threshold, fire_above=prediction_threshold)
     pattern_set = pattern_evaluation_set(val, positive, pattern.splits.val, pool)
-    points += sweep_all({**builders, **combined}, [pattern_set], grid, **options)
+    points += sweep_with_conditions(builders, conditions, pattern_set, grid, **options)
     return BeyondRandom(points, pattern_set, pattern)
 
 

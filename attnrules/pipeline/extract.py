@@ -468,7 +468,7 @@ def extract_head(
     pool = None
     if settings.pattern_negatives and any(isinstance(ex, Exemplars) for ex in todo):
         pool = head_steps.run("pattern_pool", lambda: PatternPool.build(
-            model, input_sae, tokens, settings.pattern_pool, seed=settings.seed, batch_size=max(1, settings.batch_size // 8)))
+            model, input_sae, tokens, settings.pattern_pool, seed=settings.seed, batch_size=settings.batch_size))
     for i, (g, ex) in enumerate(zip(features, todo)):
         name = circuit.feature_name(g)
         if isinstance(ex, FeatureResult):
