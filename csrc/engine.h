@@ -55,6 +55,9 @@ struct RowBuffer {
 class RowSink {
 public:
     RowBuffer* rows;  // rows[row - r0] for the kernel's r0, like its thresholds
+    // Two-sided (signed scores, no weights, not dual): when > 0, -score is kept too, for row i in
+    // rows[low + i] against thresholds[low + i] (row i's best queries by -score: its lowest scores).
+    int64_t low = 0;
     // Called when rows[i].n > rows[i].limit: shrink the buffer (and usually raise the threshold).
     virtual void full(int64_t i) = 0;
 

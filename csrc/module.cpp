@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "multi.h"
 #include "topk.h"
 
 namespace nb = nanobind;
@@ -21,6 +22,9 @@ using Matrix = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::c
 using Vector = nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using OutScores = nb::ndarray<float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using OutIndex = nb::ndarray<int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using Index = nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using Queries = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using OutFlags = nb::ndarray<uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
 attnrules::Score parse_score(const std::string& s) {
     if (s == "signed") return attnrules::Score::Signed;
@@ -37,7 +41,8 @@ nb::dict topk(Matrix rows, Matrix cols, int64_t k, bool per_row, const std::stri
           std::optional<Vector> row_weight, std::optional<Vector> col_weight, std::optional<Matrix> row_acts,
           std::optional<Matrix> col_acts, OutScores out_scores, std::optional<OutIndex> out_rows,
           OutIndex out_cols, int threads, const std::string& isa, int64_t block_rows, int64_t block_cols, int64_t sample_cols,
-          bool share_threshold, const std::string& test_throw) {
+          bool share_threshold, const std::string& test_throw, std::optional<OutScores> out_scores_low,
+          std::optional<OutIndex> out_cols_low) {
     attnrules::TopKCall c;
     c.rows = rows.data();
     c.cols = cols.data();
@@ -77,6 +82,13 @@ nb::dict topk(Matrix rows, Matrix cols, int64_t k, bool per_row, const std::stri
     c.out_scores = out_scores.data();
     c.out_rows = out_rows ? out_rows->data() : nullptr;
     c.out_cols = out_cols.data();
+    require(out_scores_low.has_value() == out_cols_low.has_value(), "out_scores_low and out_cols_low go together");
+    if (out_scores_low) {
+        require(per_row && out_scores_low->shape(0) == n_out && out_cols_low->shape(0) == n_out,
+                "out_scores_low and out_cols_low are per row, with the size of out_scores");
+        c.out_scores_low = out_scores_low->data();
+        c.out_cols_low = out_cols_low->data();
+    }
     c.threads = threads;
     c.isa = isa;
     c.block_rows = block_rows;
@@ -98,6 +110,64 @@ nb::dict topk(Matrix rows, Matrix cols, int64_t k, bool per_row, const std::stri
     out["pushed"] = stats.pushed;
     out["selections"] = stats.selections;
     out["redone"] = stats.redone;
+    return out;
+}
+
+nb::dict multi_topk(Vector table_scores, Queries table_queries, Index row_start, Index row_len, Matrix weights,
+                    Index features, int64_t k, int64_t n_queries, int64_t first_keys, OutScores out_scores,
+                    OutIndex out_queries, OutIndex out_keys, OutFlags deeper, OutFlags incomplete,
+                    std::optional<Index> grown, std::optional<Index> old_len, int threads) {
+    attnrules::MultiCall c;
+    c.n_keys = static_cast<int64_t>(weights.shape(0));
+    c.n_weights = static_cast<int64_t>(weights.shape(1));
+    c.n_queries = n_queries;
+    require(row_start.shape(0) == static_cast<size_t>(2 * c.n_keys) && row_len.shape(0) == row_start.shape(0),
+            "row_start and row_len must have 2 × n_keys entries (one per key and side)");
+    require(table_queries.shape(0) == table_scores.shape(0), "table_scores and table_queries must have one size");
+    const size_t n_table = table_scores.shape(0);
+    for (size_t r = 0; r < row_start.shape(0); ++r)
+        require(row_start.data()[r] >= 0 && row_len.data()[r] >= 0 &&
+                    static_cast<size_t>(row_start.data()[r] + row_len.data()[r]) <= n_table,
+                "a table row lies outside table_scores");
+    c.table_scores = table_scores.data();
+    c.table_queries = table_queries.data();
+    c.row_start = row_start.data();
+    c.row_len = row_len.data();
+    c.weights = weights.data();
+    c.features = features.data();
+    c.n_features = static_cast<int64_t>(features.shape(0));
+    c.k = k;
+    c.first_keys = first_keys;
+    c.threads = threads;
+    const size_t n_out = static_cast<size_t>(c.n_weights * k);
+    require(k >= 1 && out_scores.shape(0) == n_out && out_queries.shape(0) == n_out && out_keys.shape(0) == n_out,
+            "out_scores, out_queries and out_keys must have n_weights × k entries");
+    require(deeper.shape(0) == row_start.shape(0), "deeper must have 2 × n_keys entries");
+    require(incomplete.shape(0) == features.shape(0), "incomplete must have one entry per feature");
+    require(grown.has_value() == old_len.has_value() && (!grown || grown->shape(0) == old_len->shape(0)),
+            "grown and old_len go together, one entry each");
+    if (grown) {
+        c.resume = true;
+        c.grown = grown->data();
+        c.old_len = old_len->data();
+        c.n_grown = static_cast<int64_t>(grown->shape(0));
+    }
+    c.out_scores = out_scores.data();
+    c.out_queries = out_queries.data();
+    c.out_keys = out_keys.data();
+    c.deeper = deeper.data();
+    c.incomplete = incomplete.data();
+    attnrules::MultiStats stats;
+    try {
+        nb::gil_scoped_release release;
+        stats = attnrules::run_multi(c);
+    } catch (const std::bad_alloc&) {
+        PyErr_SetString(PyExc_MemoryError, "out of memory in attnrules._C.multi_topk: a buffer could not be allocated");
+        throw nb::python_error();
+    }
+    nb::dict out;
+    out["read"] = stats.read;
+    out["selections"] = stats.selections;
     return out;
 }
 
@@ -126,7 +196,8 @@ NB_MODULE(_C, m) {
           "row_acts"_a.noconvert().none() = nb::none(), "col_acts"_a.noconvert().none() = nb::none(),
           "out_scores"_a.noconvert(), "out_rows"_a.noconvert().none(), "out_cols"_a.noconvert(),
           "threads"_a = 0, "isa"_a = "auto", "block_rows"_a = 0, "block_cols"_a = 0, "sample_cols"_a = -1,
-          "share_threshold"_a = true, "test_throw"_a = "",
+          "share_threshold"_a = true, "test_throw"_a = "", "out_scores_low"_a.noconvert().none() = nb::none(),
+          "out_cols_low"_a.noconvert().none() = nb::none(),
           "Fused blocked score + top-k over rows × cols (the GIL is released while it runs).\n\n"
           "Scores are (rows[r]·cols[c]) × weight, |…| or exp(…) × weight, or with row_acts/col_acts\n"
           "(rows[r]·cols[c]) × (row_acts[r]·col_acts[c]). per_row=False writes the k best (score, row, col)\n"
@@ -138,5 +209,20 @@ NB_MODULE(_C, m) {
           "Returns stats: {'pushed': candidates collected, 'selections': cut-backs to k} of a global call,\n"
           "{'redone': rows scored again because their sampled threshold guess was too high} of a per-row one.\n"
           "test_throw (test hook): 'bad_alloc' / 'runtime_error' makes one worker thread throw that, to check\n"
-          "that it reaches Python as MemoryError / RuntimeError.");
+          "that it reaches Python as MemoryError / RuntimeError. out_scores_low / out_cols_low (per row, signed,\n"
+          "no weights or acts): also each row's k best cols by -score, from the same sweep.");
+
+    m.def("multi_topk", &multi_topk, "table_scores"_a.noconvert(), "table_queries"_a.noconvert(),
+          "row_start"_a.noconvert(), "row_len"_a.noconvert(), "weights"_a.noconvert(), "features"_a.noconvert(),
+          "k"_a, "n_queries"_a, "first_keys"_a, "out_scores"_a.noconvert(), "out_queries"_a.noconvert(),
+          "out_keys"_a.noconvert(), "deeper"_a.noconvert(), "incomplete"_a.noconvert(),
+          "grown"_a.noconvert().none() = nb::none(), "old_len"_a.noconvert().none() = nb::none(), "threads"_a = 0,
+          "Each listed feature's global top-k of (queries·keys) × weights[:, g], from a per-key table of\n"
+          "best queries (rows 0..n_keys-1: A descending; n_keys..: -A descending; row r is\n"
+          "table_*[row_start[r] : row_start[r] + row_len[r]]). Writes rows g of out_* ([n_weights × k], best\n"
+          "first, ties by the lower (query, key)); sets deeper[row] for rows that must be read further and\n"
+          "incomplete[i] for features whose answer depends on them (the GIL is released while it runs).\n"
+          "With grown / old_len (rows read deeper since, and their former lengths), the listed features\n"
+          "resume from the top-k already in out_* and read only those rows' new entries.\n"
+          "Returns stats: {'read': table entries scored, 'selections': cut-backs to k}.");
 }

@@ -2,6 +2,8 @@
 // each tile against the current thresholds and hands only passing scores to a collector.
 #include "topk.h"
 
+#include "common.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cstring>
@@ -19,22 +21,6 @@ namespace attnrules {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// Candidates are integers, smaller = better: the score's bits, order-flipped, above the index bits.
-// Integer compares make selection and sorting cheap, and break ties by lower (row, col) for free.
-inline uint32_t score_bits(float s) {
-    s += 0.0f;  // -0 -> +0: equal scores must get equal bits
-    uint32_t u;
-    std::memcpy(&u, &s, sizeof u);
-    return (u & 0x80000000u) ? u : u ^ 0x7fffffffu;
-}
-
-inline float score_of(uint32_t bits) {
-    const uint32_t u = (bits & 0x80000000u) ? bits : bits ^ 0x7fffffffu;
-    float s;
-    std::memcpy(&s, &u, sizeof s);
-    return s;
-}
 
 // Per row: (score, col) in 64 bits.
 struct RowKey {
@@ -155,29 +141,6 @@ private:
     int slot_;
 };
 
-// An exception must not leave an OpenMP region (that calls std::terminate). Work items run through
-// run(): the first exception is kept, later items are skipped, and rethrow() after the region
-// raises it on the caller's thread.
-class FirstError {
-public:
-    template <class F>
-    void run(F&& work) noexcept {
-        if (failed_.load(std::memory_order_relaxed)) return;
-        try {
-            work();
-        } catch (...) {
-            if (!failed_.exchange(true)) error_ = std::current_exception();
-        }
-    }
-    void rethrow() const {  // after the region: its closing barrier orders error_ before this read
-        if (error_) std::rethrow_exception(error_);
-    }
-
-private:
-    std::atomic<bool> failed_{false};
-    std::exception_ptr error_;
-};
-
 // The test hook of TopKCall::test_throw, called by the thread that runs the last work item.
 void test_throw(const TopKCall& c) {
     if (c.test_throw == "bad_alloc") throw std::bad_alloc();
@@ -251,22 +214,6 @@ Operands operands(const TopKCall& c, const Packed& p, int64_t n_cols) {
                     c.n_rows, n_cols,     c.d,          c.n_acts,        c.score};
 }
 
-int resolve_threads(int threads) {
-#ifdef _OPENMP
-    return threads > 0 ? threads : omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
-
-int thread_id() {
-#ifdef _OPENMP
-    return omp_get_thread_num();
-#else
-    return 0;
-#endif
-}
-
 }  // namespace
 
 bool isa_supported(const std::string& isa) {
@@ -303,62 +250,6 @@ namespace {
 // The kernel appends passing (score, col) pairs to each row's buffer itself; when a buffer passes
 // its limit, its k best are selected (on integer keys) and the threshold rises to the k-th.
 
-// Selection and sorting of a row's candidates. They arrive in random order, so branchy std::
-// partitions mispredict on about every other key; these partition with no branch on the keys.
-// Keys of a row are distinct (one per col).
-
-// Partitions [lo, hi) (hi - lo >= 3) around the median of three keys: returns i, lo < i < hi, with
-// [lo, i) < pivot <= [i, hi) (both sides non-empty, so callers always make progress).
-int64_t partition(RowKey::type* a, int64_t lo, int64_t hi) {
-    const RowKey::type x = a[lo], y = a[lo + (hi - lo) / 2], z = a[hi - 1];
-    const RowKey::type p = std::max(std::min(x, y), std::min(std::max(x, y), z));
-    int64_t i = lo;  // [lo, i) < p <= [i, j)
-    for (int64_t j = lo; j < hi; ++j) {
-        const RowKey::type v = a[j];
-        a[j] = a[i];
-        a[i] = v;
-        i += v < p;
-    }
-    return i;
-}
-
-void insertion_sort(RowKey::type* a, int64_t lo, int64_t hi) {
-    for (int64_t i = lo + 1; i < hi; ++i) {
-        const RowKey::type v = a[i];
-        int64_t j = i;
-        for (; j > lo && a[j - 1] > v; --j) a[j] = a[j - 1];
-        a[j] = v;
-    }
-}
-
-// std::sort(a + lo, a + hi); `depth` rounds of bad pivots fall back to the library's bound.
-void sort_keys(RowKey::type* a, int64_t lo, int64_t hi, int depth = 64) {
-    while (hi - lo > 16) {
-        if (--depth < 0) return std::sort(a + lo, a + hi);
-        const int64_t i = partition(a, lo, hi);
-        if (i - lo < hi - i) {  // recurse into the smaller side: stack depth O(log n)
-            sort_keys(a, lo, i, depth);
-            lo = i;
-        } else {
-            sort_keys(a, i, hi, depth);
-            hi = i;
-        }
-    }
-    insertion_sort(a, lo, hi);
-}
-
-// std::nth_element(a, a + m - 1, a + n).
-void select_smallest(RowKey::type* a, int64_t n, int64_t m) {
-    int64_t lo = 0, hi = n;
-    for (int rounds = 0; hi - lo > 16; ++rounds) {
-        if (rounds == 64) return std::nth_element(a + lo, a + m - 1, a + hi);
-        const int64_t i = partition(a, lo, hi);
-        if (m - 1 < i) hi = i;
-        else lo = i;
-    }
-    insertion_sort(a, lo, hi);
-}
-
 // Selects the best m = min(n, k) of b as keys into keys[0, m), keys[m - 1] the m-th best (all sorted
 // if asked), and keeps only them in b.
 int64_t select_row(RowBuffer& b, int64_t k, RowKey::type* keys, bool sort) {
@@ -379,9 +270,10 @@ int64_t select_row(RowBuffer& b, int64_t k, RowKey::type* keys, bool sort) {
 // The rows of one sweep: on overflow a row keeps its k best and its threshold rises to the k-th.
 class RowCollectors final : public RowSink {
 public:
-    RowCollectors(RowBuffer* buffers, float* thresholds, int64_t k, RowKey::type* keys)
+    RowCollectors(RowBuffer* buffers, float* thresholds, int64_t k, RowKey::type* keys, int64_t low_side = 0)
         : thr_(thresholds), k_(k), keys_(keys) {
         rows = buffers;
+        low = low_side;
     }
     void full(int64_t i) override {
         select_row(rows[i], k_, keys_, false);
@@ -397,7 +289,8 @@ private:
 class PerRow {
 public:
     PerRow(const TopKCall& c, const Kernel& kernel, int threads, int64_t block_rows, int64_t block_cols)
-        : c_(c), kernel_(kernel), block_rows_(block_rows), block_cols_(block_cols), len_(c.d + c.n_acts) {
+        : c_(c), kernel_(kernel), block_rows_(block_rows), block_cols_(block_cols), len_(c.d + c.n_acts),
+          sides_(c.out_scores_low ? 2 : 1), span_(block_rows * sides_) {
         int64_t s = c.sample_cols >= 0 ? c.sample_cols : (c.n_cols >= 8192 ? 1024 : 0);
         if (s > 0 && s < c.n_cols) {
             j_ = (2 * c.k * s + c.n_cols - 1) / c.n_cols;
@@ -410,44 +303,53 @@ public:
         cols_ = pack_cols(c, kernel.nr, 1, c.n_cols, threads);
         // Past the limit, room for one more tile row (nr) and the kernel's full-vector store overhang.
         slot_ = std::max(row_limit(c.k), row_limit(j_)) + 2 * kernel.nr;
-        scores_.resize(static_cast<size_t>(threads * block_rows * slot_));
-        cols_idx_.resize(static_cast<size_t>(threads * block_rows * slot_));
+        scores_.resize(static_cast<size_t>(threads * span_ * slot_));
+        cols_idx_.resize(static_cast<size_t>(threads * span_ * slot_));
         keys_.resize(static_cast<size_t>(threads * slot_));
-        buffers_.resize(static_cast<size_t>(threads * block_rows));
-        redo_buffers_.resize(static_cast<size_t>(threads * block_rows));
-        thresholds_.resize(static_cast<size_t>(threads * block_rows));
-        guesses_.resize(static_cast<size_t>(threads * block_rows));
+        buffers_.resize(static_cast<size_t>(threads * span_));
+        redo_buffers_.resize(static_cast<size_t>(threads * span_));
+        thresholds_.resize(static_cast<size_t>(threads * span_));
+        guesses_.resize(static_cast<size_t>(threads * span_));
         scratch_.resize(static_cast<size_t>(threads * kernel.mr * (len_ + 1)));
         redo_.resize(static_cast<size_t>(threads * block_rows * (len_ + 1)));
     }
 
-    // Rows [r0, r1) on thread t; returns false if some row has fewer than k finite scores.
+    // Rows [r0, r1) on thread t; returns false if some row has fewer than k finite scores. Two-sided,
+    // entry i of the thread's buffers, thresholds and guesses is row r0 + i's score side and entry
+    // block_rows + i its -score side.
     bool run_block(int64_t r0, int64_t r1, int t) {
         const int64_t n = r1 - r0;
-        RowBuffer* rows = buffers_.data() + t * block_rows_;
-        float* thr = thresholds_.data() + t * block_rows_;
-        float* guess = guesses_.data() + t * block_rows_;
+        RowBuffer* rows = buffers_.data() + t * span_;
+        float* thr = thresholds_.data() + t * span_;
+        float* guess = guesses_.data() + t * span_;
         RowKey::type* keys = keys_.data() + t * slot_;
-        std::fill(guess, guess + n, kNegInf);
+        std::fill(guess, guess + span_, kNegInf);
         if (j_ > 0) {
             reset(rows, thr, t, n, j_, nullptr);
-            RowCollectors sink(rows, thr, j_, keys);
+            RowCollectors sink(rows, thr, j_, keys, low());
             sweep(operands(c_, sample_, sample_cols_), r0, r1, sink, thr, t);
-            for (int64_t i = 0; i < n; ++i)
-                if (select_row(rows[i], j_, keys, false) == j_) guess[i] = RowKey::score(keys[j_ - 1]);
+            for (int side = 0; side < sides_; ++side)
+                for (int64_t i = side * block_rows_; i < side * block_rows_ + n; ++i)
+                    if (select_row(rows[i], j_, keys, false) == j_) guess[i] = RowKey::score(keys[j_ - 1]);
         }
         const Operands op = operands(c_, cols_, c_.n_cols);
         reset(rows, thr, t, n, c_.k, guess);
-        RowCollectors sink(rows, thr, c_.k, keys);
+        RowCollectors sink(rows, thr, c_.k, keys, low());
         sweep(op, r0, r1, sink, thr, t);
 
-        // Rows whose guess was too high are gathered and scored again from scratch; the others are done.
+        // Rows whose guess was too high (on either side) are gathered and scored again from scratch;
+        // the others are done.
         bool complete = true;
         std::vector<int64_t> redo;
         for (int64_t i = 0; i < n; ++i) {
-            const int64_t m = select_row(rows[i], c_.k, keys, true);
-            if (guess[i] > kNegInf && (m < c_.k || RowKey::score(keys[c_.k - 1]) < guess[i])) redo.push_back(i);
-            else complete = output(r0 + i, keys, m) && complete;
+            bool ok = true;
+            for (int side = 0; side < sides_; ++side) {
+                const int64_t e = side * block_rows_ + i;
+                const int64_t m = select_row(rows[e], c_.k, keys, true);
+                if (guess[e] > kNegInf && (m < c_.k || RowKey::score(keys[c_.k - 1]) < guess[e])) ok = false;
+                else if (ok) complete = output(r0 + i, side, keys, m) && complete;
+            }
+            if (!ok) redo.push_back(i);
         }
         if (!redo.empty()) complete = this->redo(op, r0, redo, t) && complete;
         redone_ += static_cast<int64_t>(redo.size());
@@ -457,23 +359,28 @@ public:
     int64_t redone() const { return redone_; }
 
 private:
-    // Empties out[0, count), the buffers of thread t's rows list[f] (or f), for a sweep keeping k;
-    // thresholds start at floor[row] (or -inf).
+    int64_t low() const { return sides_ == 2 ? block_rows_ : 0; }
+
+    // Empties out[e] (both sides' entries), the buffers of thread t's rows list[f] (or f), f < count,
+    // for a sweep keeping k; thresholds start at floor[the row's entry] (or -inf).
     void reset(RowBuffer* out, float* thr, int t, int64_t count, int64_t k, const float* floor,
                const int64_t* list = nullptr) {
-        for (int64_t f = 0; f < count; ++f) {
-            const int64_t i = list ? list[f] : f;
-            const int64_t at = (t * block_rows_ + i) * slot_;
-            out[f] = RowBuffer{scores_.data() + at, cols_idx_.data() + at, 0, row_limit(k)};
-            thr[f] = floor ? floor[i] : kNegInf;
-        }
+        for (int side = 0; side < sides_; ++side)
+            for (int64_t f = 0; f < count; ++f) {
+                const int64_t i = side * block_rows_ + (list ? list[f] : f), e = side * block_rows_ + f;
+                const int64_t at = (t * span_ + i) * slot_;
+                out[e] = RowBuffer{scores_.data() + at, cols_idx_.data() + at, 0, row_limit(k)};
+                thr[e] = floor ? floor[i] : kNegInf;
+            }
     }
 
-    // Writes row's m best (sorted keys); false if it has fewer than k.
-    bool output(int64_t row, const RowKey::type* best, int64_t m) {
+    // Writes row's m best (sorted keys) of one side; false if it has fewer than k.
+    bool output(int64_t row, int side, const RowKey::type* best, int64_t m) {
+        float* scores = side ? c_.out_scores_low : c_.out_scores;
+        int64_t* cols = side ? c_.out_cols_low : c_.out_cols;
         for (int64_t j = 0; j < m; ++j) {
-            c_.out_scores[row * c_.k + j] = RowKey::score(best[j]);
-            c_.out_cols[row * c_.k + j] = RowKey::col(best[j]);
+            scores[row * c_.k + j] = RowKey::score(best[j]);
+            cols[row * c_.k + j] = RowKey::col(best[j]);
         }
         return m == c_.k;
     }
@@ -503,15 +410,17 @@ private:
                 std::copy(c_.row_acts + row * c_.n_acts, c_.row_acts + (row + 1) * c_.n_acts, acts + f * c_.n_acts);
             if (c_.row_weight) weight[f] = c_.row_weight[row];
         }
-        RowBuffer* buffers = redo_buffers_.data() + t * block_rows_;
-        float* thr = thresholds_.data() + t * block_rows_;
+        RowBuffer* buffers = redo_buffers_.data() + t * span_;
+        float* thr = thresholds_.data() + t * span_;
         RowKey::type* keys = keys_.data() + t * slot_;
         reset(buffers, thr, t, n, c_.k, nullptr, list.data());
-        RowCollectors sink(buffers, thr, c_.k, keys);
+        RowCollectors sink(buffers, thr, c_.k, keys, low());
         sweep(sub, 0, n, sink, thr, t);
         bool complete = true;
-        for (int64_t f = 0; f < n; ++f)
-            complete = output(r0 + list[f], keys, select_row(buffers[f], c_.k, keys, true)) && complete;
+        for (int side = 0; side < sides_; ++side)
+            for (int64_t f = 0; f < n; ++f)
+                complete = output(r0 + list[f], side, keys,
+                                  select_row(buffers[side * block_rows_ + f], c_.k, keys, true)) && complete;
         return complete;
     }
 
@@ -519,6 +428,8 @@ private:
     const Kernel& kernel_;
     int64_t block_rows_, block_cols_;
     int len_;
+    int sides_;      // 2: two-sided (the -score side too)
+    int64_t span_;   // entries per thread in the buffers, thresholds and guesses: block_rows × sides
     int64_t j_ = 0, sample_cols_ = 0, slot_ = 0;
     Packed sample_, cols_;
     std::vector<float> scores_;
@@ -542,8 +453,11 @@ TopKStats run_topk(const TopKCall& c) {
         c.block_cols > 0 ? c.block_cols : std::max<int64_t>(kernel.nr, (256 * 1024) / (4 * len)), kernel.nr);
     const int64_t cap = capacity_for(c.k);
     int64_t block_rows = c.block_rows > 0 ? c.block_rows : 192;
+    if (c.out_scores_low && !(c.per_row && c.score == Score::Signed && !c.row_weight && !c.col_weight && c.n_acts == 0))
+        throw std::invalid_argument("two-sided top-k is per row, for signed scores without weights or acts");
     if (c.per_row && c.block_rows <= 0) {  // bound the per-row collectors (~8 MiB) and feed every thread
-        const int64_t row_bytes = (row_limit(c.k) + 2 * kernel.nr) * int64_t(sizeof(float) + sizeof(uint32_t));
+        const int64_t row_bytes = (row_limit(c.k) + 2 * kernel.nr) * int64_t(sizeof(float) + sizeof(uint32_t)) *
+                                  (c.out_scores_low ? 2 : 1);
         block_rows = std::min(block_rows, std::max<int64_t>(1, (8 << 20) / row_bytes));
         block_rows = std::min(block_rows, (c.n_rows + threads - 1) / threads);
     }

@@ -36,6 +36,11 @@ struct TopKCall {
     float* out_scores = nullptr;
     int64_t* out_rows = nullptr;
     int64_t* out_cols = nullptr;
+    // Per row, two-sided (signed scores, no weights or acts): also each row's k best cols by -score
+    // (its k lowest scores, negated: -score descending, ties by the lower col), in n_rows × k entries.
+    // One sweep computes both sides.
+    float* out_scores_low = nullptr;
+    int64_t* out_cols_low = nullptr;
 };
 
 // What a global call did: candidates pushed into the threads' collectors, and the selections that

@@ -337,3 +337,33 @@ def test_global_threads_share_one_threshold():
     else:
         raise AssertionError(f"no fewer candidates pushed with the shared threshold: {shared[3]} vs {alone[3]}")
     assert one[3]["pushed"] > 0 and one[3]["selections"] > 0
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("nq,nk,d,k,sample", [(300, 70, 9, 20, None), (300, 70, 9, 20, 40), (37, 29, 5, 37, None),
+                                              (5000, 40, 64, 100, None)])  # fmt: skip
+def test_both_sides_in_one_sweep_equal_two_per_key_passes(isa, nq, nk, d, k, sample):
+    """cpu_backend.per_key_both_sides: each key's best queries by A and by -A, bit for bit the per-key
+    pass on queries and on -queries, and the float64 oracle's."""
+    q, kk, _, _, _ = random_inputs(nq, nk, d, seed=nq + k)
+    high, low = cpu_backend.per_key_both_sides(q, kk, k, isa=isa, sample_cols=sample)
+    assert _same(high, engine.pair_topk(q, kk, k, by="key", backend="cpu", isa=isa))
+    assert _same(low, engine.pair_topk(-q, kk, k, by="key", backend="cpu", isa=isa))
+    assert_matches(low, score_matrix(-q, kk), k, "key", tol=tolerance(score_matrix(q, kk), d))
+
+
+def test_both_sides_ties_and_a_biased_sample_redo():
+    """Integer inputs (exact, many ties: by the lower query on both sides), and a sample that sees only
+    huge queries, so that every key's guess is too high and both its sides are scored again."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-2, 3, (400, 6), generator=g).float()
+    kk = torch.randint(-2, 3, (30, 6), generator=g).float()
+    high, low = cpu_backend.per_key_both_sides(q, kk, 50, sample_cols=40)
+    assert_exact(high, score_matrix(q, kk), 50, "key")
+    assert_exact(low, score_matrix(-q, kk), 50, "key")
+    biased = q.abs()
+    biased[::10] *= 50  # a stride-10 sample sees only these: every guess is too high
+    kk = kk.abs() + 1
+    high, low = cpu_backend.per_key_both_sides(biased, kk, 60, sample_cols=40)
+    assert_exact(high, score_matrix(biased, kk), 60, "key")
+    assert_exact(low, score_matrix(-biased, kk), 60, "key")

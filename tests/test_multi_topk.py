@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from attnrules import engine
-from attnrules.engine import features
+from attnrules.engine import cpu_backend, features
 from topk_oracle import assert_exact, assert_matches, score_matrix, tolerance
 
 BACKENDS = ["torch"] + (["cpu"] if "cpu" in engine.available_backends() else [])
@@ -146,3 +146,83 @@ def test_rank_all_pairs_many_refuses_rotary_heads():
     object.__setattr__(circuit, "rotary", object())  # only the check is exercised
     with pytest.raises(ValueError, match="use rank_all_pairs per feature"):
         rank_all_pairs_many(circuit, [0], 5)
+
+
+# --- the C++ core's answer (float32 CPU, backend "cpu" / "auto"): bit for bit pair_topk per feature ---
+
+NATIVE = pytest.mark.skipif("cpu" not in BACKENDS or not cpu_backend.answers_features(),
+                            reason="attnrules._C without the many-feature answer")
+
+
+def _same_as_single(result, q, k, w, kk):
+    for j in range(w.shape[1]):
+        one = engine.pair_topk(q, k, kk, key_weight=w[:, j].contiguous(), backend="cpu")
+        assert torch.equal(result.scores[j], one.scores), j
+        assert torch.equal(result.query_idx[j], one.query_idx) and torch.equal(result.key_idx[j], one.key_idx), j
+
+
+@NATIVE
+@pytest.mark.parametrize("nq,nk,d,g,kk,depth", [
+    (300, 200, 16, 20, 500, None),
+    (300, 200, 16, 20, 500, 1),      # depth 1: nearly every key read deeper, over several rounds
+    (300, 200, 16, 20, 300 * 200, 2),  # k = every pair
+    (1, 50, 4, 3, 7, None),          # one query
+    (50, 1, 4, 3, 7, None),          # one key
+    (2000, 150, 64, 70, 3000, 8),    # more features than one block of the core
+])  # fmt: skip
+def test_native_random_equals_single_feature(nq, nk, d, g, kk, depth, monkeypatch):
+    q, k, w = _inputs(nq, nk, d, g, seed=nq + kk)
+    w[::7, 0] = 0   # zero-weight keys
+    w[:, 1] = -w[:, 1].abs()  # every weight negative: only the lowest-A side is read
+    calls = []
+    answer = cpu_backend.answer_features
+    monkeypatch.setattr(cpu_backend, "answer_features", lambda *a, **o: calls.append(a[5].numel()) or answer(*a, **o))
+    result = engine.multi_topk(q, k, w, kk, table_depth=depth, backend="cpu")
+    assert calls and calls[0] == g, "the core answered"
+    if depth is not None and depth < nq and kk < nq * nk:
+        assert len(calls) > 1, "some rows ran out and were read deeper"
+    _same_as_single(result, q, k, w, kk)
+    for j in (0, 1):  # and the float64 oracle
+        s = score_matrix(q, k, key_weight=w[:, j])
+        assert_matches(engine.TopK(result.scores[j], result.query_idx[j], result.key_idx[j], "global"), s, kk,
+                       "global", tol=tolerance(s, d))
+
+
+@NATIVE
+@pytest.mark.parametrize("kk,depth", [(5, None), (300, 1), (900, 3), (50 * 40, None)])
+def test_native_ties_exact(kk, depth):
+    """Integer inputs: equal scores everywhere, ordered by the lower (query, key) exactly as the oracle."""
+    q, k, w = _inputs(50, 40, 6, 7, seed=kk, integer=True)
+    q[10:20] = q[0]
+    k[5:9] = k[1]
+    w[:, 3] = 0          # all-zero weights: every pair scores 0, best = lowest indices
+    w[::3, 4] = 0
+    w[:, 5] = 1
+    w[:, 6] = -w[:, 6].abs() - 1  # all negative
+    result = engine.multi_topk(q, k, w, kk, table_depth=depth, backend="cpu", threads=2)
+    for j in range(7):
+        assert_exact(engine.TopK(result.scores[j], result.query_idx[j], result.key_idx[j], "global"),
+                     score_matrix(q, k, key_weight=w[:, j]), kk, "global")
+    _same_as_single(result, q, k, w, kk)
+
+
+@NATIVE
+def test_native_thread_counts_and_auto_agree():
+    q, k, w = _inputs(400, 300, 16, 9, seed=11)
+    one = engine.multi_topk(q, k, w, 800, table_depth=4, backend="cpu", threads=1)
+    for result in (engine.multi_topk(q, k, w, 800, table_depth=4, backend="cpu", threads=2),
+                   engine.multi_topk(q, k, w, 800, table_depth=4), engine.multi_topk(q, k, w.T.contiguous().T, 800)):
+        assert all(torch.equal(getattr(one, f), getattr(result, f)) for f in ("scores", "query_idx", "key_idx"))
+
+
+@NATIVE
+def test_native_errors():
+    q, k, w = _inputs(10, 8, 4, 3)
+    with pytest.raises(ValueError, match=r"k=81 is larger than the number of candidates \(80\)"):
+        engine.multi_topk(q, k, w, 81, backend="cpu")
+    with pytest.raises(ValueError, match="option 'precision' applies to backend 'triton'"):
+        engine.multi_topk(q, k, w, 3, backend="cpu", precision="ieee")
+    with pytest.raises(ValueError, match="queries must be C-contiguous"):
+        engine.multi_topk(q.T.contiguous().T, k, w, 3, backend="cpu")
+    with pytest.raises(ValueError, match="isa must be one of"):
+        engine.multi_topk(q, k, w, 3, backend="cpu", isa="sse")

@@ -29,6 +29,32 @@ def is_available() -> bool:
     return _C is not None and hasattr(_C, "topk")
 
 
+def per_key_both_sides(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    k: int,
+    *,
+    threads: Optional[int] = None,
+    block_q: Optional[int] = None,
+    block_k: Optional[int] = None,
+    isa: str = "auto",
+    sample_cols: Optional[int] = None,
+) -> tuple[TopK, TopK]:
+    """Each key's k best queries by A = queries·keys and by -A, from one sweep of the scores.
+
+    The first is ``pair_topk(queries, keys, k, by="key", backend="cpu")``; the second equals the same
+    call on ``-queries`` (scores -A, bit for bit: negation is exact), at the cost of about one pass
+    instead of two. Inputs are checked by the caller (``engine.multi_topk``): float32, C-contiguous CPU.
+    """
+    request = Request(queries, keys, k, "key", "signed")
+    return _run(request, threads, block_q, block_k, isa, sample_cols, two_sided=True)
+
+
+def answers_features() -> bool:
+    """True when ``attnrules._C`` has the many-feature answer of ``engine.multi_topk``."""
+    return is_available() and hasattr(_C, "multi_topk")
+
+
 def supported_isas() -> list[str]:
     """The SIMD kernels this CPU can run, best first (``isa="auto"`` picks the first)."""
     return list(_C.build_info()["isas"]) if is_available() else []
@@ -65,7 +91,8 @@ def _run(
     block_k: Optional[int],
     isa: str,
     sample_cols: Optional[int],
-) -> TopK:
+    two_sided: bool = False,
+):
     if not is_available():
         raise RuntimeError("backend 'cpu' needs attnrules._C, which was not built: reinstall attnrules")
     if isa not in ISAS:
@@ -89,6 +116,7 @@ def _run(
     scores = torch.empty(shape, dtype=torch.float32)
     out_cols = torch.empty(shape, dtype=torch.int64)
     out_rows = torch.empty(shape, dtype=torch.int64) if by == "global" else None
+    low_scores, low_cols = (torch.empty(shape), torch.empty(shape, dtype=torch.int64)) if two_sided else (None, None)
     _C.topk(
         rows, cols, k, by != "global", request.score,
         row_weight=weight if per_key else None,
@@ -99,11 +127,14 @@ def _run(
         block_rows=block_k_ if per_key else block_q_,
         block_cols=block_q_ if per_key else block_k_,
         sample_cols=-1 if sample_cols is None else sample_cols,
+        out_scores_low=None if low_scores is None else low_scores.view(-1),
+        out_cols_low=None if low_cols is None else low_cols.view(-1),
     )  # fmt: skip
     if by == "global":
         return TopK(scores, out_rows, out_cols, by)
     fixed = torch.arange(n_rows, dtype=torch.int64)[:, None].expand(shape).contiguous()
-    return TopK(scores, out_cols, fixed, by) if per_key else TopK(scores, fixed, out_cols, by)
+    result = TopK(scores, out_cols, fixed, by) if per_key else TopK(scores, fixed, out_cols, by)
+    return (result, TopK(low_scores, low_cols, fixed, by)) if two_sided else result
 
 
 def topk(
@@ -123,3 +154,39 @@ def topk(
     0 = never; the guess only saves work, it never changes the answer).
     """
     return _run(request, threads, block_q, block_k, isa, sample_cols)
+
+
+def answer_features(
+    table_scores: torch.Tensor,
+    table_queries: torch.Tensor,
+    row_start: torch.Tensor,
+    row_len: torch.Tensor,
+    weights: torch.Tensor,
+    features: torch.Tensor,
+    k: int,
+    n_queries: int,
+    first_keys: int,
+    out: TopK,
+    grown: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    threads: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``engine.multi_topk``'s answer step in the C++ core: the listed features' top-k from a per-key table.
+
+    The table (see ``csrc/multi.h``): rows 0..Nk-1 hold each key's queries by A descending, rows
+    Nk..2Nk-1 by -A descending; row r is ``table_*[row_start[r] : row_start[r] + row_len[r]]``
+    (float32 side scores, int32 queries). ``weights [Nk, G]``; ``features`` (int64) the columns to
+    answer; rows ``features`` of ``out`` (``[G, k]`` each) are written. ``grown`` = (rows, their former
+    lengths): the features resume from the top-k already in ``out`` and read only those rows' new
+    entries (each row's former entries must be unchanged). Returns (deeper, incomplete):
+    uint8 flags of the table rows that must be read further, and of the features (positions in
+    ``features``) whose answer depends on them and must be redone once they are.
+    """
+    deeper = torch.zeros(row_start.numel(), dtype=torch.uint8)
+    incomplete = torch.zeros(features.numel(), dtype=torch.uint8)
+    _C.multi_topk(
+        table_scores, table_queries, row_start, row_len, weights, features, k, n_queries, first_keys,
+        out.scores.view(-1), out.query_idx.view(-1), out.key_idx.view(-1), deeper, incomplete,
+        grown=None if grown is None else grown[0], old_len=None if grown is None else grown[1],
+        threads=_positive("threads", threads),
+    )  # fmt: skip
+    return deeper, incomplete

@@ -24,6 +24,14 @@ V_g(k) < 0. So
    answer is exact. A zero weight scores 0 for every query; such keys are rescanned by the same rule
    whenever 0 reaches the k-th score, so ties at zero go by index.
 
+Two implementations of steps 2–3, one method. Float32 CPU inputs ranked by the cpu backend (``"cpu"``,
+or ``"auto"``) are answered by the C++ core (``csrc/multi.cpp``): the table is made by one two-sided
+sweep (each key's best queries by A and by -A at once), every feature is answered in parallel with a
+running top-k whose k-th score is the reading threshold, and a feature whose rows ran out resumes
+from its provisional top-k once those rows are read deeper (the per-key pass gives a pair the same
+bits in every call, so a deeper row starts with the shallower one). Other inputs (float64, CUDA, the
+torch or triton backend), which the engine contract admits, take the torch path below.
+
 Inputs whose dot products could overflow (the contract's Cauchy–Schwarz bound) are ranked feature by
 feature through ``pair_topk``, which applies the NaN policy.
 """
@@ -34,10 +42,10 @@ from typing import Optional
 
 import torch
 
-from attnrules.engine import contract, merge
+from attnrules.engine import contract, cpu_backend, merge
 from attnrules.engine.contract import TopK
 
-DEFAULT_DEPTH = 256  # queries per key and side in the table (capped by k and Nq)
+DEFAULT_DEPTH = 512  # queries per key and side in the table (capped by k and Nq)
 DEFAULT_BATCH = 128  # features answered together
 TAU_KEYS = 8  # keys read for the lower bound τ₀, per table-full of k
 
@@ -78,9 +86,10 @@ def multi_topk(
     ``scores`` / ``query_idx`` / ``key_idx`` have shape ``[G, k]`` (row g: feature g's global top-k,
     best first, ties by the lower (query, key) index) — row g equals
     ``pair_topk(queries, keys, k, key_weight=key_weights[:, g])``. ``table_depth``: queries kept per
-    key and side (None: min(256, k, Nq); at least k / Nk); it trades table time against rescans and
-    never changes the answer. ``batch``: features answered together (None: 128). ``backend`` and
-    ``options`` go to the engine's per-key passes. Float32 needs Nq × Nk < 2**32.
+    key and side (None: min(512, k, Nq); at least k / Nk); it trades table time against rescans and
+    never changes the answer. ``batch``: features answered together on the torch path (None: 128; the
+    C++ core takes 64 per thread at a time). ``backend`` and ``options`` go to the engine's per-key
+    passes (``threads`` also to the core's answer). Float32 needs Nq × Nk < 2**32.
     """
     request = contract._check_request(queries, keys, k, "global", "signed", None, None, None)
     queries, keys, k = request.queries, request.keys, request.k
@@ -102,6 +111,12 @@ def multi_topk(
 
     def per_key(q: torch.Tensor, kk: torch.Tensor, n: int) -> TopK:
         return contract.pair_topk(q, kk, n, by="key", backend=backend, **options)
+
+    if _native_applies(queries, backend):
+        kept = contract._options(contract._probe("cpu"), options, named=backend == "cpu")
+        if backend == "auto":
+            queries, keys = queries.contiguous(), keys.contiguous()
+        return _native(queries, negated, keys, w.contiguous(), k, depth, per_key, kept)
 
     def fetch(key: torch.Tensor, positive: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows [len(key), n] of each key's n best queries on the side of ``positive``: (side score,
@@ -134,6 +149,52 @@ def multi_topk(
         s, flat = _answer(table, w[:, g0:g1].T.contiguous(), k, nq, fetch, single)
         out_s[g0:g1], out_q[g0:g1], out_k[g0:g1] = s, flat // nk, flat % nk
     return TopK(out_s, out_q, out_k, "global")
+
+
+def _native_applies(queries: torch.Tensor, backend: str) -> bool:
+    """Whether the C++ core answers: float32 CPU inputs ranked by the cpu backend. Its per-key pass
+    gives a pair the same bits in every call, which resuming from a shallower row needs."""
+    return (queries.device.type == "cpu" and queries.dtype == torch.float32 and backend in ("auto", "cpu")
+            and cpu_backend.answers_features())  # fmt: skip
+
+
+def _native(queries: torch.Tensor, negated: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, k: int,
+            depth: int, per_key, options: dict) -> TopK:
+    """Every feature answered in the C++ core from the table; rows that run out above a feature's k-th
+    score are read 4× deeper (all queries at most) by the engine's per-key pass, and the features that
+    needed them resume from their provisional top-k with the new entries, until none needs more. The
+    per-key pass is exact (the same bits for a pair in any call), so a deeper row starts with the
+    entries of the shallower one."""
+    nq, nk, n_feat = queries.shape[0], keys.shape[0], w.shape[1]
+    sides = (queries, negated)  # table rows 0..Nk-1: A descending; Nk..2Nk-1: -A descending
+    rows = cpu_backend.per_key_both_sides(queries, keys, depth, **options)  # one sweep for both sides
+    scores = torch.cat([r.scores.reshape(-1) for r in rows])
+    picked = torch.cat([r.query_idx.reshape(-1) for r in rows]).to(torch.int32)
+    del rows
+    row_len = torch.full((2 * nk,), depth, dtype=torch.int64)
+    row_start = torch.arange(2 * nk, dtype=torch.int64) * depth
+    out = TopK(torch.empty(n_feat, k), torch.empty(n_feat, k, dtype=torch.int64),
+               torch.empty(n_feat, k, dtype=torch.int64), "global")  # fmt: skip
+    todo = torch.arange(n_feat, dtype=torch.int64)
+    first_keys = TAU_KEYS * math.ceil(k / depth)
+    grown = None
+    while todo.numel():
+        deeper, incomplete = cpu_backend.answer_features(scores, picked, row_start, row_len, w, todo, k, nq,
+                                                         first_keys, out, grown, options.get("threads"))  # fmt: skip
+        todo = todo[incomplete.bool()]
+        deep = torch.nonzero(deeper).flatten()
+        grown = (deep, row_len[deep].clone())
+        new_len = (4 * row_len[deep]).clamp(max=nq)
+        for n in torch.unique(new_len).tolist():
+            for side in (0, 1):
+                sel = deep[(new_len == n) & ((deep >= nk) == bool(side))]
+                if sel.numel():
+                    best = per_key(sides[side], keys[sel - side * nk], n)  # the same bits as the table's
+                    row_start[sel] = scores.numel() + n * torch.arange(sel.numel())
+                    row_len[sel] = n
+                    scores = torch.cat([scores, best.scores.reshape(-1)])
+                    picked = torch.cat([picked, best.query_idx.reshape(-1).to(torch.int32)])
+    return out
 
 
 def _top(cand_b: torch.Tensor, cand_s: torch.Tensor, cand_i: torch.Tensor, n_b: int, k: int, base=None):
