@@ -189,3 +189,40 @@ def test_combined_set_conditions_by_hand():
     positions[-1] = 1  # scored at com: the twitter after it does not count
     assert (rules.predict(acts, positions) > 0).tolist() == [True] * 6
     assert (combined.predict(acts, positions) > 0).tolist() == [True, False, False, False, True, True]
+
+
+def test_files_carry_both_evaluations(heads, tmp_path):
+    """results.json (through load_results), metrics.csv, predictions.csv, the sweep's merged Parquet and
+    summary.csv label REF's and the pattern evaluation."""
+    import pandas as pd
+
+    from attnrules.pipeline import load_results
+    from attnrules.pipeline.sweep import merge_sweep
+
+    result = heads[1]
+    folder = tmp_path / "shards" / "L0H1"
+    result.write(folder)
+    assert load_results(folder) == result
+    metrics = pd.read_csv(folder / "metrics.csv")
+    assert set(metrics["negatives"]) == {"random", "pattern"}
+    assert set(metrics.loc[metrics["negatives"] == "random", "method"]) == {
+        "weights", "importance", "exact", "weights+absence+counting", "importance+absence+counting",
+        "exact+absence+counting"}
+    assert set(metrics.loc[metrics["method"] == "importance", "aggregation"]) == {"kqv_max"}  # REF's default
+    predictions = pd.read_csv(folder / "predictions.csv", dtype={"weights": str})
+    feature = result.feature("L0H1.0")
+    assert len(predictions) == sum(len(p.sequence) for p in feature.predictions)
+    pattern = next(p for p in feature.predictions if p.negatives == "pattern")
+    rows = predictions[predictions["negatives"] == "pattern"]
+    assert rows["sequence"].tolist() == list(pattern.sequence)
+    by_n = sorted((x.num_rules, x.predicted) for x in pattern.labels if x.method == "weights")
+    assert rows["weights"].tolist() == ["".join(p[i] for _, p in by_n) for i in range(len(pattern.sequence))]
+    (tmp_path / "manifest").mkdir()
+    (tmp_path / "manifest" / "L0H1.json").write_text("{}")
+    summary = merge_sweep(tmp_path, [(0, 1)])
+    merged = pd.read_parquet(tmp_path / "merged" / "metrics.parquet")
+    assert set(merged["negatives"]) == {"random", "pattern"}
+    pattern_f1 = summary[(summary["negatives"] == "pattern") & (summary["method"] == "weights")]["f1"]
+    combined_f1 = summary[(summary["negatives"] == "pattern") & (summary["method"] == "weights+absence+counting")]["f1"]
+    assert pattern_f1.max() < 1.0 and set(combined_f1) == {1.0}
+    assert (tmp_path / "summary.csv").exists()
