@@ -1,50 +1,69 @@
-"""Per-head cost of the pipeline on GPT-2-small shapes (random weights), and the projected cost of a
-whole-model run (144 heads), measured on this machine.
+"""One whole head through the pipeline on GPT-2-small shapes (random weights), end to end and per
+step, side by side with the pipeline as it was when issue 14 was filed, and the projected cost of a
+whole-model run (144 heads, 50,000 × 64 tokens).
 
-Times, on a random GPT-2-small-shaped model (12 layers, d_model 768, 12 heads × 64) with a random
-24,576-feature input SAE (about 50 active features per token) and a random 2,048-feature output SAE:
+The model: GPT-2-small-shaped (d_model 768, 12 heads × 64, LNPre, blocks 0..layer) with random
+weights, a random 24,576-feature input SAE whose encoder bias leaves about 50 features active a
+token, and a random 2,048-feature output SAE whose per-feature biases make each feature fire on
+about 0.5 % of tokens (a quarter of the sequences), over a corpus of random tokens.
 
-- ``forward``: tokens per second through blocks 0..L (the corpus scan and the exemplar activations);
-- per feature: its share of the head's one shared forward pass (:mod:`attnrules.pipeline.activations`:
-  blocks 0..L once over the union of the features' train and val exemplars, keeping the input-SAE
-  activations sparse and the exact pass's hooks of the train ones; timed over one feature's 200
-  exemplars, i.e. no exemplar shared between features, the worst case), looking up its input-SAE
-  activations there, REF's candidate table, the paper-mode
-  importance on 100 train exemplars, the N = 4 … 4096 sweep of both orderings on 100 val exemplars,
-  the exhaustive top-100 pairs of all 24,576² by A×V and by importance (engine), the exact-mode
-  importance of feature pairs and pseudo-feature terms on the train exemplars (from the shared pass's
-  hooks: no forward pass of its own), the distractor checks
-  (8 terms × 3 distractors inserted into the exemplars where a term matches and the feature fires),
-  and the counting detector (9 counts × 64 sequences);
-- per head (above layer 0): the token that stands for every input feature (one vocabulary pass).
+- **new**: :func:`attnrules.extract_head` over ``--features`` output features (REF settings:
+  sampled features, 50 + 50 exemplars a split, exact mode, absence and counting rules, distractor
+  evidence), timed as a whole and per step (every step function the pipeline calls, timed where
+  it is called; nested calls count once, in the outer step), with the process's peak memory;
+- **old**: the same head, model and corpus through the pipeline at commit ``--baseline`` (default
+  f7b4c2b, the last one before issue 14's pipeline changes), run in a subprocess from that commit's
+  sources (``git archive``) on ``--baseline-features`` of the same features (the first ones): its
+  per-head steps (corpus scan, descriptions, token lookup, distractor evidence) are measured once and
+  its per-feature steps are projected to ``--features`` from the features measured — the JSON says
+  which figures are measured and which projected. The features both runs explain are compared: their
+  rules, sweeps, exhaustive pairs and absence rules must be identical;
+- **corpus pass**: tokens per second through blocks 0..layer (the scan), projected to 50,000 × 64
+  tokens and 12 layers.
 
-    python bench/bench_pipeline.py                # writes bench/results/pipeline.json
-    python bench/bench_pipeline.py --quick        # small shapes, for a smoke test
+Corpus-sized steps (the scan and the natural-prevalence pass of the distractor evidence) are
+scaled from ``--corpus`` sequences to 50,000 in the projection; everything else is per head.
+
+    python bench/bench_pipeline.py                          # 100 features, old path on 3: bench/results/pipeline.json
+    python bench/bench_pipeline.py --features 10 --baseline-features 2
+    python bench/bench_pipeline.py --quick                  # small shapes, a smoke test
+    python bench/bench_pipeline.py --device cuda --quick    # on a GPU: bench/results/pipeline_cuda.json
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
-import statistics
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "pipeline.json"
-
-
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RESULTS = HERE / "results"
+BASELINE = "f7b4c2b"  # the pipeline when issue 14 was filed (before its shared passes, screen and dedup)
+CORPUS_TOKENS = 50_000  # sequences of the whole-model run (REF), 64 tokens each
+HEADS, LAYERS = 144, 12
+# steps the pipeline calls from attnrules.pipeline.extract (those present in the measured version)
+STEPS = ("scan_output_features", "describe_input_features", "feature_tokens", "SharedPasses", "input_activations",
+         "candidate_table", "paper_importance", "exact_importance_terms", "sweep", "absence_rules",
+         "check_distractors", "check_counting", "exhaustive_pairs", "exemplar_views", "unseen_keys",
+         "distractor_evidence", "reconstruct")
+PER_HEAD_STEPS = ("scan_output_features", "describe_input_features", "feature_tokens", "distractor_evidence",
+                  "reconstruct")
+CORPUS_STEPS = ("scan_output_features", "distractor_evidence")  # their cost grows with the corpus
 
 
 def build(quick: bool, layer: int, device: str):
+    """The random GPT-2-small-shaped model, input SAE and output SAE (deterministic)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     from attnrules.sources import InputSAE, OutputSAE, process_model
@@ -57,133 +76,280 @@ def build(quick: bool, layer: int, device: str):
     model = process_model(HookedTransformer(cfg).eval()).to(device)  # centre writing weights, as from_pretrained does
     g = torch.Generator().manual_seed(0)
     w_enc = torch.randn(d_model, n_in, generator=g) / d_model**0.5
-    # an encoder bias calibrated on a sample of the residual stream leaves ~50 features active per
-    # token, as in real SAEs (res-jb: L0 of a few tens)
+    sample = torch.randint(0, vocab, (8, 64), generator=g).to(device)
+    resid, z = f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.attn.hook_z"
     with torch.no_grad():
-        _, cache = model.run_with_cache(torch.randint(0, vocab, (8, 64), generator=g).to(device), stop_at_layer=layer + 1,
-                                        names_filter=f"blocks.{layer}.hook_resid_pre")
-        pre = (cache[f"blocks.{layer}.hook_resid_pre"].reshape(-1, d_model).cpu() @ w_enc).flatten()
+        _, cache = model.run_with_cache(sample, stop_at_layer=layer + 1, names_filter=lambda n: n in (resid, z))
+    # an encoder bias leaving ~50 features active a token, as in real SAEs (res-jb: L0 of a few tens)
+    pre = (cache[resid].reshape(-1, d_model).cpu() @ w_enc).flatten()
     cut = torch.sort(pre[torch.randperm(pre.numel(), generator=g)[:1_000_000]]).values
     b_enc = torch.full((n_in,), -float(cut[int(len(cut) * (1 - 50 / n_in))]))
     w_enc, b_enc = w_enc.to(device), b_enc.to(device)
     sae_in = InputSAE.from_tensors(w_enc, b_enc, w_enc.T.contiguous(), torch.zeros(d_model, device=device), layer=layer)
-    enc = (torch.randn(d_head, n_out, generator=g) / d_head**0.5).to(device)
-    sae_out = OutputSAE.from_tensors(enc, torch.zeros(n_out, device=device), enc.T.contiguous(),
-                                     torch.zeros(d_head, device=device),
+    enc = torch.randn(d_head, n_out, generator=g) / d_head**0.5
+    # per-feature biases: each feature fires on ~0.5 % of tokens (a quarter of the 64-token sequences)
+    head_z = cache[z][:, :, 0].reshape(-1, d_head).cpu() @ enc
+    b_out = -torch.quantile(head_z, 0.995, dim=0)
+    enc = enc.to(device)
+    sae_out = OutputSAE.from_tensors(enc, b_out.to(device), enc.T.contiguous(), torch.zeros(d_head, device=device),
                                      layer=layer, head=0, n_heads=n_heads, d_head=d_head)
     return model, sae_in, sae_out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
-    parser.add_argument("--layer", type=int, default=5, help="layer of the measured head (cost grows with it)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--backend", default="auto")
-    parser.add_argument("--device", default="cpu", help="where the model and SAEs run (cpu or cuda)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    args = parser.parse_args()
+def corpus(n: int, vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (n, 64), generator=torch.Generator().manual_seed(1))
 
-    from attnrules.circuit import HeadCircuit
-    from attnrules.evaluation.counts import count_response
-    from attnrules.rules.absence import AbsenceRule
-    from attnrules.evaluation.insertion import check_distractors, feature_tokens
-    from attnrules.importance import exact_importance_terms
-    from attnrules.evaluation import n_terms_grid, sweep
-    from attnrules.importance import paper_importance
-    from attnrules.pipeline.extract import _first_appearance
-    from attnrules.pipeline import exhaustive_pairs
-    from attnrules.pipeline.activations import SharedPasses
-    from attnrules.files import write_json
-    from attnrules.rules import rules_from_importance, rules_from_weights
-    from attnrules.scoring import candidate_table
+
+class StepTimes:
+    """Wall time of each step function of ``attnrules.pipeline.extract`` while installed; a step called
+    inside another counts in the outer one only."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self.depth = 0
+
+    @contextlib.contextmanager
+    def installed(self):
+        import attnrules.pipeline.extract as extract
+
+        real = {name: getattr(extract, name) for name in STEPS if hasattr(extract, name)}
+        for name, fn in real.items():
+            setattr(extract, name, self._timed(name, fn))
+        try:
+            yield self
+        finally:
+            for name, fn in real.items():
+                setattr(extract, name, fn)
+
+    def _timed(self, name, fn):
+        def run(*args, **kwargs):
+            if self.depth:
+                return fn(*args, **kwargs)
+            self.depth += 1
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.depth -= 1
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+                self.calls[name] = self.calls.get(name, 0) + 1
+
+        return run
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # ru_maxrss is in KiB on Linux
+
+
+def run_head(args, features) -> dict:
+    """The measured library's pipeline over ``features`` (None: sampled, ``args.features`` of them)."""
+    import warnings
+
+    from attnrules.pipeline import ExtractSettings, extract_head
 
     torch.manual_seed(0)
     model, sae_in, sae_out = build(args.quick, args.layer, args.device)
-    circuit = HeadCircuit.from_model(model, sae_in, sae_out).to("cpu")  # as the pipeline does
-    seq_len, n_ex = 64, 100
-    tokens = torch.randint(0, model.cfg.d_vocab, (2 * n_ex, seq_len))
-    positions = torch.randint(1, seq_len, (2 * n_ex,))
+    tokens = corpus(args.corpus, model.cfg.d_vocab)
+    fields = {"features": tuple(features)} if features is not None else {"num_features": args.features}
+    if args.quick:
+        fields.update(min_count=10, examples_per_bin=10)
+    settings = ExtractSettings(**fields, backend=args.backend)
+    steps = StepTimes()
+    t0 = time.perf_counter()
+    with steps.installed(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = extract_head(model, sae_in, sae_out, tokens, settings=settings, progress=True)
+    total = time.perf_counter() - t0
+    out = {"total_s": round(total, 2), "features": [f.feature for f in result.features],
+           "step_seconds": {k: round(v, 3) for k, v in steps.seconds.items()}, "step_calls": steps.calls,
+           "other_s": round(total - sum(steps.seconds.values()), 3), "peak_rss_gib": round(peak_rss_gib(), 2),
+           "failed_steps": result.metadata.get("failed_steps"),
+           "counting": [f.counting_check.status if f.counting_check else None for f in result.features],
+           "flagged_distractor_features": len(result.distractors)}
+    if args.device.startswith("cuda"):
+        out["cuda_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    out["results"] = [f.to_json() for f in result.features]
+    return out
 
-    with torch.no_grad():
-        forward_s = timed(lambda: model(tokens[:64].to(args.device), stop_at_layer=args.layer + 1), args.repeats)
-    tokens_per_s = 64 * seq_len / forward_s
-    acts_box = {}
 
-    rows = torch.arange(2 * n_ex)  # train (exact hooks kept too), then val
+def baseline_tree(commit: str, where: Path) -> Path:
+    """The library's sources at ``commit`` (``git archive``) with this checkout's compiled core."""
+    tree = where / f"attnrules-{commit}"
+    tree.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", commit, "attnrules"], check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    import attnrules._C as core
 
-    def shared_pass():
-        acts_box["shared"] = SharedPasses(model, sae_in, sae_out, tokens, rows.tolist(), rows[:n_ex].tolist(),
-                                          batch_size=8)
+    shutil.copy(core.__file__, tree / "attnrules")
+    return tree
 
-    results = {"shared_pass": timed(shared_pass, 1)}
-    shared = acts_box["shared"]
-    results["input_activations_lookup"] = timed(lambda: acts_box.update(acts=shared.input_activations(rows)), 1)
-    acts = acts_box["acts"]
-    train, val = (acts[:n_ex], positions[:n_ex]), (acts[n_ex:], positions[n_ex:])
-    active_per_token = float((acts > 0).sum(-1).float().mean())
-    k_cand = min(100, circuit.n_inputs)
-    box = {}
 
-    def candidates():
-        box["table"] = candidate_table(circuit, 0, num_values=k_cand, num_queries=k_cand, backend=args.backend)
+def use_tree(tree: str) -> None:
+    """Import ``attnrules`` from ``tree`` instead of the installed (editable) package."""
+    sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "ScikitBuildRedirectingFinder"]
+    sys.path[:] = [tree] + [p for p in sys.path if Path(p or ".").resolve() != REPO]
+    for name in [m for m in sys.modules if m == "attnrules" or m.startswith("attnrules.")]:
+        del sys.modules[name]
 
-    results["candidate_table"] = timed(candidates, args.repeats)
-    table = box["table"]
-    keys, queries = _first_appearance(table.keys), _first_appearance(table.queries)
 
-    def importance():
-        box["imp"] = paper_importance(circuit, 0, queries, keys, *train)
+COMPARED = ("rules", "sweep", "pairs", "absence", "absence_dropped", "paper_distractor")
 
-    results["paper_importance"] = timed(importance, args.repeats)
-    act_max = torch.rand(n_ex) * (torch.arange(n_ex) < n_ex // 2)
-    grid = n_terms_grid(4096)
-    results["sweep_both_orderings"] = timed(lambda: [
-        sweep(lambda n: rules_from_weights(table, n), *val, act_max, grid),
-        sweep(lambda n: rules_from_importance(circuit, 0, queries, keys, box["imp"], n), *val, act_max, grid),
-    ], 1)
-    results["exhaustive_top100"] = timed(
-        lambda: exhaustive_pairs(circuit, 0, train, 100, args.backend, lambda j: str(j)), 1)
-    train_tokens = tokens[:n_ex]
-    results["exact_importance_terms"] = timed(lambda: exact_importance_terms(
-        model, sae_in, sae_out, 0, queries, keys, train_tokens, positions[:n_ex], runner=shared.runner(rows[:n_ex])), 1)
-    # distractor checks: 8 terms x 3 distractors inserted into the exemplars where each term matches
-    # (the pair most often present in the train exemplars stands for every term)
-    q_on = acts[torch.arange(n_ex), positions[:n_ex]] > 0
-    q = int(q_on.sum(0).argmax())
-    k = int((acts[:n_ex] > 0).sum((0, 1)).argmax())
-    terms = [AbsenceRule("bench", q, k, 1.0, 1.0, (k, q, 0), (2.0,) * 3, (-1.0,) * 3) for _ in range(8)]
-    results["distractor_checks"] = timed(lambda: check_distractors(
-        model, sae_out, 0, terms, train_tokens, positions[:n_ex], acts[:n_ex], lambda j: j % model.cfg.d_vocab), 1)
-    base = tokens[:64]
-    results["counting_detector"] = timed(lambda: count_response(model, sae_out, 0, base, 1, 2), 1)
-    per_feature = sum(results.values())
-    # once per head above layer 0: the token that stands for every input feature (one vocabulary pass)
-    token_lookup_s = timed(lambda: feature_tokens(model, sae_in, range(sae_in.n_features), mode="activation"), 1)
-    scan_s = 50_000 * seq_len / tokens_per_s
-    per_head = 100 * per_feature + token_lookup_s
+
+def _wording(key: str) -> bool:
+    """Text made from the input features' descriptions, whose wording changed on purpose since the
+    old pipeline (issue 15: features described from the corpus)."""
+    return key.endswith("_desc") or key == "text"
+
+
+def differences(old, new, where: str = "") -> list[str]:
+    """Where the results ``new`` differ from ``old``: every number, id and status of ``old`` is
+    compared; keys only ``new`` has (fields added since) and description wording are not, and a list
+    that has grown (e.g. sweeps with evaluations added since) must hold each of ``old``'s entries."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in old if not _wording(k)
+                for d in (differences(old[k], new[k], f"{where}.{k}") if k in new else [f"{where}.{k}: missing"])]
+    if isinstance(old, list) and isinstance(new, list):
+        if len(old) == len(new):
+            return [d for i, (a, b) in enumerate(zip(old, new)) for d in differences(a, b, f"{where}[{i}]")]
+        if len(old) < len(new):
+            return [f"{where}[{i}]: not found" for i, a in enumerate(old) if all(differences(a, b) for b in new)]
+    return [] if old == new else [f"{where}: {str(old)[:120]} != {str(new)[:120]}"]
+
+
+def same_results(old: list[dict], new: list[dict]) -> dict:
+    """Whether the features both runs explain have the same rules, sweeps, pairs and absence rules
+    (:func:`differences`)."""
+    by_feature = {f["feature"]: f for f in new}
+    differing = {}
+    for f in old:
+        other = by_feature.get(f["feature"], {})
+        fields = [k for k in COMPARED if k in f and differences(f[k], other.get(k))]
+        if fields:
+            differing[f["name"]] = fields
+    return {"features_compared": len(old), "identical": not differing, "differing_fields": differing}
+
+
+def project(run: dict, n_features: int, corpus_n: int, measured_features: int) -> dict:
+    """Per-head seconds at ``n_features`` features and a 50,000-sequence corpus, and the 144-head run."""
+    steps = run["step_seconds"]
+    per_head = sum(steps.get(s, 0.0) for s in PER_HEAD_STEPS)
+    scale = CORPUS_TOKENS / corpus_n
+    corpus_part = sum(steps.get(s, 0.0) for s in CORPUS_STEPS)
+    per_feature = (run["total_s"] - per_head) / measured_features
+    head_small = per_head + per_feature * n_features  # at the benchmark's corpus
+    head_50k = head_small + corpus_part * (scale - 1)
+    scan_50k = steps.get("scan_output_features", 0.0) * scale
+    return {"per_feature_s": round(per_feature, 2), "per_head_steps_s": round(per_head, 2),
+            f"head_{n_features}_features_s": round(head_small, 1),
+            f"head_{n_features}_features_50k_corpus_s": round(head_50k, 1),
+            # a sweep scans each layer once for its 12 heads: the scan counts once a layer, not once a head
+            "whole_model_144_heads_hours": round((HEADS * (head_50k - scan_50k) + LAYERS * scan_50k) / 3600, 1)}
+
+
+def corpus_pass(args) -> dict:
+    """Tokens per second through blocks 0..layer, as the scan runs them."""
+    from attnrules.sources.runner import run_batches
+
+    model, _, _ = build(args.quick, args.layer, args.device)
+    tokens = corpus(256, model.cfg.d_vocab)
+    t0 = time.perf_counter()
+    for _ in run_batches(model, tokens, args.layer, [f"blocks.{args.layer}.attn.hook_z"], batch_size=64, desc="",
+                         progress=False):
+        pass
+    seconds = time.perf_counter() - t0
+    per_s = tokens.numel() / seconds
+    return {"tokens_per_s_blocks_0_to_layer": round(per_s), "layer": args.layer,
+            "scan_50k_sequences_one_layer_s": round(CORPUS_TOKENS * 64 / per_s, 1),
+            "note": "the layer's forward cost stands for every layer (GPT-2's mean depth is 6.5 blocks, layer 5 "
+                    "runs 6); a sweep scans each layer once for all its heads"}
+
+
+def uptime() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shapes and few features (smoke test)")
+    parser.add_argument("--features", type=int, default=None, help="output features of the head (default 100; quick 4)")
+    parser.add_argument("--baseline-features", type=int, default=None,
+                        help="features the old pipeline runs (default 3; quick 1; 0: no old run)")
+    parser.add_argument("--baseline", default=BASELINE, help="commit of the old pipeline")
+    parser.add_argument("--corpus", type=int, default=None, help="corpus sequences (default 2048; quick 256)")
+    parser.add_argument("--layer", type=int, default=5, help="layer of the measured head (cost grows with it)")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--device", default="cpu", help="where the model and SAEs run (cpu or cuda)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results file (default bench/results/pipeline.json, pipeline_cuda.json on cuda)")
+    parser.add_argument("--role", choices=("main", "baseline"), default="main", help=argparse.SUPPRESS)
+    parser.add_argument("--tree", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--feature-list", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.features = args.features if args.features is not None else (4 if args.quick else 100)
+    args.baseline_features = args.baseline_features if args.baseline_features is not None else (1 if args.quick else 3)
+    args.corpus = args.corpus if args.corpus is not None else (256 if args.quick else 2048)
+    for name in ("features", "corpus"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be ≥ 1, got {getattr(args, name)}")
+    if args.baseline_features < 0 or args.baseline_features > args.features:
+        parser.error(f"--baseline-features must be in [0, --features={args.features}], got {args.baseline_features}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+
+    if args.role == "baseline":  # a subprocess: the old library on the given features; JSON on stdout's last line
+        use_tree(args.tree)
+        run = run_head(args, [int(f) for f in args.feature_list.split(",")])
+        print(json.dumps(run))
+        return
+
+    from attnrules.files import write_json
+
+    out = args.out or RESULTS / ("pipeline_cuda.json" if args.device.startswith("cuda") else "pipeline.json")
+    load_before = uptime()
+    print(f"corpus pass ({load_before})", file=sys.stderr)
+    scan = corpus_pass(args)
+    print(f"new pipeline: {args.features} features", file=sys.stderr)
+    new = run_head(args, None)
+    measured = len(new["features"])
     report = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads(),
-                "device": args.device,
-                    "torch": torch.__version__, "python": platform.python_version()},
-        "shapes": {"n_in": circuit.n_inputs, "n_out": circuit.n_outputs, "d_head": circuit.d_head,
-                   "layer": args.layer, "exemplars": n_ex, "seq_len": seq_len, "quick": args.quick,
-                   "active_input_features_per_token": round(active_per_token, 1),
-                   "shared_pass_mb_per_feature": round(shared.nbytes / 2**20, 1)},
-        "backend": args.backend,
-        "forward_tokens_per_s": round(tokens_per_s),
-        "per_feature_seconds": {k: round(v, 4) for k, v in results.items()},
-        "per_feature_total_s": round(per_feature, 3),
-        "per_head_feature_token_lookup_s": round(token_lookup_s, 3),
-        "projection": {
-            "scan_50k_sequences_per_layer_s": round(scan_s, 1),
-            "per_head_100_features_s": round(per_head, 1),
-            "whole_model_12_layers_144_heads_hours": round((12 * scan_s + 144 * per_head) / 3600, 2),
-            "note": "the layer-5 forward cost stands for every layer (the mean depth of GPT-2's 12 layers is 6.5 "
-                    "blocks, layer 5 runs 6); the sweep scans the corpus once per layer and rank",
-        },
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                    "device": args.device, "torch": torch.__version__, "python": platform.python_version(),
+                    "load_average_before": load_before},
+        "command": "python bench/bench_pipeline.py " + " ".join(sys.argv[1:]),
+        "shapes": {"quick": args.quick, "layer": args.layer, "corpus_sequences": args.corpus, "seq_len": 64,
+                   "features_asked": args.features, "features_explained": measured},
+        "corpus_pass": scan,
+        "new": {k: v for k, v in new.items() if k != "results"},
     }
-    write_json(args.out, report)
+    report["new"]["projection"] = project(new, 100, args.corpus, max(measured, 1))
+    if args.baseline_features and measured:
+        subset = new["features"][: args.baseline_features]
+        print(f"old pipeline ({args.baseline}): {len(subset)} features", file=sys.stderr)
+        with tempfile.TemporaryDirectory() as tmp:
+            tree = baseline_tree(args.baseline, Path(tmp))
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--role", "baseline", "--tree", str(tree),
+                   "--feature-list", ",".join(map(str, subset)), "--layer", str(args.layer), "--corpus",
+                   str(args.corpus), "--device", args.device, "--backend", args.backend,
+                   "--features", str(args.features)] + (["--quick"] if args.quick else [])
+            done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, cwd=tmp,
+                                  env={**os.environ, "PYTHONPATH": ""})
+        old = json.loads(done.stdout.strip().splitlines()[-1])
+        report["old"] = {"commit": args.baseline, **{k: v for k, v in old.items() if k != "results"},
+                         "measured": f"{len(subset)} features ({', '.join(map(str, subset))}) and the per-head steps; "
+                                     f"the other features of the head projected from them"}
+        report["old"]["projection"] = project(old, 100, args.corpus, len(subset))
+        report["same_results"] = same_results(old["results"], new["results"])
+        new_head = report["new"]["projection"]["head_100_features_50k_corpus_s"]
+        old_head = report["old"]["projection"]["head_100_features_50k_corpus_s"]
+        report["speedup"] = {"head_100_features_50k_corpus": round(old_head / new_head, 2),
+                             "whole_model": round(report["old"]["projection"]["whole_model_144_heads_hours"]
+                                                  / report["new"]["projection"]["whole_model_144_heads_hours"], 2)}
+    report["machine"]["load_average_after"] = uptime()
+    write_json(out, report)
     print(json.dumps(report, indent=1))
 
 

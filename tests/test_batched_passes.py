@@ -8,23 +8,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from bench_pipeline import differences  # noqa: E402
 from old_path_cases import CASES, FIXTURES, run_case  # noqa: E402
-
-
-def _wording(key: str) -> bool:
-    """Text made from the input features' descriptions, whose wording changed on purpose since the
-    fixtures (issue 15: features described from the corpus); every number, id and status is compared."""
-    return key.endswith("_desc") or key == "text"
-
-
-def _differences(old, new, where="") -> list[str]:
-    """Where ``new`` differs from ``old``; a key that only ``new`` has (a field added since) is ignored."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [d for k in old if not _wording(k)
-                for d in (_differences(old[k], new[k], f"{where}.{k}") if k in new else [f"{where}.{k}: missing"])]
-    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        return [d for i, (a, b) in enumerate(zip(old, new)) for d in _differences(a, b, f"{where}[{i}]")]
-    return [] if old == new else [f"{where}: {str(old)[:120]} != {str(new)[:120]}"]
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -32,8 +18,8 @@ def test_results_equal_the_old_pipeline(case):
     old = json.loads((FIXTURES / f"{case}.json").read_text())
     new = run_case(case)
     old["metadata"].pop("inputs", None)  # the settings' fingerprint may gain fields; the values are compared
-    differences = _differences(old, new)
-    assert not differences, differences[:10]
+    found = differences(old, new)
+    assert not found, found[:10]
 
 
 @pytest.mark.parametrize("names", [["blocks.1.hook_resid_pre"], ["blocks.1.attn.hook_z"],
@@ -58,3 +44,13 @@ def test_hooked_forward_stops_after_the_last_hook_with_the_full_pass_values(name
         assert torch.equal(got[name], full[name])
     with pytest.raises(KeyError, match="no hook"):
         hooked_forward(model, tokens, 0, ["blocks.1.hook_resid_pre"])
+
+
+def test_differences_catch_changed_numbers_and_ignore_added_fields_and_wording():
+    old = {"a": 1.5, "key_desc": "x", "points": [{"n": 1, "f1": 0.5}], "rows": [1, 2]}
+    assert differences(old, {**old, "key_desc": "y", "new": 3, "points": [{"n": 1, "f1": 0.5, "neg": "pattern"},
+                                                                          {"n": 1, "f1": 0.2}]}) == []
+    assert differences(old, {**old, "a": 1.5000001}) == [".a: 1.5 != 1.5000001"]
+    assert differences(old, {**old, "points": [{"n": 1, "f1": 0.4}, {"n": 2, "f1": 0.5}]}) == [".points[0]: not found"]
+    assert differences(old, {**old, "rows": [1, 3]}) == [".rows[1]: 2 != 3"]
+    assert differences(old, {"a": 1.5}) == [".points: missing", ".rows: missing"]
