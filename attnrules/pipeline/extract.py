@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -469,6 +470,7 @@ def extract_head(
     if settings.pattern_negatives and any(isinstance(ex, Exemplars) for ex in todo):
         pool = head_steps.run("pattern_pool", lambda: PatternPool.build(
             model, input_sae, tokens, settings.pattern_pool, seed=settings.seed, batch_size=settings.batch_size))
+    started = time.time()
     for i, (g, ex) in enumerate(zip(features, todo)):
         name = circuit.feature_name(g)
         if isinstance(ex, FeatureResult):
@@ -477,8 +479,10 @@ def extract_head(
             continue
         if ex is None:
             continue
-        if progress:
-            print(f"[{i + 1}/{len(features)}] {name}", file=sys.stderr)
+        if progress:  # with the time so far and, from the features computed, an estimate of the time left
+            took, left = time.time() - started, sum(isinstance(x, Exemplars) for x in todo[i:])
+            eta = f", about {took / len(computed) * left:.0f}s left" if computed else ""
+            print(f"[{i + 1}/{len(features)}] {name} ({took:.0f}s{eta})", file=sys.stderr)
         result = extract_one(model, input_sae, output_sae, circuit, g, tokens, scan, ex, settings, describe, token_of,
                              shared=shared(i), pool=pool)
         computed.append(name)
