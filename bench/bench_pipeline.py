@@ -312,6 +312,30 @@ def main() -> None:
     load_before = uptime()
     print(f"corpus pass ({load_before})", file=sys.stderr)
     scan = corpus_pass(args)
+    # the old pipeline first, on the features the new one samples (the first --baseline-features of
+    # them; both sample the same ones from the same seed and scan)
+    old = None
+    if args.baseline_features:
+        from attnrules.exemplars import sample_features, scan_output_features
+        from attnrules.pipeline import ExtractSettings
+
+        model, _, sae_out = build(args.quick, args.layer, args.device)
+        tokens = corpus(args.corpus, model.cfg.d_vocab)
+        scanned = scan_output_features(model, sae_out, tokens, batch_size=64)
+        ref = ExtractSettings(num_features=args.features, **({"min_count": 10} if args.quick else {}))
+        subset = sample_features(scanned.counts, scanned.n_sequences, num_features=ref.num_features,
+                                 min_count=ref.min_count, max_count=ref.max_count, seed=ref.seed)[: args.baseline_features]
+        del model, sae_out, scanned
+        print(f"old pipeline ({args.baseline}): {len(subset)} features", file=sys.stderr)
+        with tempfile.TemporaryDirectory() as tmp:
+            tree = baseline_tree(args.baseline, Path(tmp))
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--role", "baseline", "--tree", str(tree),
+                   "--feature-list", ",".join(map(str, subset)), "--layer", str(args.layer), "--corpus",
+                   str(args.corpus), "--device", args.device, "--backend", args.backend,
+                   "--features", str(args.features)] + (["--quick"] if args.quick else [])
+            done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, cwd=tmp,
+                                  env={**os.environ, "PYTHONPATH": ""})
+        old = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"new pipeline: {args.features} features", file=sys.stderr)
     new = run_head(args, None)
     measured = len(new["features"])
@@ -326,22 +350,11 @@ def main() -> None:
         "new": {k: v for k, v in new.items() if k != "results"},
     }
     report["new"]["projection"] = project(new, 100, args.corpus, max(measured, 1))
-    if args.baseline_features and measured:
-        subset = new["features"][: args.baseline_features]
-        print(f"old pipeline ({args.baseline}): {len(subset)} features", file=sys.stderr)
-        with tempfile.TemporaryDirectory() as tmp:
-            tree = baseline_tree(args.baseline, Path(tmp))
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--role", "baseline", "--tree", str(tree),
-                   "--feature-list", ",".join(map(str, subset)), "--layer", str(args.layer), "--corpus",
-                   str(args.corpus), "--device", args.device, "--backend", args.backend,
-                   "--features", str(args.features)] + (["--quick"] if args.quick else [])
-            done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, cwd=tmp,
-                                  env={**os.environ, "PYTHONPATH": ""})
-        old = json.loads(done.stdout.strip().splitlines()[-1])
+    if old is not None:
         report["old"] = {"commit": args.baseline, **{k: v for k, v in old.items() if k != "results"},
-                         "measured": f"{len(subset)} features ({', '.join(map(str, subset))}) and the per-head steps; "
-                                     f"the other features of the head projected from them"}
-        report["old"]["projection"] = project(old, 100, args.corpus, len(subset))
+                         "measured": f"{len(old['features'])} features ({', '.join(map(str, old['features']))}) and "
+                                     f"the per-head steps; the other features of the head projected from them"}
+        report["old"]["projection"] = project(old, 100, args.corpus, max(len(old["features"]), 1))
         report["same_results"] = same_results(old["results"], new["results"])
         new_head = report["new"]["projection"]["head_100_features_50k_corpus_s"]
         old_head = report["old"]["projection"]["head_100_features_50k_corpus_s"]
