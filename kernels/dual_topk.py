@@ -5,18 +5,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import Operands, stream
+from .launch import Buffers, Operands, stream
 from .topk_stream import dot_tile
 
 
 @triton.jit
-def dual_tile(a_ptr, b_ptr, xa_ptr, xb_ptr, offs_r, offs_c, mask_r, mask_c,
+def dual_tile(a_tile, xa_tile, a_ptr, b_ptr, xa_ptr, xb_ptr, offs_r, offs_c, mask_r, mask_c,
               stride_a, stride_b, stride_xa, stride_xb, d, n_x,
-              SCORE: tl.constexpr, HAS_XA: tl.constexpr, HAS_XB: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_X: tl.constexpr, PRECISION: tl.constexpr):
-    """Scores of one tile: the pair product times the exemplar product (extras = activations)."""
-    s = dot_tile(a_ptr, b_ptr, offs_r, offs_c, mask_r, mask_c, stride_a, stride_b, d, BLOCK_D, PRECISION)
-    s *= dot_tile(xa_ptr, xb_ptr, offs_r, offs_c, mask_r, mask_c, stride_xa, stride_xb, n_x, BLOCK_X, PRECISION)
+              SCORE: tl.constexpr, HAS_XA: tl.constexpr, HAS_XB: tl.constexpr, STATIONARY: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_X: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr):
+    """Scores of one tile: the pair product times the exemplar product (extras = activations; the
+    rows of both in ``a_tile``, ``xa_tile`` when stationary)."""
+    s = dot_tile(a_tile, a_ptr, b_ptr, offs_r, offs_c, mask_r, mask_c, stride_a, stride_b, d,
+                 BLOCK_D, STATIONARY, PRECISION, EMULATE)
+    s *= dot_tile(xa_tile, xa_ptr, xb_ptr, offs_r, offs_c, mask_r, mask_c, stride_xa, stride_xb, n_x,
+                  BLOCK_X, STATIONARY, PRECISION, EMULATE)
     if SCORE == 1:
         s = tl.abs(s)
     return s
@@ -32,9 +35,10 @@ def dual_candidates(
     per_row: bool,
     score: str = "signed",
     **plan_options,
-):
-    """Candidates for the k best pairs by (rows[r]·cols[c]) × (row_acts[r]·col_acts[c]); see launch.stream."""
+) -> Buffers:
+    """The kernel's buffers for the k best pairs by (rows[r]·cols[c]) × (row_acts[r]·col_acts[c]);
+    see launch.stream."""
     if score not in ("signed", "absolute"):
         raise ValueError(f"score must be 'signed' or 'absolute' for dual_topk, got {score!r}")
     return stream(dual_tile, Operands(rows, cols, row_acts, col_acts), k, per_row=per_row, score=score,
-                  **plan_options)
+                  dual=True, **plan_options)

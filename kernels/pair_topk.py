@@ -7,21 +7,23 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import Operands, stream
+from .launch import Buffers, Operands, stream
 from .topk_stream import dot_tile
 
 
 @triton.jit
-def pair_tile(a_ptr, b_ptr, xa_ptr, xb_ptr, offs_r, offs_c, mask_r, mask_c,
+def pair_tile(a_tile, xa_tile, a_ptr, b_ptr, xa_ptr, xb_ptr, offs_r, offs_c, mask_r, mask_c,
               stride_a, stride_b, stride_xa, stride_xb, d, n_x,
-              SCORE: tl.constexpr, HAS_XA: tl.constexpr, HAS_XB: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_X: tl.constexpr, PRECISION: tl.constexpr):
-    """Scores of one tile; the key weight is the extra operand of whichever side holds the keys."""
-    s = dot_tile(a_ptr, b_ptr, offs_r, offs_c, mask_r, mask_c, stride_a, stride_b, d, BLOCK_D, PRECISION)
+              SCORE: tl.constexpr, HAS_XA: tl.constexpr, HAS_XB: tl.constexpr, STATIONARY: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_X: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr):
+    """Scores of one tile; the key weight is the extra operand of whichever side holds the keys
+    (``xa_tile``: the rows' weights, loaded once per program)."""
+    s = dot_tile(a_tile, a_ptr, b_ptr, offs_r, offs_c, mask_r, mask_c, stride_a, stride_b, d,
+                 BLOCK_D, STATIONARY, PRECISION, EMULATE)
     if SCORE == 2:
         s = tl.exp(s)
     if HAS_XA:
-        s = s * tl.load(xa_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)[:, None]
+        s = s * xa_tile[:, None]
     if HAS_XB:
         s = s * tl.load(xb_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
     if SCORE == 1:
@@ -39,8 +41,9 @@ def pair_candidates(
     col_weight: Optional[torch.Tensor] = None,
     score: str = "signed",
     **plan_options,
-):
-    """Candidates for the k best pairs by (rows[r]·cols[c]) × weight, the weight ``[n]`` on the side
-    that holds the keys (or its absolute value, or exp(rows[r]·cols[c]) × weight); see launch.stream."""
+) -> Buffers:
+    """The kernel's buffers for the k best pairs by (rows[r]·cols[c]) × weight, the weight ``[n]`` on
+    the side that holds the keys (or its absolute value, or exp(rows[r]·cols[c]) × weight); see
+    launch.stream."""
     return stream(pair_tile, Operands(rows, cols, row_weight, col_weight), k, per_row=per_row, score=score,
-                  **plan_options)
+                  dual=False, **plan_options)

@@ -8,7 +8,7 @@ import torch
 
 from attnrules import engine
 from attnrules.engine import contract, cpu_backend, merge, torch_backend, triton_backend
-from attnrules.kernels import launch, plan, topk_stream
+from attnrules.kernels import plan, topk_stream
 from attnrules.kernels.pair_topk import pair_candidates
 from topk_oracle import assert_exact, expected_topk, random_inputs, score_matrix
 
@@ -253,10 +253,12 @@ def test_kernel_ranks_any_nan_first():
     rows = torch.tensor([[1.0, 1.0], [1e20, 1e20]])
     cols = torch.tensor([[1.0, 1.0], [1e20, 1e20], [2.0, 2.0]])
     w = torch.tensor([1.0, 0.0, 1.0])
-    found = pair_candidates(rows, cols, 1, per_row=False, col_weight=w, block_r=16, block_c=16)
+    found = triton_backend.global_candidates(
+        pair_candidates(rows, cols, 1, per_row=False, col_weight=w, block_r=16, block_c=16))
     s, r, c = merge.top_pairs(found.scores, found.rows, found.cols, 3, 1)
     assert torch.isnan(s).all() and (r.item(), c.item()) == (1, 1)
-    rows_found = pair_candidates(rows, cols, 1, per_row=True, col_weight=w, block_r=16, block_c=16)
+    rows_found = triton_backend.row_candidates(
+        pair_candidates(rows, cols, 1, per_row=True, col_weight=w, block_r=16, block_c=16))
     s, c = merge.top_per_row(rows_found.scores, rows_found.cols, 1, valid=rows_found.valid)
     assert torch.isnan(s[1, 0]) and c[1, 0] == 1 and c[0, 0] == 2
 
@@ -289,14 +291,13 @@ def test_merge_is_the_contract_order(dtype):
     np.testing.assert_array_equal(got_s.double().numpy(), exp_s)
 
 
-def test_merge_packing_matches_the_kernels_decoding():
+def test_merge_packing_round_trips_in_the_contract_order():
     g = torch.Generator().manual_seed(1)
     scores = torch.cat([torch.randn(1000, generator=g) * 1e3, torch.tensor([0.0, -0.0, float("inf"), -float("inf")])])
     index = torch.randint(0, 2**32 - 1, scores.shape, generator=g)
     keys = merge.pack_float32(scores, index)
-    s1, i1 = merge.unpack_float32(keys)
-    s2, i2 = launch.unpack(keys)
-    assert torch.equal(s1, s2) and torch.equal(i1, i2) and torch.equal(i1, index)
+    s1, i1 = merge.unpack_float32(keys)  # the one decoder, also of the Triton kernels' buffers
+    assert torch.equal(i1, index)
     assert torch.equal(s1, torch.where(scores == 0, 0.0, scores))
     order = torch.argsort(keys, descending=True)
     assert torch.all(scores[order][:-1] >= scores[order][1:])
@@ -305,7 +306,9 @@ def test_merge_packing_matches_the_kernels_decoding():
 def test_plan_reads_the_sm_count(monkeypatch):
     monkeypatch.setattr(topk_stream, "INTERPRETED", False)
     monkeypatch.setattr(plan, "sm_count", lambda device: 8)
-    p = plan.plan(n_rows=64, n_cols=100_000, k=10, global_mode=True, block_r=64, block_c=64)
+    gpu = torch.device("cuda")  # only named: sm_count is replaced
+    p = plan.plan(n_rows=64, n_cols=100_000, d=64, k=10, global_mode=True, block_r=64, block_c=64, device=gpu)
     assert p.grid == (1, 4 * 8)  # PROGRAMS_PER_SM × SMs programs for one row block
     monkeypatch.setattr(plan, "sm_count", lambda device: 100)
-    assert plan.plan(n_rows=64, n_cols=100_000, k=10, global_mode=True, block_r=64, block_c=64).n_splits > 32
+    assert plan.plan(n_rows=64, n_cols=100_000, d=64, k=10, global_mode=True, block_r=64, block_c=64,
+                     device=gpu).n_splits > 32

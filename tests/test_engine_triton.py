@@ -2,7 +2,9 @@
 
 conftest.py sets TRITON_INTERPRET=1 before import. Shapes are small but not multiples of the blocks
 (masked rows, columns and d), block sizes are ≥ 16 as on a GPU, and the per-row buffers are small
-enough that compaction (tl.topk) runs. Each interpreted op costs ~1 ms, so calls are kept few.
+enough that compaction runs. Every call uses the default precision ("tf32": the emulated TF32 filter,
+then the fp32 rescore; tests/test_triton_filter.py compares the precisions). Each interpreted op
+costs ~1 ms, so calls are kept few.
 """
 import pytest
 import torch
@@ -83,7 +85,8 @@ def test_global_k_above_program_k_is_checked_and_repaired(monkeypatch):
     q, k, w, _, _ = random_inputs(NQ, NK, D, seed=5)
     q[20] *= 50  # query 20 owns every top pair: its program must be repaired exactly
     s = score_matrix(q, k, key_weight=w)
-    found = pair_candidates(q, k, 30, per_row=False, col_weight=w, block_r=16, block_c=16, program_k=8)
+    found = triton_backend.global_candidates(
+        pair_candidates(q, k, 30, per_row=False, col_weight=w, block_r=16, block_c=16, program_k=8))
     best = merge.top_pairs(found.scores, found.rows, found.cols, NK, 30)
     bad = triton_backend._unverified(found, best, 30, NK)
     assert found.regions[bad].tolist() == [[16, 32, 0, NK]]
@@ -100,20 +103,11 @@ def test_global_k_above_program_k_is_checked_and_repaired(monkeypatch):
     assert_matches(res, s, 30, "global", tol=tolerance(s, D))
 
 
-@pytest.mark.parametrize("precision", ["tf32", "tf32x3"])
-def test_precision_option_runs(precision):
-    # The interpreter computes tl.dot in fp32 whatever input_precision says: this checks plumbing only.
-    q, k, _, qa, ka = random_inputs(NQ, NK, D, n_ex=9, seed=2)
-    s = score_matrix(q, k, query_acts=qa, key_acts=ka)
-    res = engine.dual_topk(q, k, qa, ka, 7, by="query", backend="triton", precision=precision, block_q=16)
-    assert_matches(res, s, 7, "query", tol=tolerance(s, D) * 10)
-
-
 def test_kernels_upcast_bf16_after_loading():
     q, k, _, qa, ka = random_inputs(NQ, NK, D, n_ex=9, seed=4)
     q, k, qa, ka = (x.bfloat16() for x in (q, k, qa, ka))
     s = score_matrix(q, k, query_acts=qa, key_acts=ka)  # float64 of the bf16 values
-    found = dual_candidates(q, k, qa, ka, 9, per_row=False, block_r=16, block_c=16)
+    found = triton_backend.global_candidates(dual_candidates(q, k, qa, ka, 9, per_row=False, block_r=16, block_c=16))
     assert found.scores.dtype == torch.float32
     res = engine.TopK(*merge.top_pairs(found.scores, found.rows, found.cols, NK, 9), "global")
     assert_matches(res, s, 9, "global", tol=tolerance(s, D) * 10)
@@ -142,8 +136,8 @@ def test_clear_errors(monkeypatch):
         engine.pair_topk(q, k, 3, backend="triton")
 
 
-def test_large_per_row_k_compacts_rows_in_groups():
-    # k = 300 → K = 512: a compaction sorts 8 of the 16 rows at a time (SUB < block_r); 12 live rows.
+def test_large_per_row_k():
+    # k = 300 → K = 512, 128-column tiles: buffers of 1,024 slots, compacted by bisection; 12 live rows.
     q, k, w, _, _ = random_inputs(12, 1100, 4, seed=8)  # 9 column blocks: one compaction
     s = score_matrix(q, k, key_weight=w)
     res = engine.pair_topk(q, k, 300, by="query", key_weight=w, backend="triton", block_q=16, block_k=128)

@@ -127,13 +127,14 @@ CAPABILITIES: Mapping[str, Capability] = MappingProxyType({
     "triton": Capability(
         backend="triton", devices=("cuda", "cpu"), dtypes=(torch.float32,),
         max_k_per_row=1024, max_k_global=None, dual=True, scores=SCORE_CHOICES,
-        block_sizes="powers of two ≥ 16, block_q × block_k ≤ 8192 for by='global' (default: planned; "
-                    "the streamed side autotuned on a GPU)",
+        block_sizes="powers of two ≥ 16, block_q × block_k ≤ 8192 for by='global' (default: planned: "
+                    "16–32 rows × 64 columns on a GPU)",
         contiguous=False,
         options=MappingProxyType({
-            "precision": "tl.dot input precision: 'ieee' (fp32, default), 'tf32', 'tf32x3'",
+            "precision": "'tf32' (default: tensor-core filter, fp32 rescore of possible survivors: the fp32 answer), "
+                         "'tf32x3' (the same with a three-pass filter), 'ieee' (fp32 only)",
             "n_splits": "column ranges per row block run by separate programs (None: ~4 programs per SM)",
-            "program_k": "by='global': candidates kept per program (None: min(k, 4096))",
+            "program_k": "by='global': candidates kept per program (None: min(k, 1024))",
         }),
         requires="Triton and a CUDA GPU (CPU tensors are copied to it and the answer back); without one, "
                  "CPU tensors only in Triton's interpreter (TRITON_INTERPRET=1 set before attnrules is imported, "
