@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -33,12 +33,15 @@ from attnrules.evaluation.metrics import SweepPoint, sweep_point
 from attnrules.exemplars import ConditionHit, ExemplarSplit, Exemplars, ExemplarView, TermMatch, split_bounds
 from attnrules.rules.combined import COMBINED, CombinedRuleSet, Conditions, presence
 from attnrules.rules.matches import default_aggregation
+from attnrules.rules.skipgram import SkipgramRuleSet
 from attnrules.sources.runner import hook_names, run_batches
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
     from attnrules.sources import InputSAE
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,7 @@ def firing_positions(rule_sets: Sequence, acts: torch.Tensor, *, threshold: floa
     return fires
 
 
-def on_columns(rules, features: torch.Tensor):
+def on_columns(rules: SkipgramRuleSet, features: torch.Tensor) -> SkipgramRuleSet:
     """``rules`` (a :class:`~attnrules.rules.SkipgramRuleSet`) reading activations restricted to ``features``
     (column j is input feature ``features[j]``; pseudo-feature ids stay as they are), without value rows."""
     col_of = {int(f): j for j, f in enumerate(features.tolist())}
@@ -181,11 +184,11 @@ def sample_pattern_negatives(
 # One feature's evaluations beyond REF's
 
 
-def memoized(build):
+def memoized(build: Callable[[int], T]) -> Callable[[int], T]:
     """``build(n)`` computed once per n (a rule set is evaluated on several exemplar sets)."""
-    built: dict[int, object] = {}
+    built: dict[int, T] = {}
 
-    def get(n: int):
+    def get(n: int) -> T:
         if n not in built:
             built[n] = build(n)
         return built[n]
