@@ -314,7 +314,7 @@ def main() -> None:
     scan = corpus_pass(args)
     # the old pipeline first, on the features the new one samples (the first --baseline-features of
     # them; both sample the same ones from the same seed and scan)
-    old = None
+    old, old_skipped = None, "--baseline-features 0"
     if args.baseline_features:
         from attnrules.exemplars import sample_features, scan_output_features
         from attnrules.pipeline import ExtractSettings
@@ -327,15 +327,19 @@ def main() -> None:
                                  min_count=ref.min_count, max_count=ref.max_count, seed=ref.seed)[: args.baseline_features]
         del model, sae_out, scanned
         print(f"old pipeline ({args.baseline}): {len(subset)} features", file=sys.stderr)
-        with tempfile.TemporaryDirectory() as tmp:
-            tree = baseline_tree(args.baseline, Path(tmp))
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--role", "baseline", "--tree", str(tree),
-                   "--feature-list", ",".join(map(str, subset)), "--layer", str(args.layer), "--corpus",
-                   str(args.corpus), "--device", args.device, "--backend", args.backend,
-                   "--features", str(args.features)] + (["--quick"] if args.quick else [])
-            done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, cwd=tmp,
-                                  env={**os.environ, "PYTHONPATH": ""})
-        old = json.loads(done.stdout.strip().splitlines()[-1])
+        try:  # needs the repository's git history (a bare copy of the tree has none: the old run is skipped)
+            with tempfile.TemporaryDirectory() as tmp:
+                tree = baseline_tree(args.baseline, Path(tmp))
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--role", "baseline", "--tree", str(tree),
+                       "--feature-list", ",".join(map(str, subset)), "--layer", str(args.layer), "--corpus",
+                       str(args.corpus), "--device", args.device, "--backend", args.backend,
+                       "--features", str(args.features)] + (["--quick"] if args.quick else [])
+                done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, cwd=tmp,
+                                      env={**os.environ, "PYTHONPATH": ""})
+            old = json.loads(done.stdout.strip().splitlines()[-1])
+        except (OSError, subprocess.CalledProcessError) as err:
+            old_skipped = f"the old pipeline could not run: {type(err).__name__}: {err}"
+            print(old_skipped, file=sys.stderr)
     print(f"new pipeline: {args.features} features", file=sys.stderr)
     new = run_head(args, None)
     measured = len(new["features"])
@@ -350,7 +354,9 @@ def main() -> None:
         "new": {k: v for k, v in new.items() if k != "results"},
     }
     report["new"]["projection"] = project(new, 100, args.corpus, max(measured, 1))
-    if old is not None:
+    if old is None:
+        report["old"] = {"skipped": old_skipped}
+    else:
         report["old"] = {"commit": args.baseline, **{k: v for k, v in old.items() if k != "results"},
                          "measured": f"{len(old['features'])} features ({', '.join(map(str, old['features']))}) and "
                                      f"the per-head steps; the other features of the head projected from them"}
