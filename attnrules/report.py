@@ -410,40 +410,39 @@ def _head_metrics(metrics: Optional[dict]) -> str:
 
 
 def _summary_table(head: dict) -> str:
-    """One row per feature: the best F1 of each ordering (and of the best combined rule set) on random and on
-    pattern negatives with the smallest N reaching it, F1 at N = 8, absence and counting rules, distractor."""
+    """One row per feature: the best F1 of each ordering (and of the best combined rule set) with the smallest
+    N reaching it, on random negatives and (after "·") on pattern negatives; F1 at N = 8 of each ordering;
+    absence and counting rules; whether it has a distractor key."""
     features = head["features"]
     pattern = any(_negatives(p) == "pattern" for f in features for p in f["sweep"])
     combined = any(_is_combined(p["method"]) for f in features for p in f["sweep"])
-    header = ["feature"] + [f"best F1 ({m}) @ N" for m in METHODS]
-    if pattern:
-        header += [f"best F1, pattern negatives ({m}) @ N" for m in METHODS]
-    if combined:
-        header += ["best combined set, random", "best combined set, pattern"]
-    header += [f"F1 @ N=8 ({m})" for m in METHODS] + ["absence rules", "counting rule", "distractor"]
+    both = " (random · pattern negatives)" if pattern else ""
+    header = (["feature"] + [f"best F1 @ N, {m}{both}" for m in METHODS]
+              + ([f"best F1 @ N, combined set{both}"] if combined else [])
+              + ["F1 @ N=8 (" + " / ".join(METHODS) + ")", "absence rules", "counting rule", "distractor"])
+    negatives = NEGATIVES if pattern else NEGATIVES[:1]
     rows = []
     for f in features:
         sweep = f["sweep"]
         row = [f'<a href="#{_feature_id(f["name"])}">{_esc(f["name"])}</a>']
-        row += [_best_cell(*_best_f1(sweep, m)) for m in METHODS]
-        if pattern:
-            row += [_best_cell(*_best_f1(sweep, m, "pattern")) for m in METHODS]
+        row += [_best_cell([_best_f1(sweep, m, n) + (m,) for n in negatives]) for m in METHODS]
         if combined:
-            for negatives in NEGATIVES:
-                found = [(v, n, m) for m in _methods(sweep) if _is_combined(m)
-                         for v, n in [_best_f1(sweep, m, negatives)] if v is not None]
-                v, n, m = max(found, key=lambda x: (x[0], -x[1])) if found else (None, None, None)
-                row.append(_num_cell(f"{_fmt(v)} @ {n} ({_esc(m)})" if v is not None else "—"))
-        row += [_num_cell(_fmt(_f1_at(sweep, m, 8))) for m in METHODS]
-        row += [_num_cell(str(len(f.get("absence") or []))),
+            row.append(_best_cell([max(((*_best_f1(sweep, m, n), m) for m in _methods(sweep) if _is_combined(m)
+                                        and _best_f1(sweep, m, n)[0] is not None),
+                                       key=lambda x: (x[0], -x[1]), default=(None, None, None)) for n in negatives]))
+        row += [_num_cell(" / ".join(_fmt(_f1_at(sweep, m, 8)) for m in METHODS)),
+                _num_cell(str(len(f.get("absence") or []))),
                 _esc(f["counting"]["text"]) if f.get("counting") else "—",
                 "yes" if _has_distractor(f) else "no"]
         rows.append(row)
     return _table(header, rows, "summary sortable")
 
 
-def _best_cell(value: Optional[float], n: Optional[int]) -> str:
-    return _num_cell(f"{_fmt(value)} @ {n}" if value is not None else "—")
+def _best_cell(best: list[tuple[Optional[float], Optional[int], Optional[str]]]) -> str:
+    """(F1, N, rule set) on each evaluation as "F1 @ N · F1 @ N"; the rule sets named in the hover."""
+    text = " · ".join(f"{_fmt(v)} @ {n}" if v is not None else "—" for v, n, _ in best)
+    names = "; ".join(f"{neg}: {m}" for (v, _, m), neg in zip(best, NEGATIVES) if v is not None and m)
+    return f'<td class="num" title="{_esc(names)}">{_esc(text)}</td>'
 
 
 def _negatives(point: dict) -> str:

@@ -1,5 +1,6 @@
 """The HTML report: rendered from real extraction results, opened in headless Chromium, and its errors."""
 import copy
+import html
 import json
 import re
 import shutil
@@ -128,7 +129,13 @@ def test_report_content(report):
     # rules: terms that cannot contribute are left out, and counted; A, V and A×V in columns
     assert "7 of 8 stored terms left out" in text
     # P/R/F1 on random and on pattern negatives: the summary names both
-    assert "best F1, pattern negatives (weights) @ N" in text
+    assert "best F1 @ N, weights (random · pattern negatives)" in text and "best F1 @ N, combined set" in text
+    # L0H0.1 (absence): its skip-gram terms fall short on pattern negatives, the combined set does not
+    (row,) = [r for r in page.split("<tr>") if 'href="#feature-L0H0-1"' in r]
+    cells = [html.unescape(c) for c in re.findall(r'<td class="num" title="[^"]*">([^<]*)</td>', row)]
+    weights, combined = cells[0], cells[3]
+    assert weights.startswith("1 @") and float(weights.split(" · ")[1].split(" @")[0]) < 1
+    assert combined.split(" · ")[1].startswith("1 @")
 
 
 def test_layer_above_0_links_neuronpedia_and_everything_is_escaped(results_dir):

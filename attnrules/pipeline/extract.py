@@ -362,12 +362,12 @@ def _corpus_stats(model: HookedTransformer, input_sae: InputSAE, tokens: torch.T
 
 
 def used_inputs(results: list[FeatureResult]) -> list[int]:
-    """The input features the head's results name (rule terms, exhaustive pairs, absence rules as rendered,
-    REF's distractor check, unseen keys), sorted; pseudo-features (negative ids) left out."""
+    """The input features the head's rules name (stored rule terms, absence rules as rendered, REF's
+    distractor check, unseen keys), sorted; pseudo-features (negative ids) left out. The exhaustive pairs
+    are not counted: on a large SAE they name thousands of features (their rows carry their labels)."""
     used: set[int] = set()
     for f in results:
         used.update(j for r in f.rules for t in r.terms for j in (t.query, t.key))
-        used.update(j for p in f.pairs for j in (p.query, p.key))
         used.update(j for a in f.absence for j in (a.query, a.key, *a.kept[:3]))  # as rendered
         used.update(u.key for u in f.unseen_keys)
         if f.paper_distractor is not None:

@@ -7,7 +7,8 @@ shard resumes where it stopped) and, when complete, a manifest entry ``OUT/manif
 is written atomically. A restarted sweep skips shards whose manifest entry names the same inputs
 (content hashes of model, SAEs, corpus and settings) and stops on shards of other inputs unless
 ``overwrite``. When all ranks are done, rank 0 merges the shards into one Parquet
-dataset (``OUT/merged/{metrics,features,rules,distractors}.parquet``) and a summary table (``OUT/summary.csv``).
+dataset (``OUT/merged/{metrics,features,rules,distractors,heads}.parquet``; ``heads``: each head's attention
+metrics from the corpus pass) and a summary table (``OUT/summary.csv``).
 """
 from __future__ import annotations
 
@@ -198,13 +199,16 @@ def run_sweep(
 
 
 def _frames(out: Path, shards: list) -> dict[str, pd.DataFrame]:
-    metrics, features, rules, distractors = [], [], [], []
+    metrics, features, rules, distractors, heads = [], [], [], [], []
     for layer, head in shards:
         folder = out / "shards" / shard_name(layer, head)
         if not _manifest(out, shard_name(layer, head)).exists() or not (folder / MARKER_FILE).exists():
             raise FileNotFoundError(f"shard {shard_name(layer, head)} is not finished: no manifest entry or "
                                     f"no {folder / MARKER_FILE}")
         result = read_head(folder)
+        metrics_of_head = result.metadata.get("head_metrics") or {}  # attention metrics from the corpus pass
+        heads.append({"layer": layer, "head": head, "n_features": len(result.features),
+                      **{k: v for k, v in metrics_of_head.items() if k not in ("layer", "head")}})
         for f in result.features:
             key = {"layer": layer, "head": head, "feature": f.name}
             metrics += [{**key, **p.to_json()} for p in f.sweep]
@@ -217,7 +221,7 @@ def _frames(out: Path, shards: list) -> dict[str, pd.DataFrame]:
                 row.update({f"insert_{n}": a for n, a in zip(d.insertion.counts, d.insertion.mean_act)})
             distractors.append(row)
     return {"metrics": pd.DataFrame(metrics), "features": pd.DataFrame(features), "rules": pd.DataFrame(rules),
-            "distractors": pd.DataFrame(distractors)}
+            "distractors": pd.DataFrame(distractors), "heads": pd.DataFrame(heads)}
 
 
 def _write_parquet(path: Path, frame: pd.DataFrame) -> None:

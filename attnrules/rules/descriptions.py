@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 
     from attnrules.sources import InputSAE
 
-TOP_CONTEXTS = 8  # top activations kept per input feature
+TOP_CONTEXTS = 8  # top activations kept per input feature (the label is the token most often among them)
+RECORDED_CONTEXTS = 5  # of which the results keep, per input feature a head's rules name
 CONTEXT_BEFORE, CONTEXT_AFTER = 4, 1  # tokens of context around an activation
 ENCODE_CHUNK = 8  # sequences encoded at once by the input SAE in the corpus pass (bounds memory)
 
@@ -227,7 +228,7 @@ class InputDescriptions:
             data.update(name=self.ids[feature], source=self.sources[feature], url=self.urls[feature])
         if self.corpus is not None:
             data.update(frequency=self.corpus.stats.frequency(feature), n_tokens=self.corpus.stats.n_tokens,
-                        contexts=self.corpus.contexts(feature))
+                        contexts=self.corpus.contexts(feature)[:RECORDED_CONTEXTS])
         return data
 
 
