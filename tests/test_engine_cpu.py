@@ -346,10 +346,17 @@ def test_both_sides_in_one_sweep_equal_two_per_key_passes(isa, nq, nk, d, k, sam
     """cpu_backend.per_key_both_sides: each key's best queries by A and by -A, bit for bit the per-key
     pass on queries and on -queries, and the float64 oracle's."""
     q, kk, _, _, _ = random_inputs(nq, nk, d, seed=nq + k)
-    high, low = cpu_backend.per_key_both_sides(q, kk, k, isa=isa, sample_cols=sample)
+    high, low = _sides(q, kk, k, isa=isa, sample_cols=sample)
     assert _same(high, engine.pair_topk(q, kk, k, by="key", backend="cpu", isa=isa))
     assert _same(low, engine.pair_topk(-q, kk, k, by="key", backend="cpu", isa=isa))
     assert_matches(low, score_matrix(-q, kk), k, "key", tol=tolerance(score_matrix(q, kk), d))
+
+
+def _sides(q, kk, k, **options) -> tuple[engine.TopK, engine.TopK]:
+    scores, picked = cpu_backend.per_key_both_sides(q, kk, k, **options)
+    assert scores.shape == picked.shape == (2, kk.shape[0], k)
+    fixed = torch.arange(kk.shape[0])[:, None].expand(-1, k)
+    return tuple(engine.TopK(scores[side], picked[side], fixed, "key") for side in (0, 1))
 
 
 def test_both_sides_ties_and_a_biased_sample_redo():
@@ -358,12 +365,12 @@ def test_both_sides_ties_and_a_biased_sample_redo():
     g = torch.Generator().manual_seed(0)
     q = torch.randint(-2, 3, (400, 6), generator=g).float()
     kk = torch.randint(-2, 3, (30, 6), generator=g).float()
-    high, low = cpu_backend.per_key_both_sides(q, kk, 50, sample_cols=40)
+    high, low = _sides(q, kk, 50, sample_cols=40)
     assert_exact(high, score_matrix(q, kk), 50, "key")
     assert_exact(low, score_matrix(-q, kk), 50, "key")
     biased = q.abs()
     biased[::10] *= 50  # a stride-10 sample sees only these: every guess is too high
     kk = kk.abs() + 1
-    high, low = cpu_backend.per_key_both_sides(biased, kk, 60, sample_cols=40)
+    high, low = _sides(biased, kk, 60, sample_cols=40)
     assert_exact(high, score_matrix(biased, kk), 60, "key")
     assert_exact(low, score_matrix(-biased, kk), 60, "key")

@@ -39,12 +39,13 @@ def per_key_both_sides(
     block_k: Optional[int] = None,
     isa: str = "auto",
     sample_cols: Optional[int] = None,
-) -> tuple[TopK, TopK]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each key's k best queries by A = queries·keys and by -A, from one sweep of the scores.
 
-    The first is ``pair_topk(queries, keys, k, by="key", backend="cpu")``; the second equals the same
-    call on ``-queries`` (scores -A, bit for bit: negation is exact), at the cost of about one pass
-    instead of two. Inputs are checked by the caller (``engine.multi_topk``): float32, C-contiguous CPU.
+    Returns (scores, query indices), each ``[2, Nk, k]``: side 0 is ``pair_topk(queries, keys, k,
+    by="key", backend="cpu")``'s scores and query_idx; side 1 those of the same call on ``-queries``
+    (scores -A, bit for bit: negation is exact), at the cost of about one pass instead of two. Inputs
+    are checked by the caller (``engine.multi_topk``): float32, C-contiguous CPU.
     """
     request = Request(queries, keys, k, "key", "signed")
     return _run(request, threads, block_q, block_k, isa, sample_cols, two_sided=True)
@@ -113,10 +114,13 @@ def _run(
     row_acts, col_acts = (key_acts, query_acts) if per_key else (query_acts, key_acts)
     n_rows = rows.shape[0]
     shape = (k,) if by == "global" else (n_rows, k)
-    scores = torch.empty(shape, dtype=torch.float32)
-    out_cols = torch.empty(shape, dtype=torch.int64)
+    if two_sided:  # both sides in one buffer each: [2, n_rows, k]
+        both_scores, both_cols = torch.empty((2, *shape)), torch.empty((2, *shape), dtype=torch.int64)
+        (scores, low_scores), (out_cols, low_cols) = both_scores, both_cols
+    else:
+        scores, out_cols = torch.empty(shape, dtype=torch.float32), torch.empty(shape, dtype=torch.int64)
+        low_scores = low_cols = None
     out_rows = torch.empty(shape, dtype=torch.int64) if by == "global" else None
-    low_scores, low_cols = (torch.empty(shape), torch.empty(shape, dtype=torch.int64)) if two_sided else (None, None)
     _C.topk(
         rows, cols, k, by != "global", request.score,
         row_weight=weight if per_key else None,
@@ -130,11 +134,12 @@ def _run(
         out_scores_low=None if low_scores is None else low_scores.view(-1),
         out_cols_low=None if low_cols is None else low_cols.view(-1),
     )  # fmt: skip
+    if two_sided:
+        return both_scores, both_cols
     if by == "global":
         return TopK(scores, out_rows, out_cols, by)
     fixed = torch.arange(n_rows, dtype=torch.int64)[:, None].expand(shape).contiguous()
-    result = TopK(scores, out_cols, fixed, by) if per_key else TopK(scores, fixed, out_cols, by)
-    return (result, TopK(low_scores, low_cols, fixed, by)) if two_sided else result
+    return TopK(scores, out_cols, fixed, by) if per_key else TopK(scores, fixed, out_cols, by)
 
 
 def topk(

@@ -167,10 +167,8 @@ def _native(queries: torch.Tensor, negated: torch.Tensor, keys: torch.Tensor, w:
     entries of the shallower one."""
     nq, nk, n_feat = queries.shape[0], keys.shape[0], w.shape[1]
     sides = (queries, negated)  # table rows 0..Nk-1: A descending; Nk..2Nk-1: -A descending
-    rows = cpu_backend.per_key_both_sides(queries, keys, depth, **options)  # one sweep for both sides
-    scores = torch.cat([r.scores.reshape(-1) for r in rows])
-    picked = torch.cat([r.query_idx.reshape(-1) for r in rows]).to(torch.int32)
-    del rows
+    scores, picked = cpu_backend.per_key_both_sides(queries, keys, depth, **options)  # one sweep, both sides
+    scores, picked = scores.view(-1), picked.view(-1).to(torch.int32)
     row_len = torch.full((2 * nk,), depth, dtype=torch.int64)
     row_start = torch.arange(2 * nk, dtype=torch.int64) * depth
     out = TopK(torch.empty(n_feat, k), torch.empty(n_feat, k, dtype=torch.int64),
@@ -185,15 +183,19 @@ def _native(queries: torch.Tensor, negated: torch.Tensor, keys: torch.Tensor, w:
         deep = torch.nonzero(deeper).flatten()
         grown = (deep, row_len[deep].clone())
         new_len = (4 * row_len[deep]).clamp(max=nq)
+        parts_s, parts_q, end = [scores], [picked], scores.numel()
         for n in torch.unique(new_len).tolist():
             for side in (0, 1):
                 sel = deep[(new_len == n) & ((deep >= nk) == bool(side))]
                 if sel.numel():
                     best = per_key(sides[side], keys[sel - side * nk], n)  # the same bits as the table's
-                    row_start[sel] = scores.numel() + n * torch.arange(sel.numel())
+                    row_start[sel] = end + n * torch.arange(sel.numel())
                     row_len[sel] = n
-                    scores = torch.cat([scores, best.scores.reshape(-1)])
-                    picked = torch.cat([picked, best.query_idx.reshape(-1).to(torch.int32)])
+                    end += best.scores.numel()
+                    parts_s.append(best.scores.reshape(-1))
+                    parts_q.append(best.query_idx.reshape(-1).to(torch.int32))
+        if len(parts_s) > 1:
+            scores, picked = torch.cat(parts_s), torch.cat(parts_q)
     return out
 
 
