@@ -47,6 +47,20 @@ def test_quick_bench_prints_the_table_and_writes_the_json(tmp_path):
         for r in case["results"].values():
             for key in ("median_s", "gflops", "fraction_of_peak", "time_vs_cpu"):
                 assert number(r[key]), key
+    # the engine's goals, measured side by side in the same run
+    inter = cpu["interleaved"]
+    assert inter["rounds"] >= 3 and number(inter["per_key_vs_global"]) and number(inter["per_query_vs_global"])
+    assert all(len(v) == inter["rounds"] for v in inter["times_s"].values())
+    assert "side by side (3 rounds, medians): per-key top-20 ÷ global" in text
+    if "avx2" in cpu_backend.supported_isas():
+        avx2 = cpu["avx2"]
+        assert number(avx2["sgemm_avx2_peak_gflops"]) and avx2["avx2_env"]["MKL_ENABLE_INSTRUCTIONS"] == "AVX2"
+        assert number(avx2["avx2_fraction_of_avx2_sgemm_peak"]) and number(avx2["gflops"]["avx2"])
+        assert "AVX2 kernel, global case:" in text and "of the AVX2-only sgemm peak" in text
+    multi = cpu["multi_topk"]
+    assert multi["config"]["n_features"] == 64 and multi["identical_to_pair_topk"] == "8/8"
+    assert number(multi["vs_one_single_pass"]) and number(multi["multi_topk_s"])
+    assert "multi_topk: 64 features × global top-500 of 1,024² pairs in" in text
     assert report["gpu"] is None  # --device cpu: the GPU benchmark is not asked for
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"], "written atomically, nothing else"
 
