@@ -22,6 +22,7 @@ LIMIT_MIB=${ATTNRULES_WHEELS_MIB:-60}
 PY=.venv/bin/python
 [ -x "$PY" ] || { echo "gpu_wheels: needs this checkout's .venv (bash scripts/setup.sh)" >&2; exit 2; }
 mkdir -p "$OUT"
+rm -f "$OUT"/*.whl   # the folder holds exactly this run's wheels (gpu_check.sh installs them all)
 SPECS=$(HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "$PY" - <<'EOF'
 import importlib.metadata as md
 import sys

@@ -128,7 +128,7 @@ CAPABILITIES: Mapping[str, Capability] = MappingProxyType({
         backend="triton", devices=("cuda", "cpu"), dtypes=(torch.float32,),
         max_k_per_row=1024, max_k_global=None, dual=True, scores=SCORE_CHOICES,
         block_sizes="powers of two ≥ 16, block_q × block_k ≤ 8192 for by='global' (default: planned: "
-                    "16–32 rows × 64 columns on a GPU)",
+                    "16 rows (32 per row for pair_topk, k ≤ 128) × 64 columns on a GPU)",
         contiguous=False,
         options=MappingProxyType({
             "precision": "'tf32' (default: tensor-core filter, fp32 rescore of possible survivors: the fp32 answer), "
