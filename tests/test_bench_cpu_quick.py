@@ -29,3 +29,25 @@ def test_quick_benchmark_writes_its_results(tmp_path):
             assert {"median_s", "gflops", "fraction_of_peak", "time_vs_cpu", "peak_rss_over_inputs_mib"} <= set(r)
     assert "faiss" in report["cases"][2]["results"]
     assert list(tmp_path.iterdir()) == [out], "the results file is written atomically, no temporary left"
+
+
+@pytest.mark.skipif(not cpu_backend.is_available(), reason="attnrules._C was not built")
+def test_multi_topk_and_interleaved_scripts_write_their_results(tmp_path):
+    root = BENCH.parent
+    out = tmp_path / "multi.json"
+    done = subprocess.run([sys.executable, str(root / "bench_multi_topk.py"), "--quick", "--n", "300", "--features",
+                           "20", "--k", "400", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == "multi_topk" and report["config"]["n"] == 300 and report["native"] is True
+    assert report["identical_to_pair_topk"] == "8/8" and len(report["round_ratios"]) == 1
+    assert report["multi_topk_s"] > 0 and report["vs_one_single_pass"] > 0 and "load_average" in report["machine"]
+    out = tmp_path / "inter.json"
+    done = subprocess.run([sys.executable, str(root / "bench_cpu_interleaved.py"), "--n", "200", "--rounds", "2",
+                           "--isa", "avx2" if "avx2" in cpu_backend.supported_isas() else "generic", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert report["rounds"] == 2 and all(len(v) == 2 for v in report["times_s"].values())
+    assert report["per_key_vs_global"] > 0 and "load_average" in report["machine"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inter.json", "multi.json"]
