@@ -717,10 +717,14 @@ def _exemplar(view: dict, scales: tuple[float, float], terms: dict, *, negative:
         classes.add(cls)
         texts.append(text)
 
+    # each term once per role and position, with every ordering that ranks it: "key of [If] … [then] (weights #1, ...)"
+    ranked: dict[tuple[int, str, str], list[str]] = {}
     for m in view.get("matches") or []:
         term = terms.get((m["method"], m["rank"]), f"term {m['rank'] + 1}")
-        mark(m["key_position"], "match-key", f"key of {m['method']} #{m['rank'] + 1} {term}")
-        mark(t, "match-query", f"query of {m['method']} #{m['rank'] + 1} {term}")
+        for pos, role in ((m["key_position"], "key"), (t, "query")):
+            ranked.setdefault((pos, role, term), []).append(f"{m['method']} #{m['rank'] + 1}")
+    for (pos, role, term), where in ranked.items():
+        mark(pos, f"match-{role}", f"{role} of {term} ({', '.join(dict.fromkeys(where))})")
     for c in view.get("conditions") or []:
         if c["kind"] == "distractor":
             for p in c["positions"]:

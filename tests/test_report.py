@@ -86,7 +86,7 @@ def test_report_renders_in_chromium(report, tmp_path):
     assert dom.find("span", "scored")
     # the rule's terms marked where they fire, the hover naming the term
     keys = [attrs for attrs, _ in dom.find("span", "match-key") if "data-act" in attrs]
-    assert any("key of weights #1 [If] … [then]" in a["title"] for a in keys)
+    assert any("key of [If] … [then] (weights #1" in a["title"] for a in keys)
     assert all("query of" in a["title"] for a, _ in dom.find("span", "match-query") if "data-act" in a)
     # a pattern negative beside the positives, its distractor marked
     assert [attrs for t, attrs, _ in dom.elements if t == "div" and "negative" in (attrs.get("class") or "").split()]
