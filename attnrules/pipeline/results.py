@@ -494,16 +494,16 @@ class HeadResult(Record):
                     f"n={n}: {_fmt(a)}" for n, a in zip(d.insertion.counts, d.insertion.mean_act)))
         frame = self.metrics_frame()
         if not frame.empty:
-            random = frame[frame["negatives"] == "random"]
-            table = random.pivot_table(index="num_rules", columns="method", values=["precision", "recall", "f1"],
-                                       aggfunc="mean")
+            ref = frame[(frame["negatives"] == "random") & ~frame["method"].str.contains("+", regex=False)]
+            table = ref.pivot_table(index="num_rules", columns="method", values=["precision", "recall", "f1"],
+                                    aggfunc="mean")
             lines += ["", "Mean precision / recall / F1 over features, by number of terms N:",
                       table.to_string(float_format=lambda v: f"{v:.3f}")]
-            pattern = frame[frame["negatives"] == "pattern"]
-            if not pattern.empty:
-                table = pattern.pivot_table(index="num_rules", columns="method", values="f1", aggfunc="mean")
-                lines += ["", "Mean F1 on pattern negatives (the val positives, and silent positions where the rule "
-                          "terms fire), by number of terms N:", table.to_string(float_format=lambda v: f"{v:.3f}")]
+            if len(ref) < len(frame):  # combined sets or pattern negatives: F1 per evaluation and method
+                table = frame.pivot_table(index=["negatives", "method"], columns="num_rules", values="f1", aggfunc="mean")
+                lines += ["", "Mean F1 by N on REF's exemplars (random) and on pattern negatives (the val positives "
+                          "and silent positions where the rule terms fire); +absence+counting: the combined sets:",
+                          table.to_string(float_format=lambda v: f"{v:.3f}")]
         return "\n".join(lines)
 
 
