@@ -26,7 +26,11 @@ fi
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-PYTHON=$(command -v "$PYTHON") || { echo "gpu_check: no python ($PYTHON)" >&2; exit 2; }
+case "$PYTHON" in  # an absolute path (commands run from another folder); a venv's symlink is kept
+  /*) ;;
+  */*) PYTHON="$PWD/$PYTHON" ;;
+  *) PYTHON=$(command -v "$PYTHON") || { echo "gpu_check: no $PYTHON here" >&2; exit 2; } ;;
+esac
 START=$(date +%s)
 ROOT=$PWD
 WORK=$ROOT/build/gpu_check   # Python runs from here, so that the source folder attnrules/ (no _C, no
@@ -87,7 +91,7 @@ if (cd "$WORK" && "$PYTHON" -c "import transformer_lens") >/dev/null 2>&1; then
   if (cd "$WORK" && "$PYTHON" "$ROOT/bench/bench_pipeline.py" --help 2>/dev/null) | grep -q -- "--baseline-features"; then
     EXTRA+=(--baseline-features 0)   # the old pipeline needs git history, which does not travel
   fi
-  step pipeline 240 "$PYTHON" "$ROOT/bench/bench_pipeline.py" --device cuda --quick "${EXTRA[@]}" \
+  step pipeline 240 "$PYTHON" "$ROOT/bench/bench_pipeline.py" --device cuda --quick ${EXTRA[@]+"${EXTRA[@]}"} \
     --out "$RESULTS/pipeline_cuda.json"
 else
   echo "!! gpu_check: bench_pipeline.py not run: transformer_lens does not import here (no wheels in" \

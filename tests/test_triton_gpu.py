@@ -92,12 +92,12 @@ def test_ties_are_exact():
 
 
 def test_the_filter_runs_on_tensor_cores_and_the_margin_is_needed(monkeypatch):
-    # Keys 1 + j·2⁻¹⁸ all read as 1.0 in TF32: only the margin makes later blocks be rescored.
+    # Keys 1 + j·2⁻²¹ (all below 1 + 2⁻¹¹) read as 1.0 in TF32, truncated or rounded to nearest: only
+    # the margin makes the later, truly better column blocks be rescored.
     q = torch.zeros(64, 16)
     q[:, 0] = 1.0
     kk = torch.zeros(300, 16)
-    kk[:, 0] = 1.0 + torch.arange(300, dtype=torch.float32) * 2.0**-18
-    kk[200:, 0] = 1.0 + torch.arange(100, dtype=torch.float32) * 2.0**-18  # keep every key below 1 + 2⁻¹¹
+    kk[:, 0] = 1.0 + torch.arange(300, dtype=torch.float32) * 2.0**-21
     s = score_matrix(q, kk)
     qc, kc = _cuda(q, kk)
     assert_exact(engine.pair_topk(qc, kc, 3, by="query", backend="triton"), s, 3, "query")

@@ -28,6 +28,7 @@ imported), which is how the tests check every kernel on this machine.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -189,6 +190,8 @@ def _floor(run: Kernel, region: Region, k: int, plan_options: dict, request: Req
     if cands.scores.numel() < k:
         return float("-inf")
     kth = float(torch.topk(cands.scores, k).values[-1])
+    if not math.isfinite(kth):  # overflow (±inf, NaN): no usable bound; the engine's NaN policy applies
+        return float("-inf")
     n_x = request.query_acts.shape[1] if request.dual else None
     return kth - kernel_plan.fp32_spread(request.queries.shape[1], n_x) * _norm_bound(request)
 
