@@ -55,6 +55,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
           f"{result['vs_one_single_pass']:.1f} | {result['speedup_vs_single_calls']:.0f} |")
     print(f"table {ph['table_s']:.3f} s, answers and deeper rows {ph['answer_and_deeper_rows_s']:.3f} s "
           f"({result['per_feature_ms']:.2f} ms/feature); median round ratio {result['median_round_ratio']:.2f}×; "
+          f"CPU-time ratio {result['cpu_time_ratio']:.2f}×; "
           f"identical to pair_topk: {result['identical_to_pair_topk']}; peak RSS over inputs "
           f"{result['peak_rss_over_inputs_mib']:.0f} MiB; load average {report['machine']['load_average']}")
     return report
