@@ -7,7 +7,8 @@
 #
 # What to fetch is read from this checkout's .venv, at the versions installed here, in two sets:
 # - core: the distributions `import attnrules` loads (bench_triton.py and the GPU tests need them;
-#   measured 2026-11-30: pandas and python-dateutil, about 12 MiB);
+#   measured 2026-11-30: pandas, python-dateutil, tqdm, dill, cloudpickle) and the test runner
+#   (pytest, pluggy, iniconfig, packaging, pygments): about 14 MiB;
 # - pipeline: what bench/bench_pipeline.py loads on top (transformer_lens, the GPT-2 conversion of
 #   transformers, attnrules.pipeline) — about 78 MiB, 52.5 of them pyarrow, which transformer_lens
 #   needs through `datasets`.
@@ -36,7 +37,7 @@ owners = md.packages_distributions()
 on_gpu_machine = {"torch", "triton", "numpy", "nanobind", "scikit-build-core", "cmake", "ninja", "filelock",
                   "typing-extensions", "sympy", "mpmath", "networkx", "jinja2", "markupsafe", "fsspec",
                   "setuptools", "pip", "wheel"}
-test_only = {"pytest", "pluggy", "iniconfig", "pytest-benchmark", "py-cpuinfo", "attnrules"}
+test_only = {"pytest-benchmark", "py-cpuinfo", "attnrules"}
 optional = {"scipy", "pillow", "sentencepiece", "truststore", "pyarrow"}
 
 
@@ -62,7 +63,21 @@ def pipeline():
     import transformers.models.gpt2.modeling_gpt2  # noqa: F401
 
 
-first = loaded_by(core)
+def test_runner() -> set:
+    """pytest and what it requires on CPython 3.12 / Linux (gpu_check.sh runs the GPU tests with it)."""
+    from packaging.requirements import Requirement
+
+    env = {"python_version": "3.12", "python_full_version": "3.12.0", "sys_platform": "linux",
+           "platform_system": "Linux", "extra": ""}
+    names = {"pytest"}
+    for text in md.requires("pytest") or []:
+        req = Requirement(text)
+        if req.marker is None or req.marker.evaluate(env):
+            names.add(req.name)
+    return {md.metadata(n)["Name"] for n in names}
+
+
+first = loaded_by(core) | test_runner()
 second = loaded_by(pipeline) - first
 if "datasets" in second:
     second.add("pyarrow")  # required by datasets (optional only for pandas)
