@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 TOP_CONTEXTS = 8  # top activations kept per input feature (the label is the token most often among them)
 RECORDED_CONTEXTS = 5  # of which the results keep, per input feature a head's rules name
 CONTEXT_BEFORE, CONTEXT_AFTER = 4, 1  # tokens of context around an activation
-ENCODE_CHUNK = 8  # sequences encoded at once by the input SAE in the corpus pass (bounds memory)
+ENCODE_ELEMENTS = 2**26  # the most activations (sequences × tokens × features) encoded at once: 256 MB in float32
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,9 @@ class InputFeatureStats:
 class InputStatsObserver:
     """Gathers :class:`InputFeatureStats` during a corpus pass that already runs the model to the
     layer (:func:`attnrules.exemplars.scan_heads`): it reads ``hook_resid_pre`` of the layer and
-    encodes it with the input SAE, ``ENCODE_CHUNK`` sequences at a time. Its cost is that encode
-    (2·d_model·n_in FLOPs a token) and a running top-k; no forward pass of its own."""
+    encodes it with the input SAE, as many sequences at a time as keep the activations under
+    ``ENCODE_ELEMENTS``. Its cost is that encode (2·d_model·n_in FLOPs a token) and a running top-k;
+    no forward pass of its own."""
 
     def __init__(self, input_sae: InputSAE, *, k: int = TOP_CONTEXTS) -> None:
         if k < 1:
@@ -89,8 +90,9 @@ class InputStatsObserver:
 
     def observe(self, rows: slice, cache: dict) -> None:
         resid = cache[self.hooks[0]]
-        for start in range(0, resid.shape[0], ENCODE_CHUNK):
-            part = resid[start:start + ENCODE_CHUNK]
+        chunk = max(1, ENCODE_ELEMENTS // (resid.shape[1] * self.sae.n_features))
+        for start in range(0, resid.shape[0], chunk):
+            part = resid[start:start + chunk]
             acts = self.sae.encode(part.to(self.sae.W_dec.dtype))[:, 1:].float()  # [b, T-1, n], BOS left out
             b, t1, n = acts.shape
             self.n_tokens += b * t1
