@@ -214,5 +214,5 @@ def plan(
     cols_per_split = triton.cdiv(triton.cdiv(n_cols, n_splits), block_c) * block_c  # whole column blocks
     n_splits = triton.cdiv(n_cols, cols_per_split)
     margin_c = 0.0 if precision == "ieee" else filter_margin(precision, d, n_x)
-    return Launch(k_program, cap, chunk, block_r, block_c, topk_stream.DEFAULT_WARPS, block_d, block_x, stationary, n_rows, n_cols,
-                  n_row_blocks, n_splits, cols_per_split, global_mode, precision, margin_c)
+    return Launch(k_program, cap, chunk, block_r, block_c, topk_stream.DEFAULT_WARPS, block_d, block_x, stationary,
+                  n_rows, n_cols, n_row_blocks, n_splits, cols_per_split, global_mode, precision, margin_c)

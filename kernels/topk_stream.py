@@ -44,14 +44,13 @@ INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 
 SENTINEL = -(2**63)  # smaller than every packed key: an empty slot
 SCORE_CODES = {"signed": 0, "absolute": 1, "exp": 2}
-TF32_MASK = -8192  # 0xFFFFE000 as int32: keeps sign, exponent and TF32's 10 mantissa bits
 
 
 @triton.jit
 def _tf32(x):
     """x truncated to TF32 (10 mantissa bits), as tensor cores read fp32 inputs: the interpreter's
     stand-in for the hardware's rounding (it computes every tl.dot in fp32)."""
-    return (x.to(tl.int32, bitcast=True) & TF32_MASK).to(tl.float32, bitcast=True)
+    return (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)  # 0xFFFFE000: sign, exponent, 10 bits
 
 
 @triton.jit
