@@ -129,6 +129,8 @@ def test_report_content(report):
     # rules: terms that cannot contribute are left out, and counted; A, V and A×V in columns
     assert "7 of 8 stored terms left out" in text
     # P/R/F1 on random and on pattern negatives: the summary names both
+    # per feature: the activation histogram over the corpus, and exemplars across the activation deciles
+    assert len(dom.find("img", "histogram")) == 4 and "decile 1: sequence" in text and "decile 10: sequence" in text
     assert "best F1 @ N, weights (random · pattern negatives)" in text and "best F1 @ N, combined set" in text
     # L0H0.1 (absence): its skip-gram terms fall short on pattern negatives, the combined set does not
     (row,) = [r for r in page.split("<tr>") if 'href="#feature-L0H0-1"' in r]
@@ -219,3 +221,15 @@ def test_repr_html_renders_the_head_section(results_dir):
 def test_a_sweep_folder_reads_its_shards(results_dir, tmp_path):
     shutil.copytree(results_dir / "L0H0", tmp_path / "shards" / "L0H0")
     assert "Head L0H0" in write_report(tmp_path).read_text()
+
+
+def test_counting_response_is_plotted(results_dir):
+    (head,) = load_results(results_dir)
+    head = copy.deepcopy(head)
+    head["features"] = head["features"][:1]
+    head["features"][0]["counting"] = {
+        "text": "count([games]) ≥ 2 → L0H0.0", "kind": "threshold", "threshold": 2, "feature_name": "L0H0.0",
+        "evidence": {"counts": [[0, 0], [1, 0], [2, 0], [3, 0]], "mean_act": [0.0, 0.0, 0.3, 0.5],
+                     "active_share": [0.0, 0.0, 1.0, 1.0]}}
+    dom = Elements(render_report([head]))
+    assert len(dom.find("img", "counting-response")) == 1 and len(dom.find("table", "counting")) == 1
