@@ -233,3 +233,17 @@ def test_counting_response_is_plotted(results_dir):
                      "active_share": [0.0, 0.0, 1.0, 1.0]}}
     dom = Elements(render_report([head]))
     assert len(dom.find("img", "counting-response")) == 1 and len(dom.find("table", "counting")) == 1
+
+
+def test_results_written_before_these_views_still_render():
+    """Head results saved by an earlier attnrules (tests/fixtures/old_path: no pattern negatives, head metrics,
+    histograms or matches) render, whole-model view included, with what they have."""
+    from pathlib import Path
+
+    from attnrules.report import check_results
+
+    folder = Path(__file__).parent / "fixtures" / "old_path"
+    heads = [check_results(json.loads((folder / f"{name}.json").read_text()), name) for name in ("glyph_h0", "glyph_h1")]
+    dom = Elements(render_report(heads))
+    assert len(dom.find("table", "heads")) == 1 and len(dom.find("table", "summary")) == 2
+    assert not dom.find("div", "negative") and not dom.find("img", "histogram")
