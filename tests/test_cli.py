@@ -95,6 +95,7 @@ OPTIONS = {
     "counting_screen": (["--no-counting-screen"], False),
     "insertion_counts": (["--insertion-counts", "0,2"], (0, 2)),
     "show_exemplars": (["--show-exemplars", "1"], 1),
+    "input_labels": (["--input-labels", "labels.csv"], "labels.csv"),
     "exact": (["--no-exact"], False),
 }
 
