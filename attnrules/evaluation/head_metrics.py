@@ -52,18 +52,19 @@ def pattern_sums(pattern: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch
     b, h, t, _ = pattern.shape
     if tokens.shape != (b, t):
         raise ValueError(f"tokens must be [batch={b}, seq_len={t}], got {tuple(tokens.shape)}")
-    p = pattern.double()
+    # per query position in the pattern's precision (float32 at least), summed over positions in float64
+    p = pattern if pattern.dtype in (torch.float32, torch.float64) else pattern.float()
     tokens = tokens.to(p.device)
-    prev = p.diagonal(offset=-1, dim1=-2, dim2=-1)  # [B, H, T-1]: query t attends to t-1, t = 1 … T-1
+    prev = p.diagonal(offset=-1, dim1=-2, dim2=-1).double()  # [B, H, T-1]: query t attends to t-1, t = 1 … T-1
     # induction: key j (= s + 1) counts for query t when tokens[s] == tokens[t] and s + 1 < t
     same = tokens[:, :, None] == tokens[:, None, :]  # [B, t, s]
     target = torch.zeros(b, t, t, dtype=torch.bool, device=p.device)
     target[:, :, 1:] = same[:, :, :-1]
     target &= torch.ones(t, t, dtype=torch.bool, device=p.device).tril(-1)  # j < t
     has = target.any(dim=-1)  # [B, T]
-    induction = (p * target[:, None]).sum(dim=-1)  # [B, H, T]
-    ent = -(p * torch.log(p.clamp_min(1e-300))).sum(dim=-1)[:, :, 1:]  # [B, H, T-1], 0·log 0 = 0
-    norm = torch.log(torch.arange(2, t + 1, dtype=p.dtype, device=p.device))  # log(t + 1), t = 1 … T-1
+    induction = torch.einsum("bhqk,bqk->bhq", p, target.to(p.dtype)).double()  # [B, H, T]
+    ent = -torch.special.xlogy(p, p).sum(dim=-1)[:, :, 1:].double()  # [B, H, T-1], 0·log 0 = 0
+    norm = torch.log(torch.arange(2, t + 1, dtype=torch.float64, device=p.device))  # log(t + 1), t = 1 … T-1
     return {"prev_token": prev.sum(dim=(0, 2)), "induction": (induction * has[:, None]).sum(dim=(0, 2)),
             "entropy": ent.sum(dim=(0, 2)), "entropy_norm": (ent / norm).sum(dim=(0, 2)),
             "n_positions": torch.full((h,), b * (t - 1), dtype=torch.float64),
