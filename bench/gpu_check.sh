@@ -10,7 +10,8 @@
 #   4. runs bench/bench_triton.py (24,576², d 64: global top-10,000, per-key and per-query top-100,
 #      dual importance; every precision; cuBLAS GEMM, GEMM + torch.topk materialised and chunked;
 #      fractions of the TF32 and FP32 peaks);
-#   5. runs bench/bench_pipeline.py --device cuda --quick on one head, when transformer_lens imports;
+#   5. runs bench/bench_pipeline.py --device cuda --quick on one head, when transformer_lens imports
+#      (with bench/standins/ for Hugging Face `datasets` when that does not import: see gpu_wheels.sh);
 # and writes everything as JSON under bench/results/ (triton.json, triton_gpu_check.json with the GPU
 # name, clocks, driver, versions and each step's outcome, triton_gpu_resources.jsonl,
 # pipeline_cuda.json). It fails loudly (exit 1) if the build or any GPU test fails; without a GPU it
@@ -86,6 +87,9 @@ step resources 120 bash -c "'$PYTHON' -m attnrules.kernels.resources --arch $ARC
 step bench_triton 200 "$PYTHON" "$ROOT/bench/bench_triton.py" --out "$RESULTS/triton.json"
 
 # 5. One head through the pipeline on the GPU (its options as bench_pipeline.py has them now).
+if ! (cd "$WORK" && "$PYTHON" -c "import datasets") >/dev/null 2>&1; then
+  export PYTHONPATH="$PYTHONPATH:$ROOT/bench/standins"   # transformer_lens imports it; see its docstring
+fi
 if (cd "$WORK" && "$PYTHON" -c "import transformer_lens") >/dev/null 2>&1; then
   EXTRA=()
   if (cd "$WORK" && "$PYTHON" "$ROOT/bench/bench_pipeline.py" --help 2>/dev/null) | grep -q -- "--baseline-features"; then

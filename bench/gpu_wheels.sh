@@ -10,8 +10,9 @@
 #   measured 2026-11-30: pandas, python-dateutil, tqdm, dill, cloudpickle) and the test runner
 #   (pytest, pluggy, iniconfig, packaging, pygments): about 14 MiB;
 # - pipeline: what bench/bench_pipeline.py loads on top (transformer_lens, the GPT-2 conversion of
-#   transformers, attnrules.pipeline) — about 78 MiB, 52.5 of them pyarrow, which transformer_lens
-#   needs through `datasets`.
+#   transformers, attnrules.pipeline), with Hugging Face `datasets` replaced by the stand-in in
+#   bench/standins/ (transformer_lens imports it; the real one needs pyarrow, ≈ 53 MiB alone, which
+#   does not fit; the benchmark loads no dataset): about 25 MiB.
 # Both leave out what the GPU machine brings (torch and its dependencies, triton, numpy, nanobind,
 # scikit-build-core, cmake, ninja), test-only packages, and packages that transformers and pandas
 # import only when installed (scipy, pillow, sentencepiece; pyarrow for pandas). Everything that
@@ -56,6 +57,7 @@ def core():
 
 
 def pipeline():
+    sys.path.insert(0, "bench/standins")  # `datasets` as gpu_check.sh provides it there
     import attnrules.pipeline.extract  # noqa: F401
     import attnrules.sources.runner  # noqa: F401
     import transformer_lens  # noqa: F401
@@ -78,9 +80,7 @@ def test_runner() -> set:
 
 
 first = loaded_by(core) | test_runner()
-second = loaded_by(pipeline) - first
-if "datasets" in second:
-    second.add("pyarrow")  # required by datasets (optional only for pandas)
+second = loaded_by(pipeline) - first - {"datasets"}
 for kind, names in (("core", first), ("pipeline", second)):
     for name in sorted(names):
         print(kind, f"{name}=={md.version(name)}")
