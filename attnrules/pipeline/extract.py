@@ -101,6 +101,7 @@ def extract_feature(
     *,
     gate: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     prediction_threshold: Optional[float] = None,
+    builders: Optional[tuple[dict[str, Callable[[int], object]], PairTable]] = None,
 ) -> tuple[dict[str, SkipgramRuleSet], list[SweepPoint], PairTable]:
     """Rules of each ordering for one feature (the top ``show_terms`` terms), their sweep over N
     on the validation exemplars, and the candidate table.
@@ -111,26 +112,16 @@ def extract_feature(
     ``gate``: the output SAE's own gate for the "post_activation" loss (default REF's relu(pred + b_enc));
     ``prediction_threshold``: where predictions fire (default ``settings.threshold``, REF).
     With ``settings.unigram`` REF's unigram baseline is swept too (it has no rule set to show).
+    ``builders``: :func:`rule_builders`' result when already made (its rule sets are then reused).
     """
-    rules, points, table, _ = rules_and_sweep(circuit, feature, train, val, settings, exact, gate=gate,
-                                              prediction_threshold=prediction_threshold)
-    return rules, points, table
-
-
-def rules_and_sweep(circuit: HeadCircuit, feature: int, train: tuple[torch.Tensor, torch.Tensor],
-                    val: tuple[torch.Tensor, torch.Tensor, torch.Tensor], settings: ExtractSettings,
-                    exact: Optional[Callable[[torch.Tensor, torch.Tensor], ExactTerms]] = None, *,
-                    gate: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                    prediction_threshold: Optional[float] = None):
-    """:func:`extract_feature`'s rules, sweep and table, and the builders of every ordering's rule sets."""
-    builders, table = rule_builders(circuit, feature, train, settings, exact, gate=gate)
+    made, table = builders or rule_builders(circuit, feature, train, settings, exact, gate=gate)
     points, rules = [], {}
-    for method, build in builders.items():
+    for method, build in made.items():
         points += sweep(build, *val, n_terms_grid(settings.max_rules), threshold=settings.threshold,
                         prediction_threshold=prediction_threshold, aggregation=aggregation_of(settings))
         if method != "unigram":
             rules[method] = build(settings.show_terms)
-    return rules, points, table, builders
+    return rules, points, table
 
 
 def aggregation_of(settings: ExtractSettings) -> Optional[str]:
@@ -544,9 +535,13 @@ def extract_one(
                                       positions=train.positions, batch_size=batch, runner=runner)
 
     firing = float(output_sae.firing_threshold[g]) if settings.prediction_threshold == "sae" else None
-    found = steps.run("rules", lambda: rules_and_sweep(
-        circuit, g, (train.acts, train.positions), (acts["val"], ex.val.position, ex.val.act_max), settings,
-        exact_terms if settings.exact else None, gate=output_sae.surrogate_gate(g), prediction_threshold=firing))
+    def rules_step():
+        made = rule_builders(circuit, g, (train.acts, train.positions), settings,
+                             exact_terms if settings.exact else None, gate=output_sae.surrogate_gate(g))
+        return (*extract_feature(circuit, g, (train.acts, train.positions), (acts["val"], ex.val.position, ex.val.act_max),
+                                 settings, prediction_threshold=firing, builders=made), made[0])
+
+    found = steps.run("rules", rules_step)
     if found is None:
         return FeatureResult(g, name, len(ex.train), len(ex.val), errors=tuple(steps.errors))
     rule_sets, points, table, builders = found
