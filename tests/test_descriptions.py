@@ -70,9 +70,13 @@ def test_above_layer0_a_feature_reads_its_top_corpus_token_and_id():
     acts[:, 0] = 0
     sae = one_hot_sae(n, layer=3)
     stats = observe(sae, acts).result()
-    # brute force: every (value, sequence, position) of feature 6, largest first
-    cells = sorted(((float(acts[s, p, 6]), s, p) for s in range(3) for p in range(1, 4) if acts[s, p, 6] > 0), reverse=True)
-    assert stats.top_act[6].tolist()[: len(cells)] == [c[0] for c in cells]
+    # brute force: feature 6's largest activation in each sequence (positions ≥ 1), largest first
+    peaks = sorted(((max(float(acts[s, p, 6]) for p in range(1, 4)), s) for s in range(3)), reverse=True)
+    peaks = [(a, s) for a, s in peaks if a > 0]
+    assert stats.top_act.shape[1] == 3  # k = 4 asked, 3 sequences seen
+    assert stats.top_act[6].tolist() == [a for a, _ in peaks] + [0.0] * (3 - len(peaks))
+    assert sorted(zip(stats.top_act[6].tolist(), stats.top_seq[6].tolist()))[-len(peaks):] == sorted(peaks)  # ties: any order
+    assert [int(tokens[s, p]) for s, p in zip(stats.top_seq[6].tolist(), stats.top_pos[6].tolist())][: len(peaks)] == [6] * len(peaks)
     assert stats.active[6] == 4 and stats.n_tokens == 9 and stats.active[1] == 0
     d = describe_input_features(toy.model, sae, stats=stats, tokens=tokens)
     assert d(6) == f'"{VOCAB[6]}" (L3.in6)' and d(1) == "L3.in1" and "never active" in d.details[1]

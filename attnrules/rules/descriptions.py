@@ -45,8 +45,9 @@ ENCODE_ELEMENTS = 2**26  # the most activations (sequences × tokens × features
 @dataclass(frozen=True)
 class InputFeatureStats:
     """What the corpus says about every input feature of one layer's SAE (positions ≥ 1 only):
-    ``active[j]`` tokens where it fires, and its ``k`` largest activations ``top_act [n, k]`` at
-    corpus row ``top_seq`` and position ``top_pos`` (largest first; 0 where fewer fired)."""
+    ``active[j]`` tokens where it fires, and the ``k`` sequences where it peaks highest, ``top_act [n, k]``
+    (each sequence once, at its largest activation) at corpus row ``top_seq`` and position ``top_pos``
+    (largest first; 0 where fewer sequences fired)."""
 
     layer: int
     n_tokens: int
@@ -89,18 +90,16 @@ class InputStatsObserver:
         self.top_pos = torch.zeros(0, n, dtype=torch.int64)
 
     def observe(self, rows: slice, cache: dict) -> None:
-        resid = cache[self.hooks[0]]
+        resid = cache[self.hooks[0]][:, 1:]  # BOS left out
         chunk = max(1, ENCODE_ELEMENTS // (resid.shape[1] * self.sae.n_features))
         for start in range(0, resid.shape[0], chunk):
-            part = resid[start:start + chunk]
-            acts = self.sae.encode(part.to(self.sae.W_dec.dtype))[:, 1:].float()  # [b, T-1, n], BOS left out
+            acts = self.sae.encode(resid[start:start + chunk].to(self.sae.W_dec.dtype)).float()  # [b, T-1, n]
             b, t1, n = acts.shape
             self.n_tokens += b * t1
-            self.active += (acts > 0).sum(dim=(0, 1)).cpu()
-            flat = acts.reshape(b * t1, n)
-            values, index = flat.topk(min(self.k, b * t1), dim=0)  # [k, n]
-            first = rows.start + start
-            self._merge(values.cpu(), (first + index // t1).cpu(), (index % t1 + 1).cpu())
+            self.active += torch.count_nonzero(acts > 0, dim=(0, 1)).cpu()
+            best, where = acts.max(dim=1)  # [b, n]: each sequence once, at its largest activation
+            values, index = best.topk(min(self.k, b), dim=0)  # [k, n]
+            self._merge(values.cpu(), (rows.start + start + index).cpu(), (where.gather(0, index) + 1).cpu())
 
     def _merge(self, values: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor) -> None:
         values = torch.cat([self.top_act, values])
