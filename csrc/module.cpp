@@ -42,7 +42,7 @@ nb::dict topk(Matrix rows, Matrix cols, int64_t k, bool per_row, const std::stri
           std::optional<Matrix> col_acts, OutScores out_scores, std::optional<OutIndex> out_rows,
           OutIndex out_cols, int threads, const std::string& isa, int64_t block_rows, int64_t block_cols, int64_t sample_cols,
           bool share_threshold, const std::string& test_throw, std::optional<OutScores> out_scores_low,
-          std::optional<OutIndex> out_cols_low) {
+          std::optional<OutIndex> out_cols_low, int64_t sorted) {
     attnrules::TopKCall c;
     c.rows = rows.data();
     c.cols = cols.data();
@@ -89,6 +89,8 @@ nb::dict topk(Matrix rows, Matrix cols, int64_t k, bool per_row, const std::stri
         c.out_scores_low = out_scores_low->data();
         c.out_cols_low = out_cols_low->data();
     }
+    require(sorted <= 0 || per_row, "sorted applies per row");
+    c.sorted = sorted;
     c.threads = threads;
     c.isa = isa;
     c.block_rows = block_rows;
@@ -116,7 +118,8 @@ nb::dict topk(Matrix rows, Matrix cols, int64_t k, bool per_row, const std::stri
 nb::dict multi_topk(Vector table_scores, Queries table_queries, Index row_start, Index row_len, Matrix weights,
                     Index features, int64_t k, int64_t n_queries, int64_t first_keys, OutScores out_scores,
                     OutIndex out_queries, OutIndex out_keys, OutFlags deeper, OutFlags incomplete,
-                    std::optional<Index> grown, std::optional<Index> old_len, int threads) {
+                    std::optional<Index> grown, std::optional<Index> old_len, std::optional<Index> row_sorted,
+                    int threads) {
     attnrules::MultiCall c;
     c.n_keys = static_cast<int64_t>(weights.shape(0));
     c.n_weights = static_cast<int64_t>(weights.shape(1));
@@ -133,6 +136,8 @@ nb::dict multi_topk(Vector table_scores, Queries table_queries, Index row_start,
     c.table_queries = table_queries.data();
     c.row_start = row_start.data();
     c.row_len = row_len.data();
+    require(!row_sorted || row_sorted->shape(0) == row_len.shape(0), "row_sorted must have 2 × n_keys entries");
+    c.row_sorted = row_sorted ? row_sorted->data() : nullptr;
     c.weights = weights.data();
     c.features = features.data();
     c.n_features = static_cast<int64_t>(features.shape(0));
@@ -197,7 +202,7 @@ NB_MODULE(_C, m) {
           "out_scores"_a.noconvert(), "out_rows"_a.noconvert().none(), "out_cols"_a.noconvert(),
           "threads"_a = 0, "isa"_a = "auto", "block_rows"_a = 0, "block_cols"_a = 0, "sample_cols"_a = -1,
           "share_threshold"_a = true, "test_throw"_a = "", "out_scores_low"_a.noconvert().none() = nb::none(),
-          "out_cols_low"_a.noconvert().none() = nb::none(),
+          "out_cols_low"_a.noconvert().none() = nb::none(), "sorted"_a = 0,
           "Fused blocked score + top-k over rows × cols (the GIL is released while it runs).\n\n"
           "Scores are (rows[r]·cols[c]) × weight, |…| or exp(…) × weight, or with row_acts/col_acts\n"
           "(rows[r]·cols[c]) × (row_acts[r]·col_acts[c]). per_row=False writes the k best (score, row, col)\n"
@@ -210,19 +215,22 @@ NB_MODULE(_C, m) {
           "{'redone': rows scored again because their sampled threshold guess was too high} of a per-row one.\n"
           "test_throw (test hook): 'bad_alloc' / 'runtime_error' makes one worker thread throw that, to check\n"
           "that it reaches Python as MemoryError / RuntimeError. out_scores_low / out_cols_low (per row, signed,\n"
-          "no weights or acts): also each row's k best cols by -score, from the same sweep.");
+          "no weights or acts): also each row's k best cols by -score, from the same sweep. sorted > 0 (per row):\n"
+          "only each row's best `sorted` entries come sorted; the rest follow them in no order.");
 
     m.def("multi_topk", &multi_topk, "table_scores"_a.noconvert(), "table_queries"_a.noconvert(),
           "row_start"_a.noconvert(), "row_len"_a.noconvert(), "weights"_a.noconvert(), "features"_a.noconvert(),
           "k"_a, "n_queries"_a, "first_keys"_a, "out_scores"_a.noconvert(), "out_queries"_a.noconvert(),
           "out_keys"_a.noconvert(), "deeper"_a.noconvert(), "incomplete"_a.noconvert(),
-          "grown"_a.noconvert().none() = nb::none(), "old_len"_a.noconvert().none() = nb::none(), "threads"_a = 0,
+          "grown"_a.noconvert().none() = nb::none(), "old_len"_a.noconvert().none() = nb::none(),
+          "row_sorted"_a.noconvert().none() = nb::none(), "threads"_a = 0,
           "Each listed feature's global top-k of (queries·keys) × weights[:, g], from a per-key table of\n"
           "best queries (rows 0..n_keys-1: A descending; n_keys..: -A descending; row r is\n"
           "table_*[row_start[r] : row_start[r] + row_len[r]]). Writes rows g of out_* ([n_weights × k], best\n"
           "first, ties by the lower (query, key)); sets deeper[row] for rows that must be read further and\n"
           "incomplete[i] for features whose answer depends on them (the GIL is released while it runs).\n"
           "With grown / old_len (rows read deeper since, and their former lengths), the listed features\n"
-          "resume from the top-k already in out_* and read only those rows' new entries.\n"
+          "resume from the top-k already in out_* and read only those rows' new entries. row_sorted: how\n"
+          "many first entries of each row are sorted (the rest follow unsorted, all below them; None: all).\n"
           "Returns stats: {'read': table entries scored, 'selections': cut-backs to k}.");
 }

@@ -149,22 +149,34 @@ private:
         Best best(s.best, s.tmp, c_.k);
         s.ran_out.clear();
         int64_t read = 0;
-        // Reads row `row` of the key from entry j0 to (at most) j1 while its scores reach the threshold;
-        // returns whether entries past j1 may still reach it.
+        // Reads row `row` of the key from entry j0 while its scores reach the threshold: its sorted
+        // prefix up to (at most) entry j1, and once that prefix is read whole, its unsorted rest, every
+        // entry of it (all rank below the prefix). Returns whether entries past j1 may still reach it.
         auto read_row = [&](int64_t key, int64_t row, int64_t j0, int64_t j1 = INT64_MAX) {
             const float mag = std::fabs(w[key]);
             const float* score = c_.table_scores + c_.row_start[row];
             const int32_t* query = c_.table_queries + c_.row_start[row];
-            const int64_t len = c_.row_len[row], end = std::min(len, j1);
+            const int64_t len = c_.row_len[row];
+            const int64_t sorted = c_.row_sorted ? std::min(c_.row_sorted[row], len) : len;
+            const int64_t end = std::min(sorted, j1);
             int64_t j = j0;
             for (; j < end; ++j) {
                 const float x = score[j] * mag;
                 if (!(x >= best.threshold())) break;
                 best.push(x, static_cast<uint32_t>(query[j] * nk + key));
             }
-            read += j - j0;
-            if (j == len && len < c_.n_queries) s.ran_out.emplace_back(row, score[len - 1] * mag);
-            return j == end && end < len;
+            read += std::max<int64_t>(0, j - j0);
+            if (j < end) return false;  // fell below the threshold: so do all later entries
+            if (j < sorted) return true;  // stopped at j1
+            float last = sorted > 0 ? score[sorted - 1] * mag : 0.0f;  // the row's lowest score
+            for (j = std::max(j0, sorted); j < len; ++j) {  // the unsorted rest
+                const float x = score[j] * mag;
+                last = std::min(last, x);
+                if (x >= best.threshold()) best.push(x, static_cast<uint32_t>(query[j] * nk + key));
+            }
+            read += len - std::max(j0, sorted);
+            if (len < c_.n_queries) s.ran_out.emplace_back(row, last);
+            return false;
         };
         if (c_.resume) {
             best.seed(c_.out_scores + g * c_.k, c_.out_queries + g * c_.k, c_.out_keys + g * c_.k, nk);
@@ -273,8 +285,8 @@ MultiStats run_multi(const MultiCall& c) {
     if (c.n_queries * c.n_keys >= (int64_t{1} << 32))
         throw std::invalid_argument("multi_topk: n_queries × n_keys must be below 2^32");
     for (int64_t r = 0; r < 2 * c.n_keys; ++r)
-        if (c.row_len[r] < 1 || c.row_len[r] > c.n_queries)
-            throw std::invalid_argument("multi_topk: every table row must hold 1 to n_queries entries");
+        if (c.row_len[r] < 1 || c.row_len[r] > c.n_queries || (c.row_sorted && c.row_sorted[r] < 1))
+            throw std::invalid_argument("multi_topk: every table row must hold 1 to n_queries entries, at least one sorted");
     for (int64_t i = 0; i < c.n_features; ++i)
         if (c.features[i] < 0 || c.features[i] >= c.n_weights)
             throw std::invalid_argument("multi_topk: a feature index is out of range");

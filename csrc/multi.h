@@ -7,14 +7,17 @@
 
 namespace attnrules {
 
-// Row r < n_keys holds key r's queries by A = queries·keys[r] descending; row n_keys + r by -A
-// descending (ties by the lower query). Row r spans [row_start[r], row_start[r] + row_len[r]) of
+// Row r < n_keys holds key r's best queries by A = queries·keys[r]; row n_keys + r by -A (descending,
+// ties by the lower query, within each row's sorted prefix). Row r spans [row_start[r], row_start[r] + row_len[r]) of
 // table_scores (the side score: A or -A) and table_queries. A row of n_queries entries is complete.
 struct MultiCall {
     const float* table_scores = nullptr;
     const int32_t* table_queries = nullptr;
     const int64_t* row_start = nullptr;  // [2 n_keys]
     const int64_t* row_len = nullptr;    // [2 n_keys], each >= 1
+    // [2 n_keys] or null (all sorted): row r's first row_sorted[r] entries are sorted; the others
+    // follow in no order, all ranking below them.
+    const int64_t* row_sorted = nullptr;
     const float* weights = nullptr;      // [n_keys, n_weights] row-major: feature g's weights are column g
     int64_t n_keys = 0, n_weights = 0, n_queries = 0;
     const int64_t* features = nullptr;   // the columns to answer, each in [0, n_weights)

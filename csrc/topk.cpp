@@ -254,13 +254,18 @@ namespace {
 // The kernel appends passing (score, col) pairs to each row's buffer itself; when a buffer passes
 // its limit, its k best are selected (on integer keys) and the threshold rises to the k-th.
 
-// Selects the best m = min(n, k) of b as keys into keys[0, m), keys[m - 1] the m-th best (all sorted
-// if asked), and keeps only them in b.
-int64_t select_row(RowBuffer& b, int64_t k, RowKey::type* keys, bool sort) {
+// Selects the best m = min(n, k) of b as keys into keys[0, m), keys[m - 1] the m-th best, the best
+// `sort` of them sorted first (the others after them in no order; 0: none), and keeps only them in b.
+int64_t select_row(RowBuffer& b, int64_t k, RowKey::type* keys, int64_t sort) {
     for (int64_t j = 0; j < b.n; ++j) keys[j] = RowKey::make(b.scores[j], 0, b.cols[j]);
     const int64_t m = std::min(b.n, k);
     if (m > 0) select_smallest(keys, b.n, m);
-    if (sort) sort_keys(keys, 0, m);
+    if (sort >= m - 1) {
+        sort_keys(keys, 0, m);
+    } else if (sort > 0) {  // keys[m - 1], the largest, stays last
+        select_smallest(keys, m - 1, sort);
+        sort_keys(keys, 0, sort);
+    }
     if (b.n > m) {
         for (int64_t j = 0; j < m; ++j) {
             b.scores[j] = RowKey::score(keys[j]);
@@ -280,7 +285,7 @@ public:
         low = low_side;
     }
     void full(int64_t i) override {
-        select_row(rows[i], k_, keys_, false);
+        select_row(rows[i], k_, keys_, 0);
         thr_[i] = RowKey::score(keys_[k_ - 1]);
     }
 
@@ -335,7 +340,7 @@ public:
             sweep(operands(c_, sample_, sample_cols_), r0, r1, sink, thr, t);
             for (int side = 0; side < sides_; ++side)
                 for (int64_t i = side * block_rows_; i < side * block_rows_ + n; ++i)
-                    if (select_row(rows[i], j_, keys, false) == j_) guess[i] = RowKey::score(keys[j_ - 1]);
+                    if (select_row(rows[i], j_, keys, 0) == j_) guess[i] = RowKey::score(keys[j_ - 1]);
         }
         const Operands op = operands(c_, cols_, c_.n_cols);
         reset(rows, thr, t, n, c_.k, guess);
@@ -350,7 +355,7 @@ public:
             bool ok = true;
             for (int side = 0; side < sides_; ++side) {
                 const int64_t e = side * block_rows_ + i;
-                const int64_t m = select_row(rows[e], c_.k, keys, true);
+                const int64_t m = select_row(rows[e], c_.k, keys, sorted());
                 if (guess[e] > kNegInf && (m < c_.k || RowKey::score(keys[c_.k - 1]) < guess[e])) ok = false;
                 else if (ok) complete = output(r0 + i, side, keys, m) && complete;
             }
@@ -365,6 +370,7 @@ public:
 
 private:
     int64_t low() const { return sides_ == 2 ? block_rows_ : 0; }
+    int64_t sorted() const { return c_.sorted > 0 ? c_.sorted : c_.k; }
 
     // Empties out[e] (both sides' entries), the buffers of thread t's rows list[f] (or f), f < count,
     // for a sweep keeping k; thresholds start at floor[the row's entry] (or -inf).
@@ -425,7 +431,7 @@ private:
         for (int side = 0; side < sides_; ++side)
             for (int64_t f = 0; f < n; ++f)
                 complete = output(r0 + list[f], side, keys,
-                                  select_row(buffers[side * block_rows_ + f], c_.k, keys, true)) && complete;
+                                  select_row(buffers[side * block_rows_ + f], c_.k, keys, sorted())) && complete;
         return complete;
     }
 

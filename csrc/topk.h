@@ -41,6 +41,10 @@ struct TopKCall {
     // One sweep computes both sides.
     float* out_scores_low = nullptr;
     int64_t* out_cols_low = nullptr;
+    // Per row: only each row's best `sorted` entries come sorted (best first); the others follow in no
+    // order, all ranking below them (<= 0: all sorted). Sorting is most of a deep per-row call's
+    // selection cost, and multi_topk reads past a short sorted prefix only for a few rows.
+    int64_t sorted = 0;
 };
 
 // What a global call did: candidates pushed into the threads' collectors, and the selections that

@@ -374,3 +374,17 @@ def test_both_sides_ties_and_a_biased_sample_redo():
     high, low = _sides(biased, kk, 60, sample_cols=40)
     assert_exact(high, score_matrix(biased, kk), 60, "key")
     assert_exact(low, score_matrix(-biased, kk), 60, "key")
+
+
+@pytest.mark.parametrize("prefix", [1, 5, 49, 50, 80])
+def test_both_sides_sorted_prefix_keeps_the_set(prefix):
+    """sorted_prefix: the same k entries per row, the best `prefix` sorted first, the rest all below them."""
+    q, kk, _, _, _ = random_inputs(400, 30, 8, seed=prefix)
+    full_s, full_q = cpu_backend.per_key_both_sides(q, kk, 50)
+    part_s, part_q = cpu_backend.per_key_both_sides(q, kk, 50, sorted_prefix=prefix)
+    n = min(prefix, 50)
+    assert torch.equal(part_s[..., :n], full_s[..., :n]) and torch.equal(part_q[..., :n], full_q[..., :n])
+    assert torch.equal(part_s.sort(dim=-1).values, full_s.sort(dim=-1).values)
+    assert torch.equal(part_q.sort(dim=-1).values, full_q.sort(dim=-1).values)
+    if n < 50:
+        assert bool((part_s[..., n:] <= part_s[..., n - 1 : n]).all())

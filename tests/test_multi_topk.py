@@ -226,3 +226,19 @@ def test_native_errors():
         engine.multi_topk(q.T.contiguous().T, k, w, 3, backend="cpu")
     with pytest.raises(ValueError, match="isa must be one of"):
         engine.multi_topk(q, k, w, 3, backend="cpu", isa="sse")
+
+
+@NATIVE
+@pytest.mark.parametrize("kk,depth", [(2000, 150), (6000, 100), (200, 120)])
+def test_native_rows_with_an_unsorted_tail(kk, depth):
+    """Table rows deeper than the sorted prefix (64): the tail is read whole, ties stay exact."""
+    assert depth > features.SORTED_PREFIX
+    q, k, w = _inputs(200, 60, 5, 6, seed=kk, integer=True)
+    q[100:140] = q[3]
+    w[::4, 2] = 0
+    w[:, 3] = -w[:, 3].abs() - 1
+    result = engine.multi_topk(q, k, w, kk, table_depth=depth, backend="cpu")
+    for j in range(6):
+        assert_exact(engine.TopK(result.scores[j], result.query_idx[j], result.key_idx[j], "global"),
+                     score_matrix(q, k, key_weight=w[:, j]), kk, "global")
+    _same_as_single(result, q, k, w, kk)

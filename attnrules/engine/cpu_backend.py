@@ -39,16 +39,19 @@ def per_key_both_sides(
     block_k: Optional[int] = None,
     isa: str = "auto",
     sample_cols: Optional[int] = None,
+    sorted_prefix: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each key's k best queries by A = queries·keys and by -A, from one sweep of the scores.
 
     Returns (scores, query indices), each ``[2, Nk, k]``: side 0 is ``pair_topk(queries, keys, k,
     by="key", backend="cpu")``'s scores and query_idx; side 1 those of the same call on ``-queries``
-    (scores -A, bit for bit: negation is exact), at the cost of about one pass instead of two. Inputs
-    are checked by the caller (``engine.multi_topk``): float32, C-contiguous CPU.
+    (scores -A, bit for bit: negation is exact), at the cost of about one pass instead of two.
+    ``sorted_prefix`` > 0: only each row's best ``sorted_prefix`` entries come sorted, the others
+    follow them in no order (the same set: sorting is most of the selection cost). Inputs are checked
+    by the caller (``engine.multi_topk``): float32, C-contiguous CPU.
     """
     request = Request(queries, keys, k, "key", "signed")
-    return _run(request, threads, block_q, block_k, isa, sample_cols, two_sided=True)
+    return _run(request, threads, block_q, block_k, isa, sample_cols, two_sided=True, sorted_prefix=sorted_prefix)
 
 
 def answers_features() -> bool:
@@ -93,6 +96,7 @@ def _run(
     isa: str,
     sample_cols: Optional[int],
     two_sided: bool = False,
+    sorted_prefix: int = 0,
 ):
     if not is_available():
         raise RuntimeError("backend 'cpu' needs attnrules._C, which was not built: reinstall attnrules")
@@ -133,6 +137,7 @@ def _run(
         sample_cols=-1 if sample_cols is None else sample_cols,
         out_scores_low=None if low_scores is None else low_scores.view(-1),
         out_cols_low=None if low_cols is None else low_cols.view(-1),
+        sorted=sorted_prefix,
     )  # fmt: skip
     if two_sided:
         return both_scores, both_cols
@@ -174,6 +179,7 @@ def answer_features(
     out: TopK,
     grown: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     threads: Optional[int] = None,
+    row_sorted: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``engine.multi_topk``'s answer step in the C++ core: the listed features' top-k from a per-key table.
 
@@ -182,7 +188,8 @@ def answer_features(
     (float32 side scores, int32 queries). ``weights [Nk, G]``; ``features`` (int64) the columns to
     answer; rows ``features`` of ``out`` (``[G, k]`` each) are written. ``grown`` = (rows, their former
     lengths): the features resume from the top-k already in ``out`` and read only those rows' new
-    entries (each row's former entries must be unchanged). Returns (deeper, incomplete):
+    entries (each row's former entries must be unchanged). ``row_sorted`` (int64, one per row): how
+    many first entries of each row are sorted, the rest following unsorted (None: all). Returns (deeper, incomplete):
     uint8 flags of the table rows that must be read further, and of the features (positions in
     ``features``) whose answer depends on them and must be redone once they are.
     """
@@ -192,6 +199,6 @@ def answer_features(
         table_scores, table_queries, row_start, row_len, weights, features, k, n_queries, first_keys,
         out.scores.view(-1), out.query_idx.view(-1), out.key_idx.view(-1), deeper, incomplete,
         grown=None if grown is None else grown[0], old_len=None if grown is None else grown[1],
-        threads=_positive("threads", threads),
+        row_sorted=row_sorted, threads=_positive("threads", threads),
     )  # fmt: skip
     return deeper, incomplete

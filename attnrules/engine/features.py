@@ -48,6 +48,7 @@ from attnrules.engine.contract import TopK
 DEFAULT_DEPTH = 512  # queries per key and side in the table (capped by k and Nq)
 DEFAULT_BATCH = 128  # features answered together
 TAU_KEYS = 8  # keys read for the lower bound τ₀, per table-full of k
+SORTED_PREFIX = 64  # C++ core: entries of each table row that come sorted (the rest follow unsorted)
 
 
 def _check_weights(key_weights: object, keys: torch.Tensor) -> torch.Tensor:
@@ -167,9 +168,12 @@ def _native(queries: torch.Tensor, negated: torch.Tensor, keys: torch.Tensor, w:
     entries of the shallower one."""
     nq, nk, n_feat = queries.shape[0], keys.shape[0], w.shape[1]
     sides = (queries, negated)  # table rows 0..Nk-1: A descending; Nk..2Nk-1: -A descending
-    scores, picked = cpu_backend.per_key_both_sides(queries, keys, depth, **options)  # one sweep, both sides
+    # One sweep, both sides; only each row's SORTED_PREFIX best come sorted (most rows are read no
+    # further), deeper rows come sorted whole.
+    scores, picked = cpu_backend.per_key_both_sides(queries, keys, depth, sorted_prefix=SORTED_PREFIX, **options)
     scores, picked = scores.view(-1), picked.view(-1).to(torch.int32)
     row_len = torch.full((2 * nk,), depth, dtype=torch.int64)
+    row_sorted = torch.full((2 * nk,), min(SORTED_PREFIX, depth), dtype=torch.int64)
     row_start = torch.arange(2 * nk, dtype=torch.int64) * depth
     out = TopK(torch.empty(n_feat, k), torch.empty(n_feat, k, dtype=torch.int64),
                torch.empty(n_feat, k, dtype=torch.int64), "global")  # fmt: skip
@@ -178,7 +182,8 @@ def _native(queries: torch.Tensor, negated: torch.Tensor, keys: torch.Tensor, w:
     grown = None
     while todo.numel():
         deeper, incomplete = cpu_backend.answer_features(scores, picked, row_start, row_len, w, todo, k, nq,
-                                                         first_keys, out, grown, options.get("threads"))  # fmt: skip
+                                                         first_keys, out, grown, options.get("threads"),
+                                                         row_sorted)  # fmt: skip
         todo = todo[incomplete.bool()]
         deep = torch.nonzero(deeper).flatten()
         grown = (deep, row_len[deep].clone())
@@ -190,7 +195,7 @@ def _native(queries: torch.Tensor, negated: torch.Tensor, keys: torch.Tensor, w:
                 if sel.numel():
                     best = per_key(sides[side], keys[sel - side * nk], n)  # the same bits as the table's
                     row_start[sel] = end + n * torch.arange(sel.numel())
-                    row_len[sel] = n
+                    row_len[sel] = row_sorted[sel] = n
                     end += best.scores.numel()
                     parts_s.append(best.scores.reshape(-1))
                     parts_q.append(best.query_idx.reshape(-1).to(torch.int32))
