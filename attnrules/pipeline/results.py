@@ -349,8 +349,10 @@ class RunInfo(Record):
 @dataclass(frozen=True)
 class HeadResult(Record):
     """The results of one head. ``metadata`` is the run's JSON-ready record (settings, notes, sizes,
-    ``inputs``: the content hashes of model, SAEs, corpus and settings, ...); ``run`` says how this
-    object was produced and is left out of equality and of ``results.json`` (it goes to ``DONE.json``)."""
+    ``inputs``: the content hashes of model, SAEs, corpus and settings, ``head_metrics``: the head's
+    attention metrics over the corpus, ``input_features``: the description of every input feature its
+    rules name, ...); ``run`` says how this object was produced and is left out of equality and of
+    ``results.json`` (it goes to ``DONE.json``). In a notebook it shows as its report section."""
 
     layer: int
     head: int
