@@ -405,7 +405,7 @@ def measure_multi_topk(cfg: dict, *, repeats: int, single_repeats: int = 3, back
     depth = min(features.DEFAULT_DEPTH, k, n) if table_depth is None else table_depth
     t = time.perf_counter()  # the table alone, once, to show where the time goes
     if native:
-        cpu_backend.per_key_both_sides(q, kk, depth, **opts)
+        cpu_backend.per_key_both_sides(q, kk, depth, sorted_prefix=features.SORTED_PREFIX, **opts)
     else:
         engine.pair_topk(q, kk, depth, by="key", backend=backend, **opts)
         engine.pair_topk(-q, kk, depth, by="key", backend=backend, **opts)
