@@ -1,6 +1,8 @@
 """The HTML report: rendered from real extraction results, opened in headless Chromium, and its errors."""
+import base64
 import copy
 import html
+import io
 import json
 import re
 import shutil
@@ -195,7 +197,12 @@ def test_whole_model_view_links_every_head_and_its_point(results_dir):
     assert rows == ["#head-L0H0", "#head-L0H1"]
     areas = {a["href"] for t, a, _ in dom.elements if t == "area"}
     assert areas == {"#head-L0H0", "#head-L0H1"}  # both panels' points link to the heads
-    assert [a for a, _ in dom.find("img", "heads-scatter") if a.get("usemap") == "#heads-map"]
+    (scatter,) = [a for a, _ in dom.find("img", "heads-scatter") if a.get("usemap") == "#heads-map"]
+    pixels = matplotlib.image.imread(io.BytesIO(base64.b64decode(scatter["src"].split(",", 1)[1])), format="png")
+    for t, a, _ in dom.elements:  # each link's circle is centred on a drawn point, not on the white background
+        if t == "area":
+            x, y, _r = map(int, a["coords"].split(","))
+            assert pixels[y, x, :3].min() < 0.95, a
     text = "".join(dom.text)
     assert "0.9" in text and "previous-token score" in text
     # the share of good features is the report's own reading of the sweeps: check it against them
