@@ -33,7 +33,10 @@ def test_extract_on_the_toy_writes_results(tmp_path, capsys):
     names = [f["name"] for f in results["features"]]
     assert names == ["L0H0.0", "L0H0.1", "L0H0.2", "L0H0.3"]  # the dead L0H0.4 is never sampled
     metrics = pd.read_csv(head_dir / "metrics.csv")
-    assert set(metrics["method"]) == {"weights", "importance", "exact"} and set(metrics["num_rules"]) == {4, 8, 16}
+    ref = metrics[metrics["negatives"] == "random"]  # REF's evaluation; "pattern": hard negatives (issue 15)
+    assert set(ref["method"]) == {"weights", "importance", "exact", "weights+absence+counting",
+                                  "importance+absence+counting", "exact+absence+counting"}
+    assert set(metrics["negatives"]) == {"random", "pattern"} and set(metrics["num_rules"]) == {4, 8, 16}
     rules = pd.read_csv(head_dir / "rules.csv")
     assert {"feature", "method", "query", "key", "attn_score", "value_score", "query_desc", "key_desc"} <= set(rules.columns)
     assert results["metadata"]["distractor_share"] == 0.25
@@ -78,6 +81,10 @@ OPTIONS = {
     "loss_type": (["--loss-type", "post_activation"], "post_activation"),
     "threshold": (["--threshold", "0.25"], 0.25),
     "prediction_threshold": (["--prediction-threshold", "sae"], "sae"),
+    "aggregation": (["--aggregation", "kq_max"], "kq_max"),
+    "unigram": (["--unigram"], True),
+    "pattern_negatives": (["--no-pattern-negatives"], False),
+    "pattern_pool": (["--pattern-pool", "64"], 64),
     "offsets": (["--offsets", "0,1,4"], (0, 1, 4)),
     "max_offset": (["--max-offset", "12"], 12),
     "offset_blind": (["--offset-blind"], True),
