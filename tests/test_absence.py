@@ -8,12 +8,6 @@ from attnrules.evaluation.insertion import counterfactual_insertion, insert_copi
 from attnrules.circuit import HeadCircuit
 from attnrules.rules import SkipgramRuleSet
 from attnrules.scoring import value_scores
-from attnrules.toy import build_toy
-
-
-@pytest.fixture(scope="module")
-def toy():
-    return build_toy()
 
 
 def _terms(name, pairs):

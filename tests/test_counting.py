@@ -5,12 +5,7 @@ import torch
 from attnrules.rules.counting import CountResponse, classify_counts, classify_difference
 from attnrules.evaluation.counts import counterfactuals, check_counting, detect_counting, silent_base
 from attnrules.exemplars import scan_output_features
-from attnrules.toy import FEATURES, build_toy
-
-
-@pytest.fixture(scope="module")
-def toy():
-    return build_toy()
+from attnrules.toy import FEATURES
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from attnrules.pipeline.extract import _first_appearance
 from attnrules.rules import rules_from_weights
 from attnrules.scoring import candidate_table
 from attnrules.sources import InputSAE, OutputSAE
-from attnrules.toy import VOCAB, build_toy
+from attnrules.toy import VOCAB
 from attnrules.toy.layernorm import LOUD_WORD, build_toy_ln
 
 
@@ -36,11 +36,6 @@ def random_saes(model, layer, head, n_in=30, n_out=5, seed=0):
 @pytest.fixture(scope="module")
 def tiny():
     return build_tiny_gpt2()
-
-
-@pytest.fixture(scope="module")
-def toy():
-    return build_toy()
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,6 @@ import torch
 
 from attnrules.exemplars import FeatureScan, input_activations, sample_exemplars, sample_features, scan_output_features
 from attnrules.sources import tokenize_corpus
-from attnrules.toy import build_toy
-
-
-@pytest.fixture(scope="module")
-def toy():
-    return build_toy()
 
 
 def test_scan_equals_a_direct_forward_pass(toy):

@@ -16,15 +16,10 @@ from attnrules.rules import SkipgramRuleSet
 from attnrules.rules.absence import AbsenceRule
 from attnrules.rules.combined import CombinedRuleSet, Conditions
 from attnrules.rules.counting import CountingRule, CountResponse
-from attnrules.toy import VOCAB, build_toy
+from attnrules.toy import VOCAB
 
 SETTINGS = dict(max_rules=16, exhaustive_k=0, show_exemplars=3, backend="torch")  # the torch reference engine
 ORDERINGS = ("weights", "importance", "exact")
-
-
-@pytest.fixture(scope="module")
-def toy():
-    return build_toy()
 
 
 @pytest.fixture(scope="module")

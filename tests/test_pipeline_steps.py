@@ -6,12 +6,6 @@ import pytest
 import attnrules.pipeline.extract as pipeline
 from attnrules.pipeline import ExtractSettings, extract_head
 from attnrules.pipeline.results import StepError
-from attnrules.toy import build_toy
-
-
-@pytest.fixture(scope="module")
-def toy():
-    return build_toy()
 
 
 def test_a_failing_step_is_recorded_and_the_run_completes(toy, monkeypatch, tmp_path):

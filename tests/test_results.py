@@ -21,14 +21,8 @@ from attnrules.pipeline.results import (
 from attnrules.records import Record
 from attnrules.rules.absence import AbsenceRule, DistractorCheck
 from attnrules.rules.counting import CountingRule, CountResponse
-from attnrules.toy import build_toy
 
 SETTINGS = ExtractSettings(features=(0, 1), max_rules=8, exhaustive_k=4, show_exemplars=2, show_terms=4)
-
-
-@pytest.fixture(scope="module")
-def toy():
-    return build_toy()
 
 
 @pytest.fixture(scope="module")

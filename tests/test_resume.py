@@ -22,11 +22,6 @@ EXTRACT_ONE = pipeline.extract_one
 
 
 @pytest.fixture(scope="module")
-def toy():
-    return build_toy()
-
-
-@pytest.fixture(scope="module")
 def tokens(toy):
     return toy.corpus(N_SEQUENCES)
 

@@ -15,18 +15,12 @@ from attnrules.exemplars import input_activations
 from attnrules.importance import exact_importance_terms
 from attnrules.pipeline import ExtractSettings, extract_head
 from attnrules.pipeline.activations import SharedPasses, group_features
-from attnrules.toy import build_toy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from planted import build_glyph  # noqa: E402
 
 SETTINGS = ExtractSettings(features=(0, 1, 2, 3), max_rules=8, exhaustive_k=5, show_exemplars=2, exact=True,
                            examples_per_bin=60)
-
-
-@pytest.fixture(scope="module")
-def toy():
-    return build_toy()
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,7 @@ from attnrules.pipeline import ExtractSettings, extract_feature
 from attnrules.pipeline.extract import _first_appearance
 from attnrules.rules import rules_from_importance, rules_from_weights
 from attnrules.scoring import candidate_table, rank_all_pairs
-from attnrules.toy import VOCAB, build_toy, generate_corpus
-
-
-@pytest.fixture(scope="module")
-def toy():
-    return build_toy()
+from attnrules.toy import VOCAB, generate_corpus
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,6 @@ from attnrules.pipeline.train import (
     is_complete,
     train_head_saes,
 )
-from attnrules.toy import build_toy
 
 PLANTED = {("If", "then"), ("http", "com"), ("Harry", "Potter"), ("games", "games")}
 SETTINGS = HeadSAETrainSettings(d_sae=32, l1_coefficient=0.01, batch_size_tokens=1024, training_tokens=1024 * 1000)
@@ -40,11 +39,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def toy():
-    return build_toy()
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,12 @@ shows that the margin is what makes it so.
 """
 import pytest
 import torch
-import triton
-import triton.language as tl
 
 from attnrules import engine
 from attnrules.engine import triton_backend
 from attnrules.kernels import plan as kernel_plan
-from attnrules.kernels import topk_stream
 from topk_oracle import assert_exact, assert_matches, random_inputs, score_matrix, tolerance
+from triton_probes import state_probe
 
 pytestmark = pytest.mark.interpreter
 
@@ -119,13 +117,6 @@ def test_global_floor_pass_is_exact(monkeypatch):
     _same(res, reference)
 
 
-@triton.jit
-def _state_probe(out_ptr, pid_s, n_rows, r0, pid_r, n_splits, CAP: tl.constexpr, GLOBAL: tl.constexpr):
-    s0, first = topk_stream.state_base(pid_s, n_rows, r0, pid_r, n_splits, CAP, GLOBAL)
-    tl.store(out_ptr, s0)
-    tl.store(out_ptr + 1, first)
-
-
 def test_buffer_addressing_is_int64_beyond_2_31_slots():
     # A per-row plan whose buffers hold more than 2³¹ slots (never allocated here).
     p = kernel_plan.plan(n_rows=2**22, n_cols=2**16, d=64, k=100, global_mode=False, n_splits=4)
@@ -134,7 +125,7 @@ def test_buffer_addressing_is_int64_beyond_2_31_slots():
     split, row_block = p.n_splits - 1, p.n_row_blocks - 1
     r0 = row_block * p.block_r
     # The kernel's arithmetic, on int32 program ids and sizes as a launch passes them.
-    _state_probe[(1,)](out, torch.tensor(split, dtype=torch.int32).item(), p.n_rows, r0, row_block, p.n_splits,
+    state_probe[(1,)](out, torch.tensor(split, dtype=torch.int32).item(), p.n_rows, r0, row_block, p.n_splits,
                        CAP=p.cap, GLOBAL=False)
     assert out.tolist() == [split * p.n_rows + r0, p.first_slot(row_block, split)]
     assert p.first_slot(row_block, split) > 2**31

@@ -12,13 +12,12 @@ import os
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 
 from attnrules import engine
 from attnrules.kernels import plan as kernel_plan
 from attnrules.kernels import topk_stream
 from topk_oracle import assert_exact, assert_matches, random_inputs, score_matrix, tolerance
+from triton_probes import state_probe
 
 _REASON = None
 if not torch.cuda.is_available():
@@ -107,16 +106,9 @@ def test_the_filter_runs_on_tensor_cores_and_the_margin_is_needed(monkeypatch):
     assert not torch.equal(wrong.key_idx.cpu(), expected), "the TF32 filter computed fp32 products"
 
 
-@triton.jit
-def _state_probe(out_ptr, pid_s, n_rows, r0, pid_r, n_splits, CAP: tl.constexpr, GLOBAL: tl.constexpr):
-    s0, first = topk_stream.state_base(pid_s, n_rows, r0, pid_r, n_splits, CAP, GLOBAL)
-    tl.store(out_ptr, s0)
-    tl.store(out_ptr + 1, first)
-
-
 def test_buffer_addressing_is_int64_on_the_gpu():
     p = kernel_plan.plan(n_rows=2**22, n_cols=2**16, d=64, k=100, global_mode=False, n_splits=4)
     out = torch.zeros(2, dtype=torch.int64, device="cuda")
     split, row_block = p.n_splits - 1, p.n_row_blocks - 1
-    _state_probe[(1,)](out, split, p.n_rows, row_block * p.block_r, row_block, p.n_splits, CAP=p.cap, GLOBAL=False)
+    state_probe[(1,)](out, split, p.n_rows, row_block * p.block_r, row_block, p.n_splits, CAP=p.cap, GLOBAL=False)
     assert out.tolist() == [split * p.n_rows + row_block * p.block_r, p.first_slot(row_block, split)]
