@@ -72,12 +72,18 @@ def run(model, input_sae, output_sae, tokens, settings, monkeypatch, shared: boo
     return json.dumps(result.to_json(), sort_keys=True), passes
 
 
+def both_ways(model, input_sae, output_sae, tokens, settings, monkeypatch):
+    """The head without shared passes, then with them: (old result, new result, old passes, new passes)."""
+    old, before = run(model, input_sae, output_sae, tokens, settings, monkeypatch, shared=False)
+    new, after = run(model, input_sae, output_sae, tokens, settings, monkeypatch, shared=True)
+    return old, new, before, after
+
+
 @pytest.mark.parametrize("exact", [True, False])
 def test_toy_shared_passes_give_identical_results_with_fewer_passes(toy, monkeypatch, exact):
     settings = ExtractSettings(**{**SETTINGS.__dict__, "exact": exact})
     tokens = toy.corpus(1500)
-    old, before = run(toy.model, toy.input_sae, toy.output_saes[0], tokens, settings, monkeypatch, shared=False)
-    new, after = run(toy.model, toy.input_sae, toy.output_saes[0], tokens, settings, monkeypatch, shared=True)
+    old, new, before, after = both_ways(toy.model, toy.input_sae, toy.output_saes[0], tokens, settings, monkeypatch)
     assert new == old
     print(f"toy exact={exact}: {before} -> {after}")
     assert after.sequences < before.sequences and after.calls < before.calls
@@ -90,8 +96,7 @@ def test_planted_glyph_shared_passes_give_identical_results(glyph, monkeypatch):
     head = glyph.features[0].head
     settings = ExtractSettings(**{**SETTINGS.__dict__, "features": (0, 1, 2)})
     tokens = glyph.corpus(1200)
-    old, before = run(glyph.model, glyph.input_sae, glyph.output_saes[head], tokens, settings, monkeypatch, shared=False)
-    new, after = run(glyph.model, glyph.input_sae, glyph.output_saes[head], tokens, settings, monkeypatch, shared=True)
+    old, new, before, after = both_ways(glyph.model, glyph.input_sae, glyph.output_saes[head], tokens, settings, monkeypatch)
     assert new == old
     print(f"glyph: {before} -> {after}")
     assert after.sequences < before.sequences and after.calls < before.calls
@@ -131,8 +136,7 @@ def test_memory_bound_falls_back_and_groups_are_bounded(toy, monkeypatch):
     monkeypatch.setattr(activations, "SHARED_MAX_BYTES", 1000)  # every group dropped: per-feature passes
     settings = ExtractSettings(**{**SETTINGS.__dict__, "features": (0, 1)})
     tokens = toy.corpus(1500)
-    old, before = run(toy.model, toy.input_sae, toy.output_saes[0], tokens, settings, monkeypatch, shared=False)
-    new, after = run(toy.model, toy.input_sae, toy.output_saes[0], tokens, settings, monkeypatch, shared=True)
+    old, new, before, after = both_ways(toy.model, toy.input_sae, toy.output_saes[0], tokens, settings, monkeypatch)
     assert new == old
     # the dropped groups' passes (stopped at the bound) come on top of the per-feature ones
     assert after.exemplar_sequences >= before.exemplar_sequences
@@ -168,8 +172,7 @@ def test_every_attention_kind_gives_identical_results(name, monkeypatch):
                                exhaustive_k=10, counting_bases=8, counting_min_bases=4, counting_max=3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        old, before = run(model, sae_in, sae_out, tokens, settings, monkeypatch, shared=False)
-        new, after = run(model, sae_in, sae_out, tokens, settings, monkeypatch, shared=True)
+        old, new, before, after = both_ways(model, sae_in, sae_out, tokens, settings, monkeypatch)
     assert new == old and '"failed_steps": 0' in new
     assert after.exemplar_sequences < before.exemplar_sequences
     # the exact pass reads the stored hooks: no pass of its own
@@ -192,8 +195,7 @@ def test_sae_lens_architectures_give_identical_results(arch, per_head, monkeypat
     settings = dataclasses.replace(FAMILY_SETTINGS, features=viable(model, sae_out, tokens))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        old, before = run(model, sae_in, sae_out, tokens, settings, monkeypatch, shared=False)
-        new, after = run(model, sae_in, sae_out, tokens, settings, monkeypatch, shared=True)
+        old, new, before, after = both_ways(model, sae_in, sae_out, tokens, settings, monkeypatch)
     assert new == old and '"failed_steps": 0' in new
     assert after.exemplar_sequences < before.exemplar_sequences
     # the exact pass reads the stored hooks: no pass of its own
