@@ -22,7 +22,12 @@ about 0.5 % of tokens (a quarter of the sequences), over a corpus of random toke
   tokens and 12 layers.
 
 Corpus-sized steps (the scan and the natural-prevalence pass of the distractor evidence) are
-scaled from ``--corpus`` sequences to 50,000 in the projection; everything else is per head.
+scaled from ``--corpus`` sequences to 50,000 in the projection (the new scan's input-SAE encode only to
+the rows it reads there: the statistics' first 8,192 and the pattern pool's); steps a sweep runs once a
+layer for all its heads (:data:`LAYER_STEPS`: the old pipeline's scan; the new one's scan, vocabulary
+pass, prevalence pass and pattern pool — ``tests/test_layer_passes.py`` checks that a sweep runs them
+once a layer) count 12 times in the whole-model projection, the other per-head steps 144 times, and the
+per-feature time 14,400 times. Steps are timed exclusively (a step called inside another is its own entry).
 
     python bench/bench_pipeline.py                          # 100 features, old path on 3: bench/results/pipeline.json
     python bench/bench_pipeline.py --features 10 --baseline-features 2
@@ -43,6 +48,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -56,10 +62,15 @@ HEADS, LAYERS = 144, 12
 STEPS = ("scan_output_features", "describe_input_features", "feature_tokens", "SharedPasses", "input_activations",
          "candidate_table", "paper_importance", "exact_importance_terms", "sweep", "absence_rules",
          "check_distractors", "check_counting", "exhaustive_pairs", "exemplar_views", "unseen_keys",
-         "distractor_evidence", "reconstruct")
+         "distractor_evidence", "natural_prevalence", "pattern_pool", "reconstruct")
 PER_HEAD_STEPS = ("scan_output_features", "describe_input_features", "feature_tokens", "distractor_evidence",
-                  "reconstruct")
-CORPUS_STEPS = ("scan_output_features", "distractor_evidence")  # their cost grows with the corpus
+                  "natural_prevalence", "pattern_pool", "reconstruct")
+CORPUS_STEPS = ("scan_output_features", "natural_prevalence")  # their cost grows with the corpus
+# Per-head steps a sweep runs once a layer for all the layer's heads: the old pipeline shared only the scan;
+# the new one also the vocabulary pass (token lookup), the prevalence pass of the distractor evidence and
+# the pattern pool (which rides on the scan)
+LAYER_STEPS = {"old": ("scan_output_features",),
+               "new": ("scan_output_features", "feature_tokens", "natural_prevalence", "pattern_pool")}
 
 
 def build(quick: bool, layer: int, device: str):
@@ -102,12 +113,12 @@ def corpus(n: int, vocab: int) -> torch.Tensor:
 
 class StepTimes:
     """Wall time of each step function of ``attnrules.pipeline.extract`` while installed; a step called
-    inside another counts in the outer one only."""
+    inside another counts in its own entry, and the outer step counts its time less the inner step's."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
         self.calls: dict[str, int] = {}
-        self.depth = 0
+        self.inner: list[float] = []  # per open step: the time of the steps called inside it
 
     @contextlib.contextmanager
     def installed(self):
@@ -124,15 +135,16 @@ class StepTimes:
 
     def _timed(self, name, fn):
         def run(*args, **kwargs):
-            if self.depth:
-                return fn(*args, **kwargs)
-            self.depth += 1
+            self.inner.append(0.0)
             t0 = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.depth -= 1
-                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+                took = time.perf_counter() - t0
+                own = took - self.inner.pop()
+                if self.inner:
+                    self.inner[-1] += took
+                self.seconds[name] = self.seconds.get(name, 0.0) + own
                 self.calls[name] = self.calls.get(name, 0) + 1
 
         return run
@@ -230,21 +242,30 @@ def same_results(old: list[dict], new: list[dict]) -> dict:
     return {"features_compared": len(old), "identical": not differing, "differing_fields": differing}
 
 
-def project(run: dict, n_features: int, corpus_n: int, measured_features: int) -> dict:
-    """Per-head seconds at ``n_features`` features and a 50,000-sequence corpus, and the 144-head run."""
+def project(run: dict, n_features: int, corpus_n: int, measured_features: int, pipeline: str,
+            scan_split: Optional[dict] = None) -> dict:
+    """Per-head seconds at ``n_features`` features and a 50,000-sequence corpus, and the 144-head run
+    (``pipeline``'s :data:`LAYER_STEPS` counted once a layer). ``scan_split``: the scan's forward seconds per
+    sequence and the sequences its input-SAE encode reads at 50,000 (statistics cap and pattern pool);
+    without it the scan grows in proportion to the corpus."""
     steps = run["step_seconds"]
     per_head = sum(steps.get(s, 0.0) for s in PER_HEAD_STEPS)
     scale = CORPUS_TOKENS / corpus_n
-    corpus_part = sum(steps.get(s, 0.0) for s in CORPUS_STEPS)
+    at_50k = {s: steps.get(s, 0.0) * (scale if s in CORPUS_STEPS else 1.0) for s in PER_HEAD_STEPS}
+    if scan_split is not None:
+        forward = scan_split["forward_s_per_sequence"] * corpus_n
+        encode = max(0.0, steps.get("scan_output_features", 0.0) - forward)
+        at_50k["scan_output_features"] = forward * scale + encode * scan_split["encoded_sequences_50k"] / corpus_n
     per_feature = (run["total_s"] - per_head) / measured_features
     head_small = per_head + per_feature * n_features  # at the benchmark's corpus
-    head_50k = head_small + corpus_part * (scale - 1)
-    scan_50k = steps.get("scan_output_features", 0.0) * scale
+    head_50k = sum(at_50k.values()) + per_feature * n_features
+    layer_50k = sum(at_50k[s] for s in LAYER_STEPS[pipeline])
+    # a sweep runs the layer steps once a layer for its 12 heads, the rest once a head
     return {"per_feature_s": round(per_feature, 2), "per_head_steps_s": round(per_head, 2),
             f"head_{n_features}_features_s": round(head_small, 1),
             f"head_{n_features}_features_50k_corpus_s": round(head_50k, 1),
-            # a sweep scans each layer once for its 12 heads: the scan counts once a layer, not once a head
-            "whole_model_144_heads_hours": round((HEADS * (head_50k - scan_50k) + LAYERS * scan_50k) / 3600, 1)}
+            "layer_steps_50k_s": {s: round(at_50k[s], 1) for s in LAYER_STEPS[pipeline]},
+            "whole_model_144_heads_hours": round((HEADS * (head_50k - layer_50k) + LAYERS * layer_50k) / 3600, 1)}
 
 
 def corpus_pass(args) -> dict:
@@ -353,14 +374,20 @@ def main() -> None:
         "corpus_pass": scan,
         "new": {k: v for k, v in new.items() if k != "results"},
     }
-    report["new"]["projection"] = project(new, 100, args.corpus, max(measured, 1))
+    from attnrules.pipeline import ExtractSettings
+
+    ref = ExtractSettings()
+    encoded = min(CORPUS_TOKENS, ref.corpus_stats_sequences or CORPUS_TOKENS)  # the statistics' rows, then the pool's
+    encoded += ref.pattern_pool * (1 - encoded / CORPUS_TOKENS)  # pool rows beyond them (drawn at random)
+    split = {"forward_s_per_sequence": 64 / scan["tokens_per_s_blocks_0_to_layer"], "encoded_sequences_50k": round(encoded)}
+    report["new"]["projection"] = project(new, 100, args.corpus, max(measured, 1), "new", split)
     if old is None:
         report["old"] = {"skipped": old_skipped}
     else:
         report["old"] = {"commit": args.baseline, **{k: v for k, v in old.items() if k != "results"},
                          "measured": f"{len(old['features'])} features ({', '.join(map(str, old['features']))}) and "
                                      f"the per-head steps; the other features of the head projected from them"}
-        report["old"]["projection"] = project(old, 100, args.corpus, max(len(old["features"]), 1))
+        report["old"]["projection"] = project(old, 100, args.corpus, max(len(old["features"]), 1), "old")
         report["same_results"] = same_results(old["results"], new["results"])
         new_head = report["new"]["projection"]["head_100_features_50k_corpus_s"]
         old_head = report["old"]["projection"]["head_100_features_50k_corpus_s"]

@@ -179,7 +179,7 @@ def _first_kkq(k1: np.ndarray, k2: np.ndarray, q: np.ndarray) -> Optional[dict]:
 def natural_prevalence(
     model: HookedTransformer,
     input_sae: InputSAE,
-    output_sae: OutputSAE,
+    output_sae: OutputSAE | Sequence[OutputSAE],
     tokens: torch.Tensor,
     checks: Sequence[tuple[int, int, int, int]],
     *,
@@ -187,15 +187,33 @@ def natural_prevalence(
     max_examples: int = 100,
     progress: bool = False,
 ) -> list[Prevalence]:
-    """For each (feature, key, distractor, query) in ``checks``, one shared pass over the corpus."""
+    """For each (feature, key, distractor, query) in ``checks``, one shared pass over the corpus.
+    ``output_sae``: the SAE of every check, or one per check (heads of the input SAE's layer: the
+    checks of a layer's heads share the pass)."""
+    if not checks:
+        return []
+    saes = list(output_sae) if isinstance(output_sae, Sequence) else [output_sae] * len(checks)
+    if len(saes) != len(checks):
+        raise ValueError(f"output_sae: one SAE per check expected ({len(checks)}), got {len(saes)}")
     resid, z = hook_names(input_sae.layer)
+    if any(sae.layer != input_sae.layer for sae in saes):
+        raise ValueError(f"output_sae: every output SAE must read layer {input_sae.layer} (the input SAE's)")
     cols = torch.tensor([c for _, k, d, q in checks for c in (k, d, q)], dtype=torch.long)
-    feats = torch.tensor([f for f, _, _, _ in checks], dtype=torch.long)
+    heads: dict[int, list[int]] = {}  # each distinct SAE (by identity): the checks it encodes
+    for c, sae in enumerate(saes):
+        heads.setdefault(id(sae), []).append(c)
     found: list[list[dict]] = [[] for _ in checks]
     for rows, acts in run_batches(model, tokens, input_sae.layer, [resid, z], batch_size=batch_size,
                                   desc="prevalence", progress=progress):
         f_in = input_sae.encode(acts[resid].to(input_sae.W_dec.dtype))[:, :, cols].cpu().numpy() > 0
-        out = output_sae.encode(acts[z].to(output_sae.W_enc.dtype))[:, :, feats].cpu().numpy()
+        encoded = []
+        for members in heads.values():
+            sae = saes[members[0]]
+            feats = torch.tensor([checks[c][0] for c in members], dtype=torch.long)
+            encoded.append((members, sae.encode(acts[z].to(sae.W_enc.dtype))[:, :, feats].cpu().numpy()))
+        out = np.empty((*f_in.shape[:2], len(checks)), dtype=np.result_type(*(a.dtype for _, a in encoded)))
+        for members, a in encoded:
+            out[:, :, members] = a
         for b in range(f_in.shape[0]):
             for c in range(len(checks)):
                 hit = _first_kkq(f_in[b, :, 3 * c], f_in[b, :, 3 * c + 1], f_in[b, :, 3 * c + 2])

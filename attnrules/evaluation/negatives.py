@@ -61,23 +61,14 @@ class PatternPool:
     @classmethod
     def build(cls, model: HookedTransformer, input_sae: InputSAE, tokens: torch.Tensor, size: int, *, seed: int = 0,
               batch_size: int = 8) -> "PatternPool":
-        """Draw ``size`` corpus rows (all when the corpus is smaller) and encode them in one pass."""
-        if size < 1:
-            raise ValueError(f"size must be a positive number of sequences, got {size}")
-        n = tokens.shape[0]
-        rng = np.random.default_rng(seed)
-        rows = torch.from_numpy(np.sort(rng.choice(n, size=min(size, n), replace=False))).long()
-        resid, _ = hook_names(input_sae.layer)
-        parts: list[tuple[torch.Tensor, ...]] = []
-        scale = 0.0
-        for batch, cache in run_batches(model, tokens[rows], input_sae.layer, [resid], batch_size=batch_size,
-                                        desc="pattern pool", progress=False):
-            acts = input_sae.encode(cache[resid].to(input_sae.W_dec.dtype)).cpu()
-            scale = max(scale, float(acts.max())) if acts.numel() else scale
-            r, p, f = torch.nonzero(acts, as_tuple=True)
-            parts.append((r + batch.start, p, f, acts[r, p, f]))
-        row, position, feature, value = (torch.cat([p[i] for p in parts]) for i in range(4))
-        return cls(rows, tokens.shape[1], input_sae.n_features, row, position, feature, value, scale)
+        """Draw ``size`` corpus rows (all when the corpus is smaller) and encode them in a pass of their own
+        (a corpus pass that runs the model anyway builds the same pool with a :class:`PoolObserver`)."""
+        observer = PoolObserver(input_sae, tokens, size, seed=seed)
+        resid = observer.hooks[0]
+        for batch, cache in run_batches(model, tokens[observer.sequences], input_sae.layer, [resid],
+                                        batch_size=batch_size, desc="pattern pool", progress=False):
+            observer.add(observer.sequences[batch], input_sae.encode(cache[resid].to(input_sae.W_dec.dtype)))
+        return observer.result()
 
     def dense(self, rows: torch.Tensor, features: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Activations ``[len(rows), T, len(features)]`` of pool rows ``rows`` (indices into ``sequences``)
@@ -95,6 +86,49 @@ class PatternPool:
     def rows_of(self, sequences: torch.Tensor) -> torch.Tensor:
         """Pool rows (indices into ``self.sequences``) of corpus rows ``sequences`` (all in the pool)."""
         return torch.searchsorted(self.sequences, sequences)
+
+
+class PoolObserver:
+    """Builds the :class:`PatternPool` of ``size`` random corpus rows (all when the corpus is smaller; the
+    same rows for the same ``seed``) on a corpus pass that already runs the model to the input SAE's layer
+    (:func:`attnrules.exemplars.scan_heads`): :meth:`observe` encodes the pool's rows of each batch, or a
+    pass that encodes them anyway hands them to :meth:`add`."""
+
+    def __init__(self, input_sae: InputSAE, tokens: torch.Tensor, size: int, *, seed: int = 0) -> None:
+        if size < 1:
+            raise ValueError(f"size must be a positive number of sequences, got {size}")
+        n = tokens.shape[0]
+        rng = np.random.default_rng(seed)
+        self.sequences = torch.from_numpy(np.sort(rng.choice(n, size=min(size, n), replace=False))).long()
+        self.sae, self.seq_len = input_sae, tokens.shape[1]
+        self.hooks = [hook_names(input_sae.layer)[0]]
+        self.parts: list[tuple[torch.Tensor, ...]] = []
+        self.scale = 0.0
+
+    def wanted(self, rows: slice) -> torch.Tensor:
+        """The pool's corpus rows among ``rows``."""
+        lo, hi = (int(i) for i in torch.searchsorted(self.sequences, torch.tensor([rows.start, rows.stop])))
+        return self.sequences[lo:hi]
+
+    def observe(self, rows: slice, cache: dict) -> None:
+        wanted = self.wanted(rows)
+        if wanted.numel():
+            resid = cache[self.hooks[0]][(wanted - rows.start).to(cache[self.hooks[0]].device)]
+            self.add(wanted, self.sae.encode(resid.to(self.sae.W_dec.dtype)))
+
+    def add(self, sequences: torch.Tensor, acts: torch.Tensor) -> None:
+        """Keep the activations ``acts [b, T, n_in]`` of corpus rows ``sequences [b]`` (all in the pool)."""
+        acts = acts.cpu()
+        if acts.numel():
+            self.scale = max(self.scale, float(acts.max()))
+        r, p, f = torch.nonzero(acts, as_tuple=True)
+        self.parts.append((torch.searchsorted(self.sequences, sequences.cpu())[r], p, f, acts[r, p, f]))
+
+    def result(self) -> PatternPool:
+        if not self.parts:  # nothing observed: an empty pool over the rows
+            self.parts.append((torch.zeros(0, dtype=torch.long),) * 3 + (torch.zeros(0),))
+        row, position, feature, value = (torch.cat([p[i] for p in self.parts]) for i in range(4))
+        return PatternPool(self.sequences, self.seq_len, self.sae.n_features, row, position, feature, value, self.scale)
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,7 @@ from torch import Tensor
 import attnrules.engine as engine
 import attnrules.sources as sources
 from attnrules.circuit.exact import HeadWeights, as_token_batch, exact_projections, head_weights
-from attnrules.sources.runner import run_batches
+from attnrules.sources.runner import INPUT_ACTS, run_batches
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -147,7 +147,9 @@ def _exact_pass(
     """The one pass over the exemplars behind every exact importance (see :class:`_Pass`); the
     rotary vectors are stored in ``dtype`` (float32 for the all-pairs ranking halves their memory).
     ``runner``: a drop-in for :func:`~attnrules.sources.runner.run_batches` (e.g. hooks already computed,
-    :meth:`attnrules.pipeline.activations.SharedPasses.runner`); default run_batches."""
+    :meth:`attnrules.pipeline.activations.SharedPasses.runner`); default run_batches. A runner whose
+    batches also hold :data:`~attnrules.sources.runner.INPUT_ACTS` (the input-SAE activations of
+    ``hook_resid_pre``, already encoded) spares the pass its encode."""
     layer, index = output_sae.layer, output_sae.head
     sources.check_compatible(model, input_sae, output_sae)
     h = head_weights(model, input_sae, layer, index)
@@ -176,7 +178,7 @@ def _exact_pass(
         x, v, pattern, z = (cache[name] for name in names[:4])
         t = positions[rows].to(x.device)
         b = torch.arange(len(t), device=x.device)
-        acts = input_sae.encode(x.to(input_sae.W_dec.dtype)).double()
+        acts = (cache[INPUT_ACTS] if INPUT_ACTS in cache else input_sae.encode(x.to(input_sae.W_dec.dtype))).double()
         sigma = h.scale(x.double())
         if qk_norm:  # QK-norm's ρ is a per-position scale like σ, one per side
             rho_q, rho_k = h.norm_scales(x.double(), sigma)

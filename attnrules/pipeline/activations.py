@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
-from attnrules.sources.runner import hook_names, run_batches
+from attnrules.sources.runner import INPUT_ACTS, hook_names, run_batches
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -132,7 +132,9 @@ class SharedPasses:
 
     def runner(self, rows: torch.Tensor):
         """A drop-in for :func:`~attnrules.sources.runner.run_batches` over ``tokens[rows]`` that yields the
-        stored hooks (in the caller's batches); it runs the model as before for anything not stored."""
+        stored hooks (in the caller's batches), with the stored input-SAE activations under
+        :data:`~attnrules.sources.runner.INPUT_ACTS` (so the exact pass does not encode them again); it
+        runs the model as before for anything not stored."""
         rows = rows.clone()
 
         def run(model, tokens, layer, names, *, batch_size, desc, progress):
@@ -146,7 +148,8 @@ class SharedPasses:
             with torch.no_grad():  # as run_batches: the caller's code between batches runs without grad too
                 for start in range(0, len(rows), batch_size):
                     batch = slice(start, min(start + batch_size, len(rows)))
-                    yield batch, {name: self._stack(name, rows[batch]).to(device) for name in names}
+                    hooks = {name: self._stack(name, rows[batch]).to(device) for name in names}
+                    yield batch, {**hooks, INPUT_ACTS: self.input_activations(rows[batch]).to(device)}
 
         return run
 

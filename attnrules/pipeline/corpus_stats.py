@@ -18,7 +18,8 @@ import torch
 
 from attnrules.evaluation.head_metrics import HeadMetrics, HeadMetricsObserver
 from attnrules.files import write_torch
-from attnrules.rules.descriptions import InputFeatureStats, InputStatsObserver
+from attnrules.evaluation.negatives import PatternPool, PoolObserver
+from attnrules.rules.descriptions import InputFeatureStats, InputStatsObserver, encoded_chunks
 from attnrules.sources.runner import run_batches
 
 if TYPE_CHECKING:
@@ -31,28 +32,61 @@ STATS_FILE = "corpus_stats.pt"
 
 @dataclass(frozen=True)
 class CorpusStats:
-    """One layer's corpus statistics: its input features' and its heads' attention metrics."""
+    """One layer's corpus statistics: its input features' and its heads' attention metrics, and the
+    pattern-negative pool when the pass built it (not cached: a resumed run builds its pool again)."""
 
     inputs: InputFeatureStats
     heads: dict[int, HeadMetrics]
+    pool: Optional[PatternPool] = None
 
 
 class CorpusObservers:
-    """The observers of one layer's corpus pass; :meth:`result` once the pass is over."""
+    """The observers of one layer's corpus pass; :meth:`result` once the pass is over.
 
-    def __init__(self, input_sae: InputSAE, tokens: torch.Tensor) -> None:
+    The input-feature statistics read the first ``stats_sequences`` corpus rows (None: all) and the
+    pattern pool (``pool_size`` random rows, drawn with ``pool_seed``; None: no pool) its rows; the
+    input SAE encodes each of those rows once for both."""
+
+    def __init__(self, input_sae: InputSAE, tokens: torch.Tensor, *, stats_sequences: Optional[int] = None,
+                 pool_size: Optional[int] = None, pool_seed: int = 0) -> None:
+        self.sae = input_sae
         self.inputs = InputStatsObserver(input_sae)
         self.heads = HeadMetricsObserver(input_sae.layer, tokens)
-        self.observers = [self.inputs, self.heads]
+        self.pool = PoolObserver(input_sae, tokens, pool_size, seed=pool_seed) if pool_size is not None else None
+        self.stats_rows = tokens.shape[0] if stats_sequences is None else min(stats_sequences, tokens.shape[0])
+        self.hooks = self.inputs.hooks
+        self.observers = [self, self.heads]
+
+    def observe(self, rows: slice, cache: dict) -> None:
+        """Encode the batch's rows that the statistics or the pool read, once, and hand them over."""
+        batch = torch.arange(rows.start, rows.stop)
+        pooled = self.pool.wanted(rows) if self.pool is not None else batch[:0]
+        counted = batch[batch < self.stats_rows]
+        needed = torch.unique(torch.cat([counted, pooled]))  # sorted
+        if not needed.numel():
+            return
+        resid = cache[self.hooks[0]]
+        resid = resid if needed.numel() == batch.numel() else resid[(needed - rows.start).to(resid.device)]
+        for start, acts in encoded_chunks(self.sae, resid):
+            sequences = needed[start:start + acts.shape[0]]
+            stats = sequences < self.stats_rows
+            if bool(stats.all()):
+                self.inputs.add(sequences, acts)
+            elif bool(stats.any()):
+                self.inputs.add(sequences[stats], acts[stats.to(acts.device)])
+            if self.pool is not None:
+                pool = torch.isin(sequences, pooled)
+                if bool(pool.any()):
+                    self.pool.add(sequences[pool], acts if bool(pool.all()) else acts[pool.to(acts.device)])
 
     def result(self) -> CorpusStats:
-        return CorpusStats(self.inputs.result(), self.heads.result())
+        return CorpusStats(self.inputs.result(), self.heads.result(), self.pool.result() if self.pool is not None else None)
 
 
 def measure_corpus(model: HookedTransformer, input_sae: InputSAE, tokens: torch.Tensor, *, batch_size: int = 64,
-                   progress: bool = False) -> CorpusStats:
+                   progress: bool = False, stats_sequences: Optional[int] = None) -> CorpusStats:
     """The statistics from a pass of their own (blocks 0..layer over the corpus)."""
-    observers = CorpusObservers(input_sae, tokens)
+    observers = CorpusObservers(input_sae, tokens, stats_sequences=stats_sequences)
     names = [h for o in observers.observers for h in o.hooks]
     for rows, cache in run_batches(model, tokens, input_sae.layer, names, batch_size=batch_size,
                                    desc="corpus statistics", progress=progress):
@@ -61,9 +95,11 @@ def measure_corpus(model: HookedTransformer, input_sae: InputSAE, tokens: torch.
     return observers.result()
 
 
-def stats_key(inputs) -> dict:
-    """What the statistics depend on: model, input SAE and corpus (from an :class:`InputHashes`)."""
-    return {"model": inputs.model, "input_sae": inputs.input_sae, "corpus": inputs.corpus}
+def stats_key(inputs, stats_sequences: Optional[int]) -> dict:
+    """What the statistics depend on: model, input SAE and corpus (from an :class:`InputHashes`) and how
+    many of its sequences they read."""
+    return {"model": inputs.model, "input_sae": inputs.input_sae, "corpus": inputs.corpus,
+            "stats_sequences": stats_sequences}
 
 
 def save_stats(folder: Path | str, key: dict, stats: CorpusStats) -> Path:

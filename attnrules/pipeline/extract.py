@@ -341,15 +341,34 @@ def _corpus_stats(model: HookedTransformer, input_sae: InputSAE, tokens: torch.T
                   stats: Optional[CorpusStats], settings: ExtractSettings, progress: bool) -> CorpusStats:
     """The layer's corpus statistics: as given (measured on the scan pass), else cached in the folder, else
     from a pass of their own (a scan cached by an older run); saved to the folder when not read from it."""
-    key = stats_key(folder.inputs) if folder is not None else None
-    cached = load_stats(folder.path, key) if folder is not None else None
-    if cached is not None:
-        return cached
+    key = stats_key(folder.inputs, settings.corpus_stats_sequences) if folder is not None else None
+    if stats is None and folder is not None:
+        cached = load_stats(folder.path, key)
+        if cached is not None:
+            return cached
     if stats is None:
-        stats = measure_corpus(model, input_sae, tokens, batch_size=settings.batch_size, progress=progress)
+        stats = measure_corpus(model, input_sae, tokens, batch_size=settings.batch_size, progress=progress,
+                               stats_sequences=settings.corpus_stats_sequences)
     if folder is not None:
         save_stats(folder.path, key, stats)
     return stats
+
+
+def corpus_observers(input_sae: InputSAE, tokens: torch.Tensor, settings: ExtractSettings) -> CorpusObservers:
+    """What a corpus pass measures for these settings besides the scan: input-feature statistics on the
+    first ``corpus_stats_sequences`` rows, head metrics, and the pattern pool when pattern negatives are on."""
+    return CorpusObservers(input_sae, tokens, stats_sequences=settings.corpus_stats_sequences,
+                           pool_size=settings.pattern_pool if settings.pattern_negatives else None,
+                           pool_seed=settings.seed)
+
+
+def pattern_pool(model: HookedTransformer, input_sae: InputSAE, tokens: torch.Tensor, stats: CorpusStats,
+                 settings: ExtractSettings) -> PatternPool:
+    """The head's pattern-negative pool: the one the corpus pass built, else one from a pass of its own."""
+    if stats.pool is not None:
+        return stats.pool
+    return PatternPool.build(model, input_sae, tokens, settings.pattern_pool, seed=settings.seed,
+                             batch_size=settings.batch_size)
 
 
 def used_inputs(results: list[FeatureResult]) -> list[int]:
@@ -380,6 +399,8 @@ def extract_head(
     overwrite: bool = False,
     inputs: Optional[InputHashes] = None,
     corpus_stats: Optional[CorpusStats] = None,
+    token_lookup: Optional[TokenLookup] = None,
+    defer_evidence: bool = False,
 ) -> HeadResult:
     """Run the pipeline on one head (the output SAE's layer and head) over a token corpus. The SAEs
     may be attnrules' containers or sae_lens SAEs (see :func:`attnrules.sources.as_sources`).
@@ -396,7 +417,11 @@ def extract_head(
     computed (a sweep scans all heads of a layer in one pass). ``inputs``: the inputs' hashes when
     already computed (a sweep hashes the model and the corpus once). ``corpus_stats``: the layer's
     input-feature statistics and head metrics when already measured on the scan pass (a sweep's);
-    otherwise they ride on this head's scan, or are read from the folder (:mod:`attnrules.pipeline.corpus_stats`)."""
+    otherwise they ride on this head's scan, or are read from the folder (:mod:`attnrules.pipeline.corpus_stats`);
+    with them, the pattern-negative pool the pass built. ``token_lookup``: the layer's
+    :class:`TokenLookup` (a sweep shares one among the heads of a layer: one vocabulary pass a layer).
+    ``defer_evidence``: return the result without its distractor evidence and do not write it (a sweep
+    gathers the evidence of a layer's heads in one corpus pass, then completes each with :func:`with_evidence`)."""
     input_sae, output_sae = as_sources(model, input_sae, output_sae)
     if inputs is None:
         inputs = InputHashes.of(model, input_sae, output_sae, tokens, settings)
@@ -421,7 +446,7 @@ def extract_head(
     if scan is None:
         scan, scan_state = (folder.load_scan() if folder is not None else None), "cached"
     if scan is None:
-        observers = CorpusObservers(input_sae, tokens)
+        observers = corpus_observers(input_sae, tokens, settings)
         scan = scan_output_features(model, output_sae, tokens, batch_size=settings.batch_size, progress=progress,
                                     observers=observers.observers)
         scan_state, corpus_stats = "computed", observers.result()
@@ -438,7 +463,7 @@ def extract_head(
                          f"{settings.max_count or scan.n_sequences - settings.min_count} of the {scan.n_sequences} sequences")
     describe = describe_input_features(model, input_sae, backend=settings.backend, stats=corpus_stats.inputs,
                                        tokens=tokens, labels=settings.input_labels)
-    token_of = TokenLookup(model, input_sae, bos_token(model, tokens))
+    token_of = token_lookup if token_lookup is not None else TokenLookup(model, input_sae, bos_token(model, tokens))
     results: list[FeatureResult] = []
     computed: list[str] = []
     reused: list[str] = []
@@ -459,8 +484,7 @@ def extract_head(
     head_steps = FeatureSteps()  # head-level steps: failures recorded in metadata["head_errors"]
     pool = None
     if settings.pattern_negatives and any(isinstance(ex, Exemplars) for ex in todo):
-        pool = head_steps.run("pattern_pool", lambda: PatternPool.build(
-            model, input_sae, tokens, settings.pattern_pool, seed=settings.seed, batch_size=settings.batch_size))
+        pool = head_steps.run("pattern_pool", lambda: pattern_pool(model, input_sae, tokens, corpus_stats, settings))
     started = time.time()
     for i, (g, ex) in enumerate(zip(features, todo)):
         name = circuit.feature_name(g)
@@ -480,10 +504,10 @@ def extract_head(
         if folder is not None and not result.errors:  # a feature with a failed step is retried on resume
             folder.save_feature(result)
         results.append(result)
-    flagged = [f for f in results if f.paper_distractor is not None and f.paper_distractor.has_distractor]
+    flagged = sum(f.paper_distractor is not None and f.paper_distractor.has_distractor for f in results)
     metadata = {"settings": plain(dataclasses.asdict(settings)), "notes": notes, "n_sequences": scan.n_sequences,
                 "seq_len": tokens.shape[1], "n_inputs": circuit.n_inputs, "n_outputs": circuit.n_outputs,
-                "distractor_share": len(flagged) / len(results) if results else None,
+                "distractor_share": flagged / len(results) if results else None,
                 "features_with_failures": [f.name for f in results if f.errors], "inputs": inputs.to_json()}
     metadata["saes"] = {role: sae_metadata(sae) for role, sae in (("input", input_sae), ("output", output_sae))}
     head_metrics = corpus_stats.heads.get(circuit.head)
@@ -493,13 +517,25 @@ def extract_head(
         groups = head_steps.run("exact_logit_groups", lambda: reconstruct(model, input_sae, circuit.head, tokens[:16]).summary())
         if groups is not None:
             metadata["exact_logit_groups"] = groups.reset_index().to_dict(orient="records")
-    evidence = head_steps.run("distractor_evidence", lambda: distractor_evidence(
-        model, input_sae, output_sae, tokens, flagged, settings, progress)) or []
     metadata["head_errors"] = [e.to_json() for e in head_steps.errors]
     metadata["failed_steps"] = sum(len(f.errors) for f in results) + len(head_steps.errors)
-    result = HeadResult(circuit.layer, circuit.head, tuple(results), metadata, tuple(evidence),
+    result = HeadResult(circuit.layer, circuit.head, tuple(results), metadata, (),
                         RunInfo(scan_state, tuple(computed), tuple(reused)))
-    if folder is not None:
+    if defer_evidence:
+        return result
+    evidence = head_steps.run("distractor_evidence", lambda: distractor_evidence(
+        model, input_sae, [(output_sae, result)], tokens, settings, progress)[0])
+    return with_evidence(result, evidence, head_steps.errors[len(metadata["head_errors"]):], out_dir)
+
+
+def with_evidence(result: HeadResult, evidence: Optional[list[DistractorEvidence]], errors: list[StepError],
+                  out_dir: Optional[Path | str]) -> HeadResult:
+    """``result`` completed with its distractor evidence (None: the step failed, with ``errors`` saying
+    why), written to ``out_dir`` (when given) with its completion marker."""
+    metadata = {**result.metadata, "head_errors": result.metadata["head_errors"] + [e.to_json() for e in errors],
+                "failed_steps": result.metadata["failed_steps"] + len(errors)}
+    result = dataclasses.replace(result, metadata=metadata, distractors=tuple(evidence or ()))
+    if out_dir is not None:
         result.write(out_dir)
     return result
 
@@ -579,7 +615,7 @@ def extract_one(
     views = steps.run("exemplar_views", lambda: [
         annotated(v, acts["val"][i], rule_sets, conditions, threshold=fire_above, max_offset=circuit.max_offset)
         for v, i in zip(exemplar_views(model, output_sae, g, tokens, ex.val.sequence[top], ex.val.position[top]),
-                        top.tolist())]) or []
+                        top.tolist())]) or [] if top.numel() else []  # show_exemplars=0: none
     deciles = decile_sequences(scan.act_max[:, g]) if settings.show_exemplars else torch.zeros(0, dtype=torch.long)
 
     def decile_views() -> list:  # one small pass (input activations) and the views' own, over ≤ 10 sequences
@@ -632,21 +668,20 @@ def shared_groups(
 
 
 def distractor_evidence(
-    model: HookedTransformer, input_sae: InputSAE, output_sae: OutputSAE, tokens: torch.Tensor,
-    flagged: list[FeatureResult], settings: ExtractSettings,
-    progress: bool,
-) -> list[DistractorEvidence]:
-
-    """For features with a REF distractor key: natural prevalence over the corpus (one shared pass) and
+    model: HookedTransformer, input_sae: InputSAE, heads: list[tuple[OutputSAE, HeadResult]], tokens: torch.Tensor,
+    settings: ExtractSettings, progress: bool,
+) -> list[list[DistractorEvidence]]:
+    """For each head of the input SAE's layer (its output SAE and results), the evidence of its features
+    with a REF distractor key: natural prevalence over the corpus (one pass shared by all the heads) and
     counterfactual insertion of the distractor's token into its no-distractor examples (§6.2–6.3)."""
-    if not flagged:
-        return []
+    flagged = [(i, sae, f) for i, (sae, result) in enumerate(heads) for f in result.features
+               if f.paper_distractor is not None and f.paper_distractor.has_distractor]
     # natural_prevalence takes (feature, key, distractor, query)
-    checks = [(f.feature, f.paper_distractor.k, f.paper_distractor.k_, f.paper_distractor.q) for f in flagged]
-    prevalences = natural_prevalence(model, input_sae, output_sae, tokens, checks, batch_size=settings.batch_size,
-                                     progress=progress)
-    evidence = []
-    for f, prevalence in zip(flagged, prevalences):
+    checks = [(f.feature, f.paper_distractor.k, f.paper_distractor.k_, f.paper_distractor.q) for _, _, f in flagged]
+    prevalences = natural_prevalence(model, input_sae, [sae for _, sae, _ in flagged], tokens, checks,
+                                     batch_size=settings.batch_size, progress=progress)
+    evidence: list[list[DistractorEvidence]] = [[] for _ in heads]
+    for (i, output_sae, f), prevalence in zip(flagged, prevalences):
         insertion = None
         token = insertion_token(model, input_sae, prevalence.distractor)
         clean = [e for e in prevalence.examples if e["kind"] == "no_distractor" and e["act_out"] > 0]
@@ -655,5 +690,6 @@ def distractor_evidence(
             positions = torch.tensor([e["q_pos"] for e in clean])
             insertion = counterfactual_insertion(model, output_sae, f.feature, tokens[rows], positions, token,
                                                  counts=settings.insertion_counts)
-        evidence.append(DistractorEvidence.from_json({**prevalence.to_dict(), "feature": f.name, "insertion": insertion}))
+        evidence[i].append(DistractorEvidence.from_json({**prevalence.to_dict(), "feature": f.name,
+                                                         "insertion": insertion}))
     return evidence

@@ -162,7 +162,11 @@ class ExtractSettings:
         "where the shown rule terms fire but the feature does not", group=HARD,
         flag_help="REF's evaluation only (no pattern negatives, no combined rule sets)")
     pattern_pool: int = setting(
-        2048, "corpus sequences searched for pattern negatives (one extra forward pass per head)", group=HARD, min=1)
+        2048, "corpus sequences searched for pattern negatives (encoded on the corpus pass; a pass of their own "
+        "only when the scan was read from a cache)", group=HARD, min=1)
+    corpus_stats_sequences: Optional[int] = setting(
+        8192, "corpus sequences (the first ones) the input-feature descriptions are measured on ('all': every "
+        "one; each costs an input-SAE encode on the corpus pass)", group=RUN, min=1, none="all")
 
     def __post_init__(self) -> None:
         hints = _type_hints(type(self))

@@ -1,6 +1,8 @@
 """Whole-model sweeps: extraction for many heads, sharded by (layer, head), resumable, on torchrun.
 
-Every process (one per ``torchrun`` rank; gloo on CPU, nccl on GPU) takes every world_size-th shard.
+Every process (one per ``torchrun`` rank; gloo on CPU, nccl on GPU) takes a contiguous run of the shards
+(:func:`rank_shards`), so that it works through as few layers as it can: each layer costs a rank one
+corpus pass, one vocabulary pass and one distractor-evidence pass, shared by its heads of the layer.
 A shard is one head: its results go to ``OUT/shards/L{l}H{h}/`` (a head folder, see
 :mod:`attnrules.pipeline.resume`: features written one by one and the corpus scan cached, so a killed
 shard resumes where it stopped) and, when complete, a manifest entry ``OUT/manifest/L{l}H{h}.json``
@@ -25,8 +27,14 @@ import torch
 
 from attnrules.exemplars import scan_heads
 from attnrules.files import clean_temporaries, write_csv, write_json, write_with
-from attnrules.pipeline.corpus_stats import CorpusObservers
-from attnrules.pipeline.extract import extract_head
+from attnrules.pipeline.extract import (
+    TokenLookup,
+    bos_token,
+    corpus_observers,
+    distractor_evidence,
+    extract_head,
+    with_evidence,
+)
 from attnrules.pipeline.resume import (
     HeadFolder,
     InputHashes,
@@ -37,7 +45,7 @@ from attnrules.pipeline.resume import (
     hash_output_sae,
     read_head,
 )
-from attnrules.pipeline.results import MARKER_FILE
+from attnrules.pipeline.results import MARKER_FILE, HeadResult, StepError
 from attnrules.pipeline.settings import ExtractSettings
 from attnrules.pipeline.workload import Workload
 from attnrules.sources import as_sources
@@ -61,6 +69,14 @@ def _start_distributed(device: str) -> Rank:
         backend = "nccl" if device.startswith("cuda") else "gloo"
         torch.distributed.init_process_group(backend=backend)
     return Rank(rank, world)
+
+
+def rank_shards(shards: list, rank: Rank) -> list:
+    """The shards ``rank`` runs: the ``rank``-th of ``world_size`` contiguous runs of ``shards`` (sizes
+    differing by at most one), so that a rank's heads share as few layers as possible."""
+    per, extra = divmod(len(shards), rank.world_size)
+    start = rank.rank * per + min(rank.rank, extra)
+    return shards[start:start + per + (rank.rank < extra)]
 
 
 def _manifest(out: Path, name: str) -> Path:
@@ -126,6 +142,50 @@ def _log(rank: Rank, message: str) -> None:
     print(f"[rank {rank.rank}/{rank.world_size}] {message}", file=sys.stderr, flush=True)
 
 
+class _Clock:
+    """Writes each finished shard's manifest entry and logs it with the overall count and the time left."""
+
+    def __init__(self, out: Path, mine: list, hashes: "_Hashes", rank: Rank, n_shards: int) -> None:
+        self.out, self.mine, self.hashes, self.rank, self.n_shards = out, mine, hashes, rank, n_shards
+        self.start, self.finished_here = time.time(), 0
+
+    def finished(self, layer: int, head: int, result: HeadResult, seconds: float) -> None:
+        name = shard_name(layer, head)
+        inputs = self.hashes(layer, head)
+        write_json(_manifest(self.out, name), {
+            "shard": name, "layer": layer, "head": head, "settings": inputs.settings, "inputs": inputs.to_json(),
+            "rank": self.rank.rank, "seconds": round(seconds, 3), "n_features": len(result.features),
+            "scan": result.run.scan if result.run else None,
+        })
+        self.finished_here += 1
+        left = sum(1 for lh in self.mine if not _is_done(self.out, shard_name(*lh), self.hashes(*lh)))
+        eta = (time.time() - self.start) / self.finished_here * left
+        overall = len(list((self.out / "manifest").glob("*.json")))
+        _log(self.rank, f"{name}: done in {seconds:.1f}s; overall {overall}/{self.n_shards} shards; "
+                        f"this rank {left} left, about {eta:.0f}s")
+
+
+def _finish_layer(work: Workload, out: Path, settings: ExtractSettings, layer: int, pending: list, clock: _Clock,
+                  progress: bool) -> None:
+    """The distractor evidence of this rank's pending heads of ``layer`` from one corpus pass; each head is
+    then written complete and its manifest entry made (:func:`~attnrules.pipeline.extract.with_evidence`)."""
+    if not pending:
+        return
+    t0 = time.time()
+    input_sae = as_sources(work.model, work.input_sae(layer), work.output_sae(layer, pending[0][0]))[0]
+    heads = [(as_sources(work.model, work.input_sae(layer), work.output_sae(layer, h))[1], r) for h, r, _ in pending]
+    errors: list[StepError] = []
+    try:
+        evidence = distractor_evidence(work.model, input_sae, heads, work.tokens, settings, progress)
+    except Exception as error:  # noqa: BLE001 - recorded in each head's metadata, the sweep goes on
+        errors = [StepError("distractor_evidence", f"{type(error).__name__}: {error}")]
+        evidence = [None] * len(pending)
+    share = (time.time() - t0) / len(pending)  # the layer pass's time, split among its heads
+    for (head, result, seconds), found in zip(pending, evidence):
+        done = with_evidence(result, found, errors, out / "shards" / shard_name(layer, head))
+        clock.finished(layer, head, done, seconds + share)
+
+
 def run_sweep(
     work: Workload, out_dir: Path | str, settings: ExtractSettings, *, device: str = "cpu", progress: bool = True,
     overwrite: bool = False,
@@ -140,7 +200,7 @@ def run_sweep(
     out = Path(out_dir)
     rank = _start_distributed(device)
     shards = list(work.heads)
-    mine = shards[rank.rank:: rank.world_size]
+    mine = rank_shards(shards, rank)
     hashes = _Hashes(work, settings, mine)
     # every rank checks every shard, so that all of them stop (or none does)
     stale = _mismatches(out, shards, hashes)
@@ -151,7 +211,9 @@ def run_sweep(
     for lh in stale:
         if lh in mine:  # only the owner touches a shard
             _manifest(out, shard_name(*lh)).unlink(missing_ok=True)
-    start, finished_here, scans, layer_stats = time.time(), 0, {}, None
+    clock = _Clock(out, mine, hashes, rank, len(shards))
+    scans, layer_stats, lookups = {}, None, {}
+    pending: list = []  # this rank's heads of the current layer whose distractor evidence is still to come
     for i, (layer, head) in enumerate(mine):
         name = shard_name(layer, head)
         inputs = hashes(layer, head)
@@ -163,29 +225,28 @@ def run_sweep(
             todo = [h for l, h in mine if l == layer and not _is_done(out, shard_name(l, h), hashes(l, h))
                     and not HeadFolder(out / "shards" / shard_name(l, h), hashes(l, h)).has_scan()]
             found, layer_stats = [], None
-            if todo:  # the layer's input-feature statistics and head metrics ride on the same pass
-                observers = CorpusObservers(as_sources(work.model, work.input_sae(layer), work.output_sae(layer, todo[0]))[0],
-                                            work.tokens)
+            if todo:  # the layer's input-feature statistics, head metrics and pattern pool ride on the same pass
+                observers = corpus_observers(as_sources(work.model, work.input_sae(layer),
+                                                        work.output_sae(layer, todo[0]))[0], work.tokens, settings)
                 found = scan_heads(work.model, [work.output_sae(layer, h) for h in todo], work.tokens,
                                    batch_size=settings.batch_size, progress=progress, observers=observers.observers)
                 layer_stats = observers.result()
             scans = {(layer, h): s for h, s in zip(todo, found)}
+        if layer not in lookups:  # one vocabulary pass a layer for the tokens that stand for input features
+            lookups = {layer: TokenLookup(work.model, as_sources(work.model, work.input_sae(layer),
+                                                                 work.output_sae(layer, head))[0], bos_token(work.model, work.tokens))}
         result = extract_head(work.model, work.input_sae(layer), work.output_sae(layer, head), work.tokens,
                               settings=settings, out_dir=out / "shards" / name, progress=progress,
                               scan=scans.pop((layer, head), None), overwrite=overwrite, inputs=inputs,
                               corpus_stats=layer_stats if layer_stats is not None and layer_stats.inputs.layer == layer
-                              else None)
-        write_json(_manifest(out, name), {
-            "shard": name, "layer": layer, "head": head, "settings": settings.fingerprint(), "inputs": inputs.to_json(),
-            "rank": rank.rank, "seconds": round(time.time() - t0, 3), "n_features": len(result.features),
-            "scan": result.run.scan if result.run else None,
-        })
-        finished_here += 1
-        left = sum(1 for lh in mine[i + 1:] if not _is_done(out, shard_name(*lh), hashes(*lh)))
-        eta = (time.time() - start) / finished_here * left
-        overall = len(list((out / "manifest").glob("*.json")))
-        _log(rank, f"{name}: done in {time.time() - t0:.1f}s; overall {overall}/{len(shards)} shards; "
-                   f"this rank {left} left, about {eta:.0f}s")
+                              else None, token_lookup=lookups[layer], defer_evidence=True)
+        if result.run is not None and result.run.scan == "none":  # read back complete: nothing left to do
+            clock.finished(layer, head, result, time.time() - t0)
+        else:
+            pending.append((head, result, time.time() - t0))
+        if i + 1 == len(mine) or mine[i + 1][0] != layer:  # the layer's last head: its evidence, then done
+            _finish_layer(work, out, settings, layer, pending, clock, progress)
+            pending = []
     if rank.world_size > 1:
         torch.distributed.barrier()
     if rank.rank == 0:  # every rank is done writing: temporaries left by killed writers can go

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 TOP_CONTEXTS = 8  # top activations kept per input feature (the label is the token most often among them)
 RECORDED_CONTEXTS = 5  # of which the results keep, per input feature a head's rules name
 CONTEXT_BEFORE, CONTEXT_AFTER = 4, 1  # tokens of context around an activation
-ENCODE_ELEMENTS = 2**26  # the most activations (sequences × tokens × features) encoded at once: 256 MB in float32
+ENCODE_ELEMENTS = 2**24  # the most activations (sequences × tokens × features) encoded at once: 64 MB in float32
 
 
 @dataclass(frozen=True)
@@ -70,12 +70,20 @@ class InputFeatureStats:
                                                                 ("active", "top_act", "top_seq", "top_pos")))
 
 
+def encoded_chunks(input_sae: InputSAE, resid: torch.Tensor):
+    """``(start, acts)``: the input-SAE activations ``[b, T, n_in]`` of ``resid [N, T, d]``, as many
+    sequences at a time as keep them under ``ENCODE_ELEMENTS`` (rows ``start … start + b``)."""
+    chunk = max(1, ENCODE_ELEMENTS // max(1, resid.shape[1] * input_sae.n_features))
+    for start in range(0, resid.shape[0], chunk):
+        yield start, input_sae.encode(resid[start:start + chunk].to(input_sae.W_dec.dtype))
+
+
 class InputStatsObserver:
     """Gathers :class:`InputFeatureStats` during a corpus pass that already runs the model to the
     layer (:func:`attnrules.exemplars.scan_heads`): it reads ``hook_resid_pre`` of the layer and
-    encodes it with the input SAE, as many sequences at a time as keep the activations under
-    ``ENCODE_ELEMENTS``. Its cost is that encode (2·d_model·n_in FLOPs a token) and a running top-k;
-    no forward pass of its own."""
+    encodes it with the input SAE (:func:`encoded_chunks`). Its cost is that encode (2·d_model·n_in
+    FLOPs a token) and a running top-k; no forward pass of its own. A pass that encodes the layer
+    anyway hands its activations to :meth:`add` instead (:class:`~attnrules.pipeline.corpus_stats.CorpusObservers`)."""
 
     def __init__(self, input_sae: InputSAE, *, k: int = TOP_CONTEXTS) -> None:
         if k < 1:
@@ -90,16 +98,20 @@ class InputStatsObserver:
         self.top_pos = torch.zeros(0, n, dtype=torch.int64)
 
     def observe(self, rows: slice, cache: dict) -> None:
-        resid = cache[self.hooks[0]][:, 1:]  # BOS left out
-        chunk = max(1, ENCODE_ELEMENTS // (resid.shape[1] * self.sae.n_features))
-        for start in range(0, resid.shape[0], chunk):
-            acts = self.sae.encode(resid[start:start + chunk].to(self.sae.W_dec.dtype)).float()  # [b, T-1, n]
-            b, t1, n = acts.shape
-            self.n_tokens += b * t1
-            self.active += torch.count_nonzero(acts > 0, dim=(0, 1)).cpu()
-            best, where = acts.max(dim=1)  # [b, n]: each sequence once, at its largest activation
-            values, index = best.topk(min(self.k, b), dim=0)  # [k, n]
-            self._merge(values.cpu(), (rows.start + start + index).cpu(), (where.gather(0, index) + 1).cpu())
+        for start, acts in encoded_chunks(self.sae, cache[self.hooks[0]]):
+            self.add(torch.arange(rows.start + start, rows.start + start + acts.shape[0]), acts)
+
+    def add(self, sequences: torch.Tensor, acts: torch.Tensor) -> None:
+        """Count the activations ``acts [b, T, n]`` of corpus rows ``sequences [b]`` (position 0, BOS, left out)."""
+        acts = acts[:, 1:].float()
+        b, t1, n = acts.shape
+        if t1 == 0:
+            return
+        self.n_tokens += b * t1
+        self.active += torch.count_nonzero(acts > 0, dim=(0, 1)).cpu()
+        best, where = acts.max(dim=1)  # [b, n]: each sequence once, at its largest activation
+        values, index = best.topk(min(self.k, b), dim=0)  # [k, n]
+        self._merge(values.cpu(), sequences.to(index.device)[index].cpu(), (where.gather(0, index) + 1).cpu())
 
     def _merge(self, values: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor) -> None:
         values = torch.cat([self.top_act, values])

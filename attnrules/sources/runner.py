@@ -18,6 +18,10 @@ import torch
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
+# The key under which a runner of stored hooks (not run_batches) may also hand over the input-SAE
+# activations of ``hook_resid_pre`` it already holds (see attnrules.pipeline.activations.SharedPasses).
+INPUT_ACTS = "attnrules.input_sae_acts"
+
 
 def _progress(iterable: Iterable, total: int, desc: str, show: bool):
     if not show:

@@ -1,0 +1,146 @@
+"""What the heads of one layer share (issue 14): the pattern pool and the input-feature statistics ride
+on the corpus pass with one input-SAE encode; the tokens that stand for input features come from one
+vocabulary pass a layer; the distractor evidence of a layer's heads from one corpus pass; ranks take
+contiguous runs of shards. Each shared result equals what the head computed on its own."""
+import dataclasses
+
+import pytest
+import torch
+
+import attnrules.evaluation.insertion as insertion
+import attnrules.pipeline.extract as extract
+from attnrules.evaluation.negatives import PatternPool
+from attnrules.exemplars import scan_heads, scan_output_features
+from attnrules.pipeline import ExtractSettings, extract_head
+from attnrules.pipeline.corpus_stats import CorpusObservers
+from attnrules.pipeline.sweep import Rank, rank_shards, run_sweep
+from attnrules.pipeline.workload import Workload
+from attnrules.rules.descriptions import InputStatsObserver
+from families import build_family, family_saes, family_tokens
+
+SETTINGS = ExtractSettings(max_rules=8, exhaustive_k=0, counting=False, exact=False, show_exemplars=0)
+
+
+def _same_pool(a: PatternPool, b: PatternPool) -> None:
+    """The same rows and active entries; values equal up to the SAE encode's rounding, which on small
+    shapes depends on how many rows one matmul takes (the pool's rows are encoded in other batches)."""
+    assert torch.equal(a.sequences, b.sequences) and a.seq_len == b.seq_len and a.n_inputs == b.n_inputs
+    order_a = torch.argsort(a.row * 10**6 + a.position * 10**3 + a.feature)
+    order_b = torch.argsort(b.row * 10**6 + b.position * 10**3 + b.feature)
+    for field in ("row", "position", "feature"):
+        assert torch.equal(getattr(a, field)[order_a], getattr(b, field)[order_b]), field
+    torch.testing.assert_close(a.value[order_a], b.value[order_b], rtol=1e-5, atol=1e-6)
+    assert a.act_scale == pytest.approx(b.act_scale, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_pool_and_statistics_from_the_corpus_pass_equal_their_own_passes(family):
+    """On rotary/GQA (Llama) and soft-capped (Gemma 2) models: the pool built on the scan equals
+    PatternPool.build's pass; statistics capped to the first rows equal an observer fed only those rows."""
+    model = build_family(family)
+    sae_in, sae_out = family_saes(model, 1, 0, n_in=40)
+    tokens = family_tokens(model, n=23, t=10, seed=3)
+    observers = CorpusObservers(sae_in, tokens, stats_sequences=9, pool_size=7, pool_seed=5)
+    scan_output_features(model, sae_out, tokens, batch_size=4, observers=observers.observers)
+    stats = observers.result()
+    _same_pool(stats.pool, PatternPool.build(model, sae_in, tokens, 7, seed=5, batch_size=3))
+    alone = InputStatsObserver(sae_in)
+    scan_output_features(model, sae_out, tokens[:9], batch_size=4, observers=[alone])
+    expected = alone.result()
+    assert stats.inputs.n_tokens == expected.n_tokens == 9 * 9
+    for field in ("active", "top_seq", "top_pos"):
+        assert torch.equal(getattr(stats.inputs, field), getattr(expected, field)), field
+    torch.testing.assert_close(stats.inputs.top_act, expected.top_act, rtol=1e-5, atol=1e-6)
+
+
+def test_statistics_over_every_row_and_no_pool(toy):
+    tokens = toy.corpus(50, seed=2)
+    observers = CorpusObservers(toy.input_sae, tokens)
+    scan_output_features(toy.model, toy.output_saes[0], tokens, batch_size=16, observers=observers.observers)
+    alone = InputStatsObserver(toy.input_sae)
+    scan_output_features(toy.model, toy.output_saes[0], tokens, batch_size=16, observers=[alone])
+    stats, expected = observers.result(), alone.result()
+    assert stats.pool is None and stats.inputs.n_tokens == 50 * (tokens.shape[1] - 1)
+    assert torch.equal(stats.inputs.active, expected.active) and torch.equal(stats.inputs.top_seq, expected.top_seq)
+    torch.testing.assert_close(stats.inputs.top_act, expected.top_act, rtol=1e-5, atol=1e-6)
+
+
+def test_extract_head_builds_no_pool_of_its_own_after_scanning(toy, monkeypatch):
+    tokens = toy.corpus(2000, seed=0)
+    built = []
+    real = PatternPool.build.__func__
+    monkeypatch.setattr(PatternPool, "build", classmethod(lambda cls, *a, **k: built.append(1) or real(cls, *a, **k)))
+    settings = dataclasses.replace(SETTINGS, pattern_pool=120)
+    shared = extract_head(toy.model, toy.input_sae, toy.output_saes[1], tokens, settings=settings, progress=False)
+    assert not built
+    scan = scan_output_features(toy.model, toy.output_saes[1], tokens, batch_size=64)
+    own = extract_head(toy.model, toy.input_sae, toy.output_saes[1], tokens, settings=settings, progress=False, scan=scan)
+    assert built == [1]  # a given scan brings no pool: the head builds it with a pass of its own
+    assert len(shared.features) >= 2 and all(f.predictions for f in shared.features)
+    assert [f.to_json() for f in shared.features] == [f.to_json() for f in own.features]
+
+
+def test_natural_prevalence_of_several_heads_in_one_pass_equals_one_pass_each():
+    model = build_family("qwen3")
+    sae_in, out0 = family_saes(model, 1, 0, n_in=12)
+    _, out1 = family_saes(model, 1, 1, seed=4, n_in=12)
+    tokens = family_tokens(model, n=30, t=9, seed=1)
+    checks0, checks1 = [(0, 1, 2, 3), (4, 0, 5, 6)], [(2, 3, 1, 0)]
+    own = (insertion.natural_prevalence(model, sae_in, out0, tokens, checks0, batch_size=8)
+           + insertion.natural_prevalence(model, sae_in, out1, tokens, checks1, batch_size=8))
+    together = insertion.natural_prevalence(model, sae_in, [out0, out0, out1], tokens, checks0 + checks1, batch_size=8)
+    assert [repr(p.to_dict()) for p in together] == [repr(p.to_dict()) for p in own]  # repr: NaN means equal
+    assert any(p.kq_count + p.kkq_count for p in own)  # the checks find sequences: the comparison has content
+    with pytest.raises(ValueError, match="one SAE per check"):
+        insertion.natural_prevalence(model, sae_in, [out0], tokens, checks0)
+
+
+def test_a_sweep_shares_the_layer_passes_and_equals_each_head_on_its_own(toy, tmp_path, monkeypatch):
+    """Both heads of the planted model: one vocabulary pass, one prevalence pass and no pool pass for the
+    layer, and every result (rules, sweeps, distractor evidence) as extract_head gives it per head."""
+    tokens = toy.corpus(2000, seed=0)
+    settings = dataclasses.replace(SETTINGS, pattern_pool=200)
+    heads = tuple((0, h) for h in range(len(toy.output_saes)))
+    own = {h: extract_head(toy.model, toy.input_sae, toy.output_saes[h], tokens, settings=settings, progress=False)
+           for _, h in heads}
+    assert sum(len(r.distractors) for r in own.values()), "the planted absence feature gives distractor evidence"
+    calls = {"feature_tokens": 0, "natural_prevalence": 0, "pool": 0}
+
+    def counted(name, fn):
+        def run(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(extract, "feature_tokens", counted("feature_tokens", extract.feature_tokens))
+    monkeypatch.setattr(extract, "natural_prevalence", counted("natural_prevalence", extract.natural_prevalence))
+    real_build = PatternPool.build.__func__
+    monkeypatch.setattr(PatternPool, "build", classmethod(counted("pool", real_build)))
+    work = Workload("toy", toy.model, tokens, heads, lambda layer: toy.input_sae, lambda layer, head: toy.output_saes[head])
+    run_sweep(work, tmp_path / "sweep", settings, progress=False)
+    assert calls == {"feature_tokens": 1, "natural_prevalence": 1, "pool": 0}
+    from attnrules.pipeline.resume import read_head
+    for _, h in heads:
+        swept = read_head(tmp_path / "sweep" / "shards" / f"L0H{h}")
+        assert [f.to_json() for f in swept.features] == [f.to_json() for f in own[h].features]
+        assert [repr(d.to_json()) for d in swept.distractors] == [repr(d.to_json()) for d in own[h].distractors]
+        assert swept.metadata["failed_steps"] == own[h].metadata["failed_steps"] == 0
+
+
+def test_ranks_take_contiguous_runs_of_shards():
+    shards = [(layer, head) for layer in range(12) for head in range(12)]
+    for world in (1, 2, 5, 8, 144, 200):
+        runs = [rank_shards(shards, Rank(r, world)) for r in range(world)]
+        assert [s for run in runs for s in run] == shards  # each shard once, in order
+        sizes = [len(run) for run in runs]
+        assert max(sizes) - min(sizes) <= 1
+    eight = [rank_shards(shards, Rank(r, 8)) for r in range(8)]
+    assert max(len({layer for layer, _ in run}) for run in eight) == 2  # 18 heads: 2 layers, not 12
+
+
+def test_scan_heads_hands_each_observer_every_row(toy):
+    tokens = toy.corpus(37, seed=4)
+    observers = CorpusObservers(toy.input_sae, tokens, pool_size=37)
+    scan_heads(toy.model, list(toy.output_saes.values()), tokens, batch_size=10, observers=observers.observers)
+    pool = observers.result().pool
+    assert torch.equal(pool.sequences, torch.arange(37)) and int(pool.row.max()) == 36
