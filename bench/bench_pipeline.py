@@ -22,8 +22,9 @@ about 0.5 % of tokens (a quarter of the sequences), over a corpus of random toke
   tokens and 12 layers.
 
 Corpus-sized steps (the scan and the natural-prevalence pass of the distractor evidence) are
-scaled from ``--corpus`` sequences to 50,000 in the projection (the new scan's input-SAE encode only to
-the rows it reads there: the statistics' first 8,192 and the pattern pool's); steps a sweep runs once a
+scaled from ``--corpus`` sequences to 50,000 in the projection (the new scan's input-SAE encode to the
+rows it reads there: every row while the kept activations fit ``corpus_acts_mib`` at the measured bytes a
+sequence, else the kept ones, the statistics' first 8,192 and the pattern pool's); steps a sweep runs once a
 layer for all its heads (:data:`LAYER_STEPS`: the old pipeline's scan; the new one's scan, vocabulary
 pass, prevalence pass and pattern pool — ``tests/test_layer_passes.py`` checks that a sweep runs them
 once a layer) count 12 times in the whole-model projection, the other per-head steps 144 times, and the
@@ -178,7 +179,7 @@ def run_head(args, features) -> dict:
            "other_s": round(total - sum(steps.seconds.values()), 3), "peak_rss_gib": round(peak_rss_gib(), 2),
            "failed_steps": result.metadata.get("failed_steps"),
            "counting": [f.counting_check.status if f.counting_check else None for f in result.features],
-           "flagged_distractor_features": len(result.distractors)}
+           "flagged_distractor_features": len(result.distractors), "corpus_acts": result.metadata.get("corpus_acts")}
     if args.device.startswith("cuda"):
         out["cuda_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     out["results"] = [f.to_json() for f in result.features]
@@ -264,7 +265,7 @@ def project(run: dict, n_features: int, corpus_n: int, measured_features: int, p
     return {"per_feature_s": round(per_feature, 2), "per_head_steps_s": round(per_head, 2),
             f"head_{n_features}_features_s": round(head_small, 1),
             f"head_{n_features}_features_50k_corpus_s": round(head_50k, 1),
-            "layer_steps_50k_s": {s: round(at_50k[s], 1) for s in LAYER_STEPS[pipeline]},
+            "layer_steps_50k_s": {s: round(at_50k[s], 1) for s in LAYER_STEPS[pipeline]}, "scan_split": scan_split,
             "whole_model_144_heads_hours": round((HEADS * (head_50k - layer_50k) + LAYERS * layer_50k) / 3600, 1)}
 
 
@@ -377,9 +378,13 @@ def main() -> None:
     from attnrules.pipeline import ExtractSettings
 
     ref = ExtractSettings()
-    encoded = min(CORPUS_TOKENS, ref.corpus_stats_sequences or CORPUS_TOKENS)  # the statistics' rows, then the pool's
+    kept = new.get("corpus_acts") or {"rows": 0, "bytes": 0}
+    per_row = kept["bytes"] / max(kept["rows"], 1)  # bytes of input activations the corpus pass keeps a sequence
+    kept_50k = min(CORPUS_TOKENS, ref.corpus_acts_mib * 2**20 // per_row) if per_row else 0
+    encoded = max(kept_50k, min(CORPUS_TOKENS, ref.corpus_stats_sequences or CORPUS_TOKENS))  # kept rows, statistics' rows
     encoded += ref.pattern_pool * (1 - encoded / CORPUS_TOKENS)  # pool rows beyond them (drawn at random)
-    split = {"forward_s_per_sequence": 64 / scan["tokens_per_s_blocks_0_to_layer"], "encoded_sequences_50k": round(encoded)}
+    split = {"forward_s_per_sequence": 64 / scan["tokens_per_s_blocks_0_to_layer"], "encoded_sequences_50k": round(encoded),
+             "kept_sequences_50k": int(kept_50k), "kept_gib_50k": round(kept_50k * per_row / 2**30, 2)}
     report["new"]["projection"] = project(new, 100, args.corpus, max(measured, 1), "new", split)
     if old is None:
         report["old"] = {"skipped": old_skipped}

@@ -3,6 +3,7 @@ on the corpus pass with one input-SAE encode; the tokens that stand for input fe
 vocabulary pass a layer; the distractor evidence of a layer's heads from one corpus pass; ranks take
 contiguous runs of shards. Each shared result equals what the head computed on its own."""
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -12,7 +13,10 @@ import attnrules.pipeline.extract as extract
 from attnrules.evaluation.negatives import PatternPool
 from attnrules.exemplars import scan_heads, scan_output_features
 from attnrules.pipeline import ExtractSettings, extract_head
+from attnrules.exemplars import input_activations
+from attnrules.pipeline.activations import SharedPasses
 from attnrules.pipeline.corpus_stats import CorpusObservers
+from attnrules.pipeline.sparse_acts import SparseActs
 from attnrules.pipeline.sweep import Rank, rank_shards, run_sweep
 from attnrules.pipeline.workload import Workload
 from attnrules.rules.descriptions import InputStatsObserver
@@ -144,3 +148,60 @@ def test_scan_heads_hands_each_observer_every_row(toy):
     scan_heads(toy.model, list(toy.output_saes.values()), tokens, batch_size=10, observers=observers.observers)
     pool = observers.result().pool
     assert torch.equal(pool.sequences, torch.arange(37)) and int(pool.row.max()) == 36
+
+
+def test_sparse_store_rebuilds_bit_for_bit_and_stops_whole_rows_at_its_bound():
+    acts = torch.relu(torch.randn(6, 5, 7, generator=torch.Generator().manual_seed(0)))
+    acts[0, 0, 0] = -0.0  # kept: the rebuilt tensor is bit for bit the one added
+    store = SparseActs(5, 7)
+    store.add(torch.tensor([10, 3, 7, 0, 1, 2]), acts)
+    rows = torch.tensor([7, 10, 2])
+    assert torch.equal(store.dense(rows), acts[[2, 0, 5]]) and bool(torch.signbit(store.dense(rows)[1, 0, 0]))
+    assert store.nbytes == 8 * int(((acts != 0) | torch.signbit(acts)).sum())
+    small = SparseActs(5, 7, max_bytes=store.nbytes // 2)
+    small.add(torch.arange(6), acts)
+    assert small.full and 0 < len(small.rows) < 6 and small.nbytes <= store.nbytes // 2
+    assert torch.equal(small.dense(torch.tensor(sorted(small.rows))), acts[sorted(small.rows)])
+
+
+def test_corpus_store_serves_the_exemplar_steps_with_identical_results(toy, monkeypatch):
+    """The corpus pass keeps every row's input activations: the shared pass then runs over the train rows
+    only (for the exact hooks); the results are those of a run without the store."""
+    import attnrules.pipeline.activations as activations
+
+    tokens = toy.corpus(1500, seed=0)
+    settings = ExtractSettings(features=(0, 1), max_rules=8, exhaustive_k=0, show_exemplars=2, exact=True)
+    passes = []
+    real = activations.run_batches
+
+    def counted(model, tokens, *args, **kwargs):
+        passes.append(tokens.shape[0])
+        return real(model, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(activations, "run_batches", counted)
+    results = {}
+    for mib in (0, 2048):  # none kept; every row
+        passes.clear()
+        result = extract_head(toy.model, toy.input_sae, toy.output_saes[0], tokens, progress=False,
+                              settings=dataclasses.replace(settings, corpus_acts_mib=mib))
+        found = {k: v for k, v in result.to_json().items() if k in ("features", "distractors")}
+        results[mib] = (json.dumps(found, sort_keys=True), sum(passes))
+        assert result.metadata["failed_steps"] == 0
+    assert results[0][0] == results[2048][0]
+    assert results[2048][1] < results[0][1]  # sequences the shared pass ran over
+
+
+def test_shared_passes_look_up_what_a_partial_store_holds(toy):
+    """A store that holds some rows (its bound reached): those are looked up, the others encoded by the
+    shared pass; exact rows are run whatever the store holds (their hooks)."""
+    tokens = toy.corpus(300, seed=2)
+    rows, exact = torch.arange(0, 120, 2), torch.arange(0, 40, 2)
+    own = SharedPasses(toy.model, toy.input_sae, toy.output_saes[0], tokens, rows.tolist(), exact.tolist())
+    store = SparseActs(tokens.shape[1], toy.input_sae.n_features)
+    store.add(torch.arange(60), input_activations(toy.model, toy.input_sae, tokens[:60]))
+    looked_up = SharedPasses(toy.model, toy.input_sae, toy.output_saes[0], tokens, rows.tolist(), exact.tolist(),
+                             known=store)
+    assert torch.equal(own.input_activations(rows), looked_up.input_activations(rows))
+    assert looked_up.acts.rows.keys() == set(range(60, 120, 2))  # encoded by the pass: what the store lacks
+    assert own.covers(exact, exact=True) and looked_up.covers(exact, exact=True)
+    assert looked_up.passes < own.passes

@@ -180,11 +180,14 @@ def _exact_pass(
         b = torch.arange(len(t), device=x.device)
         acts = (cache[INPUT_ACTS] if INPUT_ACTS in cache else input_sae.encode(x.to(input_sae.W_dec.dtype))).double()
         sigma = h.scale(x.double())
+        # only the query features at t and the key features are scaled (elementwise: the same values as
+        # scaling every feature and selecting them after)
+        acts_q, acts_k = acts[b, t][:, queries], acts[:, :, keys]  # [b, |Q|], [b, T, |K|]
         if qk_norm:  # QK-norm's ρ is a per-position scale like σ, one per side
             rho_q, rho_k = h.norm_scales(x.double(), sigma)
-            q_scaled, k_scaled = acts / (sigma * rho_q)[..., None], acts / (sigma * rho_k)[..., None]
+            q_scaled, k_scaled = acts_q / (sigma * rho_q)[b, t][:, None], acts_k / (sigma * rho_k)[..., None]
         else:
-            q_scaled = k_scaled = scaled = acts / sigma[..., None]
+            q_scaled, k_scaled = acts_q / sigma[b, t][:, None], acts_k / sigma[..., None]
         alpha = pattern[b, index, t].double()  # [b, T] the real attention from t_n
         s = v[:, :, kv].double() @ u
         s_hat = (alpha * s).sum(-1, keepdim=True)
@@ -197,15 +200,15 @@ def _exact_pass(
             capped = torch.where(causal, 1 - (torch.where(causal, scores, 0.0) / h.soft_cap) ** 2, 0.0)
         g = c * capped
         if rotation is None:
-            query_acts.append(q_scaled[b, t][:, queries].T)
-            key_acts.append(torch.einsum("btj,bt->jb", k_scaled[:, :, keys], g))
+            query_acts.append(q_scaled.T)
+            key_acts.append(torch.einsum("btj,bt->jb", k_scaled, g))
         else:
             cos, sin = rotation
-            a = q_scaled[b, t][:, queries].T  # [|Q|, b]
+            a = q_scaled.T  # [|Q|, b]
             query_acts.append(a)
             rotated = h.rotate(query_proj[:, None, :].expand(-1, len(t), -1), cos[t][None], sin[t][None])  # [|Q|, b, d_head]
             query_vectors.append((a[..., None] * rotated).to(dtype))
-            key_vectors.append(_rotated_sum(h, g[:, :, None] * k_scaled[:, :, keys], key_proj, cos, sin).to(dtype))
+            key_vectors.append(_rotated_sum(h, g[:, :, None] * k_scaled, key_proj, cos, sin).to(dtype))
         if pseudo:
             error = x.double() - acts @ D - b_dec
             W_Q, W_K, b_Q, b_K = h.query_weights, h.key_weights, h.query_bias, h.key_bias
@@ -217,12 +220,12 @@ def _exact_pass(
                 qc = h.rotate(qc, cos[t][:, None], sin[t][:, None])
                 kc = h.rotate(kc, cos[None, :, None], sin[None, :, None])
             within = causal.double()
-            present = acts[:, :, keys] > 0
+            present = acts_k > 0
             recentred = (c - alpha * c.sum(-1, keepdim=True) / alpha.sum(-1, keepdim=True)) * capped
             if rotation is None:
-                feature_sum = torch.einsum("btj,bt->jb", scaled[:, :, keys] * present, within)
+                feature_sum = torch.einsum("btj,bt->jb", k_scaled * present, within)
             else:
-                feature_sum = _rotated_sum(h, within[:, :, None] * k_scaled[:, :, keys] * present, key_proj, cos, sin)
+                feature_sum = _rotated_sum(h, within[:, :, None] * k_scaled * present, key_proj, cos, sin)
             sums.append((
                 qc,
                 torch.einsum("bi,bipd->bpd", recentred, kc),

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
+from attnrules.pipeline.sparse_acts import SparseActs
 from attnrules.sources.runner import INPUT_ACTS, hook_names, run_batches
 
 if TYPE_CHECKING:
@@ -46,26 +47,23 @@ SHARED_MAX_SEQUENCES = 4096
 SHARED_MAX_BYTES = 4 * 2**30
 
 
-def _nonzero_bits(x: torch.Tensor) -> torch.Tensor:
-    """Where ``x`` is not +0.0 (keeps -0.0 and NaN, so the rebuilt tensor is bit-identical)."""
-    return (x != 0) | torch.signbit(x)
-
-
 class SharedPasses:
     """The hooks of ``tokens[rows]`` for one head, from one pass over their union (module docstring).
 
     ``rows``: corpus rows whose input-SAE activations are kept; ``exact_rows`` (a subset): rows whose
-    exact-pass hooks are kept too (None: none). ``batch_size``: sequences per forward pass.
-    Raises :class:`MemoryError` when the stored hooks would pass ``max_bytes``."""
+    exact-pass hooks are kept too (None: none). ``known``: input-SAE activations already held (the
+    corpus pass's :class:`~attnrules.pipeline.sparse_acts.SparseActs`): rows it holds are looked up there,
+    so the pass runs only over the others and the exact rows, and encodes only the others.
+    ``batch_size``: sequences per forward pass. Raises :class:`MemoryError` when the stored hooks would
+    pass ``max_bytes``."""
 
     def __init__(self, model: HookedTransformer, input_sae: InputSAE, output_sae: OutputSAE, tokens: torch.Tensor,
                  rows: Sequence[int], exact_rows: Optional[Sequence[int]] = None, *, batch_size: int = 8,
-                 max_bytes: int = SHARED_MAX_BYTES) -> None:
+                 max_bytes: int = SHARED_MAX_BYTES, known: Optional[SparseActs] = None) -> None:
         self.tokens, self.layer = tokens, input_sae.layer
-        self.rows = sorted({int(r) for r in rows})
-        self.slot = {r: i for i, r in enumerate(self.rows)}
+        wanted = sorted({int(r) for r in rows})
         exact_set = set() if exact_rows is None else {int(r) for r in exact_rows}
-        if not exact_set <= set(self.slot):
+        if not exact_set <= set(wanted):
             raise ValueError("exact_rows must be among rows")
         resid, z_name = hook_names(output_sae.layer)
         self.names = [resid]
@@ -85,23 +83,22 @@ class SharedPasses:
                          (("v", 2), ("pattern", 1), ("attn_scores", 1), ("z", 2))}
         self.shapes: dict[str, tuple] = {}
         self.hooks: dict[int, dict[str, torch.Tensor]] = {}
-        self.n_in = input_sae.n_features
-        values, index, counts = [], [], []
+        self.known = known if known is not None and known.seq_len == tokens.shape[1] else None
+        held = set(self.known.rows) if self.known is not None else set()
+        self.acts = SparseActs(tokens.shape[1], input_sae.n_features)
+        run = [r for r in wanted if r not in held or r in exact_set]  # the rows the pass runs over
         self.passes = 0
         nbytes = 0
-        for batch, cache in run_batches(model, tokens[self.rows], self.layer, self.names, batch_size=batch_size,
-                                        desc="shared passes", progress=False):
+        for batch, cache in run_batches(model, tokens[run], self.layer, self.names, batch_size=batch_size,
+                                        desc="shared passes", progress=False) if run else ():
             self.passes += 1
-            acts = input_sae.encode(cache[resid].to(input_sae.W_dec.dtype)).cpu()
-            self.dtype, self.seq_len = acts.dtype, acts.shape[1]
-            flat = acts.reshape(acts.shape[0], -1)
-            for i in range(flat.shape[0]):
-                keep = torch.nonzero(_nonzero_bits(flat[i])).flatten()
-                index.append(keep)
-                values.append(flat[i, keep])
-                counts.append(keep.numel())
-                nbytes += keep.numel() * (keep.element_size() + flat.element_size())
-                row = self.rows[batch.start + i]
+            batch_rows = run[batch]
+            new = [i for i, r in enumerate(batch_rows) if r not in held]
+            if new:
+                x = cache[resid] if len(new) == len(batch_rows) else cache[resid][new]
+                self.acts.add(torch.tensor([batch_rows[i] for i in new]),
+                              input_sae.encode(x.to(input_sae.W_dec.dtype)).cpu())
+            for i, row in enumerate(batch_rows):
                 if row in exact_set:
                     kept = {}
                     for name in self.names:
@@ -112,23 +109,26 @@ class SharedPasses:
                         kept[name] = part.detach().cpu().clone()
                         nbytes += kept[name].numel() * kept[name].element_size()
                     self.hooks[row] = kept
-            if nbytes > max_bytes:
+            if nbytes + self.acts.nbytes > max_bytes:
                 raise MemoryError(f"the shared pass would keep more than {max_bytes} bytes")
-        self.nbytes = nbytes
-        self.values, self.index = values, index
+        self.nbytes = nbytes + self.acts.nbytes
+        self.rows = wanted
+
+    def _store(self, row: int) -> SparseActs:
+        return self.acts if row in self.acts.rows else self.known
 
     def covers(self, rows: torch.Tensor, exact: bool = False) -> bool:
         rows = [int(r) for r in rows]
-        return all(r in self.slot for r in rows) and (not exact or all(r in self.hooks for r in rows))
+        return all(r in self.acts.rows or (self.known is not None and r in self.known.rows) for r in rows) and (
+            not exact or all(r in self.hooks for r in rows))
 
     def input_activations(self, rows: torch.Tensor) -> torch.Tensor:
         """The input-SAE activations ``[len(rows), T, n_in]`` of corpus rows ``rows``, as
         :func:`~attnrules.exemplars.input_activations` computes them."""
-        out = torch.zeros(len(rows), self.seq_len * self.n_in, dtype=self.dtype)
-        for i, r in enumerate(rows.tolist()):
-            s = self.slot[int(r)]
-            out[i, self.index[s]] = self.values[s]
-        return out.view(len(rows), self.seq_len, self.n_in)
+        parts = [self._store(int(r)).dense(rows[i:i + 1]) for i, r in enumerate(rows.tolist())]
+        if not parts:
+            return torch.zeros(0, self.tokens.shape[1], self.acts.n_in, dtype=self.acts.dtype or torch.float32)
+        return torch.cat(parts)
 
     def runner(self, rows: torch.Tensor):
         """A drop-in for :func:`~attnrules.sources.runner.run_batches` over ``tokens[rows]`` that yields the

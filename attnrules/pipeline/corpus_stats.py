@@ -19,6 +19,7 @@ import torch
 from attnrules.evaluation.head_metrics import HeadMetrics, HeadMetricsObserver
 from attnrules.files import write_torch
 from attnrules.evaluation.negatives import PatternPool, PoolObserver
+from attnrules.pipeline.sparse_acts import SparseActs
 from attnrules.rules.descriptions import InputFeatureStats, InputStatsObserver, encoded_chunks
 from attnrules.sources.runner import run_batches
 
@@ -33,42 +34,51 @@ STATS_FILE = "corpus_stats.pt"
 @dataclass(frozen=True)
 class CorpusStats:
     """One layer's corpus statistics: its input features' and its heads' attention metrics, and the
-    pattern-negative pool when the pass built it (not cached: a resumed run builds its pool again)."""
+    pattern-negative pool and the corpus's input-SAE activations when the pass kept them (neither is
+    cached: a resumed run builds its pool again and runs its exemplar passes)."""
 
     inputs: InputFeatureStats
     heads: dict[int, HeadMetrics]
     pool: Optional[PatternPool] = None
+    acts: Optional[SparseActs] = None  # the corpus rows' input-SAE activations, when kept (not cached either)
 
 
 class CorpusObservers:
     """The observers of one layer's corpus pass; :meth:`result` once the pass is over.
 
-    The input-feature statistics read the first ``stats_sequences`` corpus rows (None: all) and the
-    pattern pool (``pool_size`` random rows, drawn with ``pool_seed``; None: no pool) its rows; the
-    input SAE encodes each of those rows once for both."""
+    The input-feature statistics read the first ``stats_sequences`` corpus rows (None: all), the
+    pattern pool (``pool_size`` random rows, drawn with ``pool_seed``; None: no pool) its rows, and with
+    ``acts_max_bytes`` every row's activations are kept sparse (:class:`SparseActs`, up to that many
+    bytes; rows past the bound are left to the exemplar passes); the input SAE encodes each row once
+    for all of them."""
 
     def __init__(self, input_sae: InputSAE, tokens: torch.Tensor, *, stats_sequences: Optional[int] = None,
-                 pool_size: Optional[int] = None, pool_seed: int = 0) -> None:
+                 pool_size: Optional[int] = None, pool_seed: int = 0, acts_max_bytes: Optional[int] = None) -> None:
         self.sae = input_sae
         self.inputs = InputStatsObserver(input_sae)
         self.heads = HeadMetricsObserver(input_sae.layer, tokens)
         self.pool = PoolObserver(input_sae, tokens, pool_size, seed=pool_seed) if pool_size is not None else None
+        self.acts = (SparseActs(tokens.shape[1], input_sae.n_features, max_bytes=acts_max_bytes)
+                     if acts_max_bytes else None)
         self.stats_rows = tokens.shape[0] if stats_sequences is None else min(stats_sequences, tokens.shape[0])
         self.hooks = self.inputs.hooks
         self.observers = [self, self.heads]
 
     def observe(self, rows: slice, cache: dict) -> None:
-        """Encode the batch's rows that the statistics or the pool read, once, and hand them over."""
+        """Encode the batch's rows that the statistics, the pool or the kept activations read, once,
+        and hand them over."""
         batch = torch.arange(rows.start, rows.stop)
         pooled = self.pool.wanted(rows) if self.pool is not None else batch[:0]
-        counted = batch[batch < self.stats_rows]
-        needed = torch.unique(torch.cat([counted, pooled]))  # sorted
+        keeping = self.acts is not None and not self.acts.full
+        needed = batch if keeping else torch.unique(torch.cat([batch[batch < self.stats_rows], pooled]))  # sorted
         if not needed.numel():
             return
         resid = cache[self.hooks[0]]
         resid = resid if needed.numel() == batch.numel() else resid[(needed - rows.start).to(resid.device)]
         for start, acts in encoded_chunks(self.sae, resid):
             sequences = needed[start:start + acts.shape[0]]
+            if keeping:
+                self.acts.add(sequences, acts)
             stats = sequences < self.stats_rows
             if bool(stats.all()):
                 self.inputs.add(sequences, acts)
@@ -80,7 +90,8 @@ class CorpusObservers:
                     self.pool.add(sequences[pool], acts if bool(pool.all()) else acts[pool.to(acts.device)])
 
     def result(self) -> CorpusStats:
-        return CorpusStats(self.inputs.result(), self.heads.result(), self.pool.result() if self.pool is not None else None)
+        return CorpusStats(self.inputs.result(), self.heads.result(), self.pool.result() if self.pool is not None else None,
+                           self.acts)
 
 
 def measure_corpus(model: HookedTransformer, input_sae: InputSAE, tokens: torch.Tensor, *, batch_size: int = 64,

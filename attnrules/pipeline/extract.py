@@ -49,6 +49,7 @@ from attnrules.pipeline import activations
 from attnrules.pipeline.activations import SharedPasses, group_features
 from attnrules.pipeline.corpus_stats import CorpusObservers, CorpusStats, load_stats, measure_corpus, save_stats, stats_key
 from attnrules.pipeline.resume import HeadFolder, InputHashes
+from attnrules.pipeline.sparse_acts import SparseActs
 from attnrules.pipeline.results import (
     ActivationHistogram,
     DistractorEvidence,
@@ -356,10 +357,11 @@ def _corpus_stats(model: HookedTransformer, input_sae: InputSAE, tokens: torch.T
 
 def corpus_observers(input_sae: InputSAE, tokens: torch.Tensor, settings: ExtractSettings) -> CorpusObservers:
     """What a corpus pass measures for these settings besides the scan: input-feature statistics on the
-    first ``corpus_stats_sequences`` rows, head metrics, and the pattern pool when pattern negatives are on."""
+    first ``corpus_stats_sequences`` rows, head metrics, the pattern pool when pattern negatives are on,
+    and the corpus's input-SAE activations (up to ``corpus_acts_mib``)."""
     return CorpusObservers(input_sae, tokens, stats_sequences=settings.corpus_stats_sequences,
                            pool_size=settings.pattern_pool if settings.pattern_negatives else None,
-                           pool_seed=settings.seed)
+                           pool_seed=settings.seed, acts_max_bytes=settings.corpus_acts_mib * 2**20)
 
 
 def pattern_pool(model: HookedTransformer, input_sae: InputSAE, tokens: torch.Tensor, stats: CorpusStats,
@@ -480,7 +482,7 @@ def extract_head(
         if ex is None:
             notes.append(f"{name} skipped: too few active or inactive sequences")
         todo.append(ex)
-    shared = shared_groups(model, input_sae, output_sae, tokens, todo, settings)
+    shared = shared_groups(model, input_sae, output_sae, tokens, todo, settings, known=corpus_stats.acts)
     head_steps = FeatureSteps()  # head-level steps: failures recorded in metadata["head_errors"]
     pool = None
     if settings.pattern_negatives and any(isinstance(ex, Exemplars) for ex in todo):
@@ -512,6 +514,8 @@ def extract_head(
     metadata["saes"] = {role: sae_metadata(sae) for role, sae in (("input", input_sae), ("output", output_sae))}
     head_metrics = corpus_stats.heads.get(circuit.head)
     metadata["head_metrics"] = head_metrics.to_json() if head_metrics is not None else None
+    store = corpus_stats.acts  # what the corpus pass kept of the input activations (None: nothing)
+    metadata["corpus_acts"] = None if store is None else {"rows": len(store.rows), "bytes": store.nbytes, "full": store.full}
     metadata["input_features"] = {str(j): describe.record(j) for j in used_inputs(results)}
     if settings.exact:
         groups = head_steps.run("exact_logit_groups", lambda: reconstruct(model, input_sae, circuit.head, tokens[:16]).summary())
@@ -620,7 +624,8 @@ def extract_one(
 
     def decile_views() -> list:  # one small pass (input activations) and the views' own, over ≤ 10 sequences
         positions = scan.act_argmax[deciles, g].long()
-        decile_acts = input_activations(model, input_sae, tokens[deciles], batch_size=batch)
+        decile_acts = shared.input_activations(deciles) if shared is not None and shared.covers(deciles) else \
+            input_activations(model, input_sae, tokens[deciles], batch_size=batch)
         return [annotated(v, decile_acts[i], rule_sets, conditions, threshold=fire_above, max_offset=circuit.max_offset)
                 for i, v in enumerate(exemplar_views(model, output_sae, g, tokens, deciles, positions))]
 
@@ -635,11 +640,12 @@ def extract_one(
 
 def shared_groups(
     model: HookedTransformer, input_sae: InputSAE, output_sae: OutputSAE, tokens: torch.Tensor,
-    todo: list, settings: ExtractSettings,
+    todo: list, settings: ExtractSettings, known: Optional[SparseActs] = None,
 ) -> Callable[[int], Optional[SharedPasses]]:
     """For the i-th feature, the shared pass of its group (:mod:`attnrules.pipeline.activations`), built
     when its group is first asked for and dropped when the next group is; None for a feature outside any
-    group, or when the group's pass fails or passes the memory bound (the feature then runs its own passes)."""
+    group, or when the group's pass fails or passes the memory bound (the feature then runs its own passes).
+    ``known``: the corpus rows' input-SAE activations the corpus pass kept (looked up, not recomputed)."""
     index = [i for i, ex in enumerate(todo) if isinstance(ex, Exemplars)]
     groups = group_features([(todo[i].train.sequence, todo[i].val.sequence) for i in index],
                             activations.SHARED_MAX_SEQUENCES)
@@ -659,7 +665,7 @@ def shared_groups(
                 held[n] = SharedPasses(model, input_sae, output_sae, tokens, rows.tolist(),
                                        None if exact_rows is None else exact_rows.tolist(),
                                        batch_size=max(1, settings.batch_size // 8),
-                                       max_bytes=activations.SHARED_MAX_BYTES)
+                                       max_bytes=activations.SHARED_MAX_BYTES, known=known)
             except Exception:  # noqa: BLE001 - each feature then runs (and records) its own passes
                 held[n] = None
         return held[n]

@@ -1,0 +1,66 @@
+"""Input-SAE activations of corpus rows, kept sparse: encoded once, looked up by every step that needs them.
+
+A :class:`SparseActs` store keeps, for each corpus row it holds, the entries of its ``[T, n_in]``
+activations whose bits are not +0.0 (so the dense tensor rebuilt from them is bit for bit the one
+encoded; -0.0 and NaN are kept): a flat index (``position · n_in + feature``) and the value, about
+8 bytes an active entry (int32 indices while ``T · n_in`` < 2³¹). The corpus pass fills one for the
+whole corpus (:class:`~attnrules.pipeline.corpus_stats.CorpusObservers`, bounded by
+``corpus_acts_mib``), and :class:`~attnrules.pipeline.activations.SharedPasses` one for the exemplar
+rows the corpus store does not hold.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def nonzero_bits(x: torch.Tensor) -> torch.Tensor:
+    """Where ``x`` is not +0.0 (keeps -0.0 and NaN, so the rebuilt tensor is bit-identical)."""
+    return (x != 0) | torch.signbit(x)
+
+
+class SparseActs:
+    """The activations ``[T, n_in]`` of corpus rows, sparse; rows are added until ``max_bytes`` would be
+    passed (None: no bound), after which :attr:`full` is set and further rows are left out (never a
+    part of a row)."""
+
+    def __init__(self, seq_len: int, n_in: int, *, max_bytes: Optional[int] = None) -> None:
+        self.seq_len, self.n_in, self.max_bytes = seq_len, n_in, max_bytes
+        self.dtype: Optional[torch.dtype] = None  # the encoder's, from the first rows added
+        self.index_dtype = torch.int32 if seq_len * n_in < 2**31 else torch.int64
+        self.rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.nbytes = 0
+        self.full = False
+
+    def add(self, sequences: torch.Tensor, acts: torch.Tensor) -> None:
+        """Keep the activations ``acts [b, T, n_in]`` of corpus rows ``sequences [b]`` (rows already held
+        are kept as they are)."""
+        if self.full:
+            return
+        flat = acts.detach().reshape(acts.shape[0], -1).cpu()
+        self.dtype = self.dtype or flat.dtype
+        keep = nonzero_bits(flat)
+        counts = keep.sum(dim=1).tolist()
+        index = torch.nonzero(keep)[:, 1].to(self.index_dtype)
+        values = flat[keep]
+        entry = index.element_size() + values.element_size()
+        for row, idx, val, n in zip(sequences.tolist(), index.split(counts), values.split(counts), counts):
+            if row in self.rows:
+                continue
+            if self.max_bytes is not None and self.nbytes + n * entry > self.max_bytes:
+                self.full = True
+                return
+            self.rows[row] = (idx.clone(), val.clone())
+            self.nbytes += n * entry
+
+    def covers(self, rows) -> bool:
+        return all(int(r) in self.rows for r in rows)
+
+    def dense(self, rows: torch.Tensor) -> torch.Tensor:
+        """The activations ``[len(rows), T, n_in]`` of corpus rows ``rows`` (all held)."""
+        out = torch.zeros(len(rows), self.seq_len * self.n_in, dtype=self.dtype or torch.float32)
+        for i, r in enumerate(rows.tolist()):
+            index, values = self.rows[int(r)]
+            out[i, index.long()] = values
+        return out.view(len(rows), self.seq_len, self.n_in)
