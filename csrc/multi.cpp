@@ -28,14 +28,6 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kFeatureBlock = 64;  // features a thread takes at once: one read of each key's weights serves them
-constexpr int64_t kHead = 8;  // first entries of every row copied into one cache line (most reads stop there)
-
-// A row's first kHead entries, or its sorted prefix when shorter: one cache line instead of a miss in
-// each of the table's two arrays.
-struct alignas(64) Head {
-    float score[kHead];
-    int32_t query[kHead];
-};
 
 // Sorts a[0, n) ascending; tmp holds n keys. An LSD radix sort on the score bits only (a byte a pass,
 // skipping bytes that all keys share: the sign and exponent byte often), then each run of equal scores
@@ -89,27 +81,12 @@ public:
 
     void push(float score, uint32_t flat) {
         buf_[n_++] = (uint64_t{score_bits(score)} << 32) | flat;
-        if (n_ == cap_) cut();
-    }
-
-    // Pushes each score[j] × mag (j in [j0, end)) that reaches the threshold, pair query[j] × n_keys +
-    // key, with no branch on the scores (an unsorted run: about every other one reaches it, which a
-    // branch would mispredict): every candidate is written, and kept if it reaches. Returns the lowest
-    // score of the run.
-    float push_run(const float* score, const int32_t* query, float mag, uint32_t n_keys, uint32_t key,
-                   int64_t j0, int64_t end) {
-        float low = std::numeric_limits<float>::infinity();
-        for (int64_t j = j0; j < end;) {
-            if (cap_ - n_ < end - j) cut();
-            for (const int64_t stop = std::min(end, j + (cap_ - n_)); j < stop; ++j) {
-                const float x = score[j] * mag;
-                low = std::min(low, x);
-                buf_[n_] = (uint64_t{score_bits(x)} << 32) | (static_cast<uint32_t>(query[j]) * n_keys + key);
-                n_ += x >= thr_;
-            }
+        if (n_ == cap_) {
+            select_smallest(buf_, n_, k_);
+            n_ = k_;
+            ++selections_;
+            thr_ = std::max(thr_, score_of(static_cast<uint32_t>(buf_[k_ - 1] >> 32)));
         }
-        if (n_ == cap_) cut();
-        return low;
     }
 
     // Sorts the best min(n, k) first; returns how many there are.
@@ -130,15 +107,6 @@ public:
     int64_t selections() const { return selections_; }
 
 private:
-    // Keeps the k best candidates (when there are more); their k-th score becomes the threshold.
-    void cut() {
-        if (n_ <= k_) return;
-        select_smallest(buf_, n_, k_);
-        n_ = k_;
-        ++selections_;
-        thr_ = std::max(thr_, score_of(static_cast<uint32_t>(buf_[k_ - 1] >> 32)));
-    }
-
     uint64_t* buf_;
     uint64_t* tmp_;
     int64_t k_, cap_, n_ = 0, selections_ = 0;
@@ -156,14 +124,8 @@ struct Scratch {
 
 class Answer {
 public:
-    explicit Answer(const MultiCall& c)
-        : c_(c), first_(static_cast<size_t>(2 * c.n_keys)), head_(first_.size()), head_len_(first_.size()) {
-        for (int64_t r = 0; r < 2 * c.n_keys; ++r) {
-            first_[r] = c.table_scores[c.row_start[r]];
-            head_len_[r] = static_cast<uint8_t>(std::min(kHead, sorted_len(r)));
-            std::copy_n(c.table_scores + c.row_start[r], head_len_[r], head_[r].score);
-            std::copy_n(c.table_queries + c.row_start[r], head_len_[r], head_[r].query);
-        }
+    explicit Answer(const MultiCall& c) : c_(c), first_(static_cast<size_t>(2 * c.n_keys)) {
+        for (int64_t r = 0; r < 2 * c.n_keys; ++r) first_[r] = c.table_scores[c.row_start[r]];
     }
 
     // Features [i0, i1) of the call's list (at most kFeatureBlock) on one thread.
@@ -195,42 +157,36 @@ private:
         Best best(s.best, s.tmp, c_.k);
         s.ran_out.clear();
         int64_t read = 0;
-        // Reads entries [j, end) of a sorted run (score, query) while their scores reach the threshold;
-        // returns where it stopped.
-        auto scan = [&](const float* score, const int32_t* query, int64_t key, float mag, int64_t j, int64_t end) {
+        // Reads row `row` of the key from entry j0 while its scores reach the threshold: its sorted
+        // prefix up to (at most) entry j1, and once that prefix is read whole, its unsorted rest, every
+        // entry of it (all rank below the prefix). Returns whether entries past j1 may still reach it.
+        auto read_row = [&](int64_t key, int64_t row, int64_t j0, int64_t j1 = INT64_MAX) {
+            const float mag = std::fabs(w[key]);
+            const float* score = c_.table_scores + c_.row_start[row];
+            const int32_t* query = c_.table_queries + c_.row_start[row];
+            const int64_t len = c_.row_len[row];
+            const int64_t sorted = c_.row_sorted ? std::min(c_.row_sorted[row], len) : len;
+            const int64_t end = std::min(sorted, j1);
+            int64_t j = j0;
             for (; j < end; ++j) {
                 const float x = score[j] * mag;
                 if (!(x >= best.threshold())) break;
                 best.push(x, static_cast<uint32_t>(query[j] * nk + key));
             }
-            return j;
-        };
-        // Reads row `row` of the key from entry j0 while its scores reach the threshold: its sorted
-        // prefix up to (at most) entry j1 (the first entries from the row's head), and once that prefix
-        // is read whole, its unsorted rest, every entry of it (all rank below the prefix). Returns
-        // whether entries past j1 may still reach the threshold.
-        auto read_row = [&](int64_t key, int64_t row, int64_t j0, int64_t j1 = INT64_MAX) {
-            const float mag = std::fabs(w[key]);
-            const int64_t in_head = std::min<int64_t>(head_len_[row], j1);
-            int64_t j = j0 < in_head ? scan(head_[row].score, head_[row].query, key, mag, j0, in_head) : j0;
-            if (j < in_head) {  // fell below the threshold: so do all later entries
-                read += j - j0;
-                return false;
-            }
-            const float* score = c_.table_scores + c_.row_start[row];
-            const int32_t* query = c_.table_queries + c_.row_start[row];
-            const int64_t len = c_.row_len[row], sorted = sorted_len(row), end = std::min(sorted, j1);
-            j = scan(score, query, key, mag, j, end);
             read += std::max<int64_t>(0, j - j0);
-            if (j < end) return false;
+            if (j < end) return false;  // fell below the threshold: so do all later entries
             if (j < sorted) return true;  // stopped at j1
-            const float last = std::min(score[sorted - 1] * mag,  // the row's lowest score
-                                        best.push_run(score, query, mag, static_cast<uint32_t>(nk),
-                                                      static_cast<uint32_t>(key), std::max(j0, sorted), len));
+            float last = sorted > 0 ? score[sorted - 1] * mag : 0.0f;  // the row's lowest score
+            for (j = std::max(j0, sorted); j < len; ++j) {  // the unsorted rest
+                const float x = score[j] * mag;
+                last = std::min(last, x);
+                if (x >= best.threshold()) best.push(x, static_cast<uint32_t>(query[j] * nk + key));
+            }
             read += len - std::max(j0, sorted);
             if (len < c_.n_queries) s.ran_out.emplace_back(row, last);
             return false;
         };
+        auto row_of = [&](int64_t key) { return w[key] > 0.0f ? key : nk + key; };  // the row a key is read from
         if (c_.resume) {
             best.seed(c_.out_scores + g * c_.k, c_.out_queries + g * c_.k, c_.out_keys + g * c_.k, nk);
             for (int64_t j = 0; j < c_.n_grown; ++j) {
@@ -244,7 +200,7 @@ private:
                     for (int64_t q = 0; q < n && 0.0f >= best.threshold(); ++q)
                         best.push(0.0f, static_cast<uint32_t>(q * nk + key));
                 } else {
-                    read_row(key, w[key] > 0.0f ? key : nk + key, 0);
+                    read_row(key, row_of(key), 0);
                 }
             };
             float* __restrict bound = s.bound.data();
@@ -269,30 +225,33 @@ private:
                 if (bound[key] >= early) s.early.emplace_back(bound[key], key);
             std::sort(s.early.begin(), s.early.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
             // Their rows in stripes of growing depth, so that the buffer fills with their best entries
-            // first and the threshold rises before the deep entries are read.
+            // first and the threshold rises before the deep entries are read; each stripe of a row is
+            // fetched from memory 4 keys ahead of its reading.
             int64_t from = 0;
             for (const int64_t to : {int64_t{8}, int64_t{32}, int64_t{128}, INT64_MAX}) {
-                for (auto& [b, key] : s.early) {
+                for (size_t e = 0; e < s.early.size(); ++e) {
+                    if (e + 4 < s.early.size()) {
+                        const int64_t row = row_of(s.early[e + 4].second);
+                        prefetch_entries(row, std::min(from, c_.row_len[row] - 1));
+                    }
+                    auto& [b, key] = s.early[e];
                     if (b == kNegInf) continue;  // done: the rest of its row is below the threshold
                     if (w[key] == 0.0f) visit(key);
-                    if (w[key] == 0.0f || !(b >= best.threshold()) ||
-                        !read_row(key, w[key] > 0.0f ? key : nk + key, from, to))
+                    if (w[key] == 0.0f || !(b >= best.threshold()) || !read_row(key, row_of(key), from, to))
                         b = kNegInf;
                 }
                 from = to;
             }
             // The other keys that can reach the threshold; their rows are scattered over the table, so
-            // each is fetched from memory a few keys ahead of its reading.
+            // each row's place is fetched from memory 32 keys ahead of its reading, its first entries 16.
             s.rest.clear();
             const float floor = best.threshold();
             for (int64_t key = 0; key < nk; ++key)
                 if (bound[key] < early && bound[key] >= floor) s.rest.push_back(key);
-            const int64_t n_rest = static_cast<int64_t>(s.rest.size()), ahead = 8;
+            const int64_t n_rest = static_cast<int64_t>(s.rest.size()), ahead = 16;
             for (int64_t r = 0; r < n_rest; ++r) {
-                if (r + ahead < n_rest) {
-                    const int64_t key = s.rest[r + ahead], row = w[key] > 0.0f ? key : nk + key;
-                    __builtin_prefetch(&head_[row]);
-                }
+                if (r + 2 * ahead < n_rest) prefetch_place(row_of(s.rest[r + 2 * ahead]));
+                if (r + ahead < n_rest) prefetch_entries(row_of(s.rest[r + ahead]), 0);
                 if (bound[s.rest[r]] >= best.threshold()) visit(s.rest[r]);
             }
         }
@@ -317,6 +276,19 @@ private:
         stats.selections += best.selections();
     }
 
+    // Reads of scattered rows wait on memory, not on arithmetic: these start fetching a row's place
+    // in the table (row_start, row_len, row_sorted), and its entries from entry j (< its length) on.
+    void prefetch_place(int64_t row) const {
+        __builtin_prefetch(c_.row_start + row);
+        __builtin_prefetch(c_.row_len + row);
+        if (c_.row_sorted) __builtin_prefetch(c_.row_sorted + row);
+    }
+
+    void prefetch_entries(int64_t row, int64_t j) const {
+        __builtin_prefetch(c_.table_scores + c_.row_start[row] + j);
+        __builtin_prefetch(c_.table_queries + c_.row_start[row] + j);
+    }
+
     // flat / n_keys for a 32-bit flat index by one multiplication (Lemire, Kaser & Kurz, "Faster
     // remainder by direct computation", 2019: exact for 32-bit numerators and divisors).
     uint32_t query_of(uint32_t flat) const {
@@ -324,14 +296,8 @@ private:
         return static_cast<uint32_t>((static_cast<unsigned __int128>(inverse_) * flat) >> 64);
     }
 
-    int64_t sorted_len(int64_t row) const {
-        return c_.row_sorted ? std::min(c_.row_sorted[row], c_.row_len[row]) : c_.row_len[row];
-    }
-
     const MultiCall& c_;
     std::vector<float> first_;  // first entry of every row
-    std::vector<Head> head_;
-    std::vector<uint8_t> head_len_;
     uint64_t inverse_ = ~uint64_t{0} / static_cast<uint64_t>(c_.n_keys) + 1;
 };
 
