@@ -70,17 +70,20 @@ class PatternPool:
             observer.add(observer.sequences[batch], input_sae.encode(cache[resid].to(input_sae.W_dec.dtype)))
         return observer.result()
 
-    def dense(self, rows: torch.Tensor, features: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def dense(self, rows: torch.Tensor, features: Optional[torch.Tensor] = None, *,
+              out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Activations ``[len(rows), T, len(features)]`` of pool rows ``rows`` (indices into ``sequences``)
-        over ``features`` (default: every input feature, ``[len(rows), T, n_in]``)."""
+        over ``features`` (default: every input feature, ``[len(rows), T, n_in]``); written into ``out``
+        (zeroed, of that shape) when given."""
         columns = torch.arange(self.n_inputs) if features is None else features
         col_of = torch.full((self.n_inputs,), -1, dtype=torch.long)
         col_of[columns] = torch.arange(columns.numel())
         row_of = torch.full((self.sequences.numel(),), -1, dtype=torch.long)
         row_of[rows] = torch.arange(rows.numel())
         keep = (col_of[self.feature] >= 0) & (row_of[self.row] >= 0)
-        out = torch.zeros(rows.numel(), self.seq_len, columns.numel(), dtype=self.value.dtype)
-        out[row_of[self.row[keep]], self.position[keep], col_of[self.feature[keep]]] = self.value[keep]
+        if out is None:
+            out = torch.zeros(rows.numel(), self.seq_len, columns.numel(), dtype=self.value.dtype)
+        out[row_of[self.row[keep]], self.position[keep], col_of[self.feature[keep]]] = self.value[keep].to(out.dtype)
         return out
 
     def rows_of(self, sequences: torch.Tensor) -> torch.Tensor:
@@ -245,11 +248,14 @@ class EvaluationSet:
 def pattern_evaluation_set(val: EvaluationSet, positive: torch.Tensor, negatives: ExemplarSplit,
                            pool: PatternPool) -> EvaluationSet:
     """The val positives (``positive [N]`` marks them in ``val``) and the pattern negatives' val part."""
-    acts = pool.dense(pool.rows_of(negatives.sequence)).to(val.acts.dtype)
+    n_pos = int(positive.sum())
+    acts = val.acts.new_zeros((n_pos + negatives.sequence.numel(), *val.acts.shape[1:]))  # filled in place
+    for i, j in enumerate(torch.nonzero(positive).flatten().tolist()):  # row by row: no copy of them all
+        acts[i] = val.acts[j]
+    pool.dense(pool.rows_of(negatives.sequence), out=acts[n_pos:])
     return EvaluationSet("pattern", torch.cat([val.sequence[positive], negatives.sequence]),
                          torch.cat([val.position[positive], negatives.position]),
-                         torch.cat([val.act_max[positive], negatives.act_max.to(val.act_max.dtype)]),
-                         torch.cat([val.acts[positive], acts]))
+                         torch.cat([val.act_max[positive], negatives.act_max.to(val.act_max.dtype)]), acts)
 
 
 def sweep_with_conditions(builders: dict, conditions: Conditions, data: EvaluationSet, grid: list[int], *,

@@ -120,10 +120,10 @@ def paper_importance(
     _check_exemplars(acts, positions, circuit.n_inputs)
     if loss_type not in ("activation", "post_activation"):
         raise ValueError(f"loss_type must be 'activation' or 'post_activation', got {loss_type!r}")
-    acts = acts.to(circuit.key_proj.dtype)
+    dtype = circuit.key_proj.dtype  # the candidates' columns converted, not all n_in (the same values)
     rows = torch.arange(acts.shape[0], device=acts.device)
-    query_acts = acts[rows, positions][:, queries]  # [N, |Q|]
-    key_acts = acts[:, :, keys]  # [N, T, |K|]
+    query_acts = acts[rows, positions][:, queries].to(dtype)  # [N, |Q|]
+    key_acts = acts[:, :, keys].to(dtype)  # [N, T, |K|]
     key_vals = value_scores(circuit, feature)[keys]
     if loss_type == "post_activation" and gate is None:
         bias = circuit.out_bias[feature]
@@ -143,7 +143,7 @@ def paper_importance(
     profile = circuit.attn_profile(pairs_q.flatten(), pairs_k.flatten())[:, :n_off]  # [|K|·|Q|, ≤ T]
     kq = torch.zeros(len(keys) * len(queries), n_off, dtype=torch.float64)
     kq[:, : profile.shape[1]] = profile.nan_to_num(0.0)
-    kq = kq.T.reshape(n_off, len(keys), len(queries)).to(acts.dtype)  # [D, |K|, |Q|]
+    kq = kq.T.reshape(n_off, len(keys), len(queries)).to(dtype)  # [D, |K|, |Q|]
     per_offset = torch.einsum("dkq,nq->ndk", kq, query_acts)  # [N, D, |K|]
     delta = (positions[:, None] - torch.arange(acts.shape[1])[None, :]).clamp(0, n_off - 1)  # [N, T]
     logits = (key_acts * per_offset[rows[:, None], delta]).sum(-1)  # [N, T]

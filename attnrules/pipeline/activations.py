@@ -125,10 +125,12 @@ class SharedPasses:
     def input_activations(self, rows: torch.Tensor) -> torch.Tensor:
         """The input-SAE activations ``[len(rows), T, n_in]`` of corpus rows ``rows``, as
         :func:`~attnrules.exemplars.input_activations` computes them."""
-        parts = [self._store(int(r)).dense(rows[i:i + 1]) for i, r in enumerate(rows.tolist())]
-        if not parts:
-            return torch.zeros(0, self.tokens.shape[1], self.acts.n_in, dtype=self.acts.dtype or torch.float32)
-        return torch.cat(parts)
+        stores = [self._store(int(r)) for r in rows.tolist()]
+        dtype = next((s.dtype for s in stores if s.dtype is not None), torch.float32)
+        out = torch.zeros(len(rows), self.tokens.shape[1], self.acts.n_in, dtype=dtype)
+        for i, (r, store) in enumerate(zip(rows.tolist(), stores)):
+            store.write(int(r), out[i])
+        return out
 
     def runner(self, rows: torch.Tensor):
         """A drop-in for :func:`~attnrules.sources.runner.run_batches` over ``tokens[rows]`` that yields the

@@ -269,7 +269,7 @@ def unseen_keys(circuit: HeadCircuit, feature: int, table: PairTable, train: Tra
     significant = significant_values(circuit, feature)
     keys = _first_appearance(table.keys)
     keys = keys[(v[keys] > 0) & significant[keys]]
-    acts = train.acts[train.positive][:, :, keys]
+    acts = train.acts[:, :, keys][train.positive]  # the keys' columns first: no copy of every column
     upto = torch.arange(acts.shape[1])[None, :] <= train.positions[train.positive][:, None]
     seen = ((acts > 0) & upto[:, :, None]).any(dim=(0, 1))
     return [UnseenKey(int(k), describe(int(k)), float(v[k])) for k in keys[~seen].tolist()]

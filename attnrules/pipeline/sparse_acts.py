@@ -59,8 +59,12 @@ class SparseActs:
 
     def dense(self, rows: torch.Tensor) -> torch.Tensor:
         """The activations ``[len(rows), T, n_in]`` of corpus rows ``rows`` (all held)."""
-        out = torch.zeros(len(rows), self.seq_len * self.n_in, dtype=self.dtype or torch.float32)
+        out = torch.zeros(len(rows), self.seq_len, self.n_in, dtype=self.dtype or torch.float32)
         for i, r in enumerate(rows.tolist()):
-            index, values = self.rows[int(r)]
-            out[i, index.long()] = values
-        return out.view(len(rows), self.seq_len, self.n_in)
+            self.write(int(r), out[i])
+        return out
+
+    def write(self, row: int, out: torch.Tensor) -> None:
+        """Write the held row ``row``'s activations into the zeroed ``out [T, n_in]``."""
+        index, values = self.rows[row]
+        out.view(-1)[index.long()] = values
