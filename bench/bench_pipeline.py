@@ -179,7 +179,7 @@ def run_head(args, features) -> dict:
            "other_s": round(total - sum(steps.seconds.values()), 3), "peak_rss_gib": round(peak_rss_gib(), 2),
            "failed_steps": result.metadata.get("failed_steps"),
            "counting": [f.counting_check.status if f.counting_check else None for f in result.features],
-           "flagged_distractor_features": len(result.distractors), "corpus_acts": result.metadata.get("corpus_acts")}
+           "flagged_distractor_features": len(result.distractors), "corpus_acts": None if getattr(result.run, "corpus_acts", None) is None else result.run.corpus_acts.to_json()}
     if args.device.startswith("cuda"):
         out["cuda_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     out["results"] = [f.to_json() for f in result.features]

@@ -16,7 +16,7 @@ from attnrules.pipeline import ExtractSettings, extract_head
 from attnrules.exemplars import input_activations
 from attnrules.pipeline.activations import SharedPasses
 from attnrules.pipeline.corpus_stats import CorpusObservers
-from attnrules.pipeline.sparse_acts import SparseActs
+from attnrules.sparse_acts import SparseActs
 from attnrules.pipeline.sweep import Rank, rank_shards, run_sweep
 from attnrules.pipeline.workload import Workload
 from attnrules.rules.descriptions import InputStatsObserver
@@ -205,3 +205,59 @@ def test_shared_passes_look_up_what_a_partial_store_holds(toy):
     assert looked_up.acts.rows.keys() == set(range(60, 120, 2))  # encoded by the pass: what the store lacks
     assert own.covers(exact, exact=True) and looked_up.covers(exact, exact=True)
     assert looked_up.passes < own.passes
+
+
+def _same_prevalence(a, b, exact: bool) -> None:
+    """The same hits (sequences, positions, kinds, counts); activations bit for bit, or up to rounding."""
+    for x, y in zip(a, b):
+        dx, dy = x.to_dict(), y.to_dict()
+        acts = ("mean_act_without", "mean_act_with")
+        assert {k: v for k, v in dx.items() if k not in acts + ("examples",)} == \
+            {k: v for k, v in dy.items() if k not in acts + ("examples",)}
+        assert [{**e, "act_out": 0} for e in dx["examples"]] == [{**e, "act_out": 0} for e in dy["examples"]]
+        got = torch.tensor([e["act_out"] for e in dx["examples"]] + [dx[k] for k in acts], dtype=torch.float64)
+        want = torch.tensor([e["act_out"] for e in dy["examples"]] + [dy[k] for k in acts], dtype=torch.float64)
+        if exact:
+            assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0))
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma2"])
+def test_natural_prevalence_from_the_kept_activations_equals_its_own_pass(family):
+    """With the corpus's input activations kept, presence is read from them and the model runs over the
+    sequences with a hit only; the prevalences are the pass's (on these tiny widths a matmul's rounding
+    depends on its row count, so activations agree up to rounding)."""
+    model = build_family(family)
+    sae_in, out0 = family_saes(model, 1, 0, n_in=12)
+    _, out1 = family_saes(model, 1, 1, seed=4, n_in=12)
+    tokens = family_tokens(model, n=30, t=9, seed=1)
+    checks, saes = [(0, 1, 2, 3), (4, 0, 5, 6), (2, 3, 1, 0)], [out0, out0, out1]
+    observers = CorpusObservers(sae_in, tokens, acts_max_bytes=2**30)
+    scan_output_features(model, out0, tokens, batch_size=8, observers=observers.observers)
+    kept = observers.result().acts
+    own = insertion.natural_prevalence(model, sae_in, saes, tokens, checks, batch_size=8)
+    looked_up = insertion.natural_prevalence(model, sae_in, saes, tokens, checks, batch_size=8, known=kept)
+    _same_prevalence(looked_up, own, exact=False)
+    assert sum(p.kq_count + p.kkq_count for p in own) >= 5
+
+
+def test_natural_prevalence_from_the_kept_activations_is_bit_for_bit_at_gpt2_widths():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from bench_pipeline import build
+
+    model, sae_in, sae_out = build(False, 0, "cpu")  # 24,576 input features, 2,048 output features
+    tokens = torch.randint(0, model.cfg.d_vocab, (40, 64), generator=torch.Generator().manual_seed(3))
+    observers = CorpusObservers(sae_in, tokens, acts_max_bytes=2**30)
+    scan_output_features(model, sae_out, tokens, batch_size=16, observers=observers.observers)
+    kept = observers.result().acts
+    common = torch.argsort(observers.result().inputs.active, descending=True)[:6].tolist()
+    checks = [(5, common[0], common[1], common[2]), (9, common[3], common[4], common[5]),
+              (11, common[2], common[5], common[0])]
+    own = insertion.natural_prevalence(model, sae_in, sae_out, tokens, checks, batch_size=16)
+    looked_up = insertion.natural_prevalence(model, sae_in, sae_out, tokens, checks, batch_size=16, known=kept)
+    _same_prevalence(looked_up, own, exact=True)
+    assert sum(p.kq_count + p.kkq_count for p in own) >= 5

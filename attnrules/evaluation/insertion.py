@@ -22,6 +22,7 @@ from attnrules.rules.descriptions import embedding_rows
 from attnrules.sources.model import attention_window, kv_head
 from attnrules.sources.runner import check_tokens, hook_names, run_batches
 from attnrules.records import Record
+from attnrules.sparse_acts import SparseActs
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -186,10 +187,13 @@ def natural_prevalence(
     batch_size: int = 64,
     max_examples: int = 100,
     progress: bool = False,
+    known: Optional[SparseActs] = None,
 ) -> list[Prevalence]:
     """For each (feature, key, distractor, query) in ``checks``, one shared pass over the corpus.
     ``output_sae``: the SAE of every check, or one per check (heads of the input SAE's layer: the
-    checks of a layer's heads share the pass)."""
+    checks of a layer's heads share the pass). ``known``: the corpus's input-SAE activations, kept
+    (:class:`~attnrules.sparse_acts.SparseActs`): when it holds every row, the presence of
+    k, k' and q is read from it and the model runs only over the sequences with a hit."""
     if not checks:
         return []
     saes = list(output_sae) if isinstance(output_sae, Sequence) else [output_sae] * len(checks)
@@ -203,21 +207,50 @@ def natural_prevalence(
     for c, sae in enumerate(saes):
         heads.setdefault(id(sae), []).append(c)
     found: list[list[dict]] = [[] for _ in checks]
-    for rows, acts in run_batches(model, tokens, input_sae.layer, [resid, z], batch_size=batch_size,
-                                  desc="prevalence", progress=progress):
-        f_in = input_sae.encode(acts[resid].to(input_sae.W_dec.dtype))[:, :, cols].cpu().numpy() > 0
+
+    def output_acts(z_acts: torch.Tensor) -> np.ndarray:
+        """``[b, T, len(checks)]``: each check's output feature, encoded by its head's SAE (once a head)."""
         encoded = []
         for members in heads.values():
             sae = saes[members[0]]
             feats = torch.tensor([checks[c][0] for c in members], dtype=torch.long)
-            encoded.append((members, sae.encode(acts[z].to(sae.W_enc.dtype))[:, :, feats].cpu().numpy()))
-        out = np.empty((*f_in.shape[:2], len(checks)), dtype=np.result_type(*(a.dtype for _, a in encoded)))
+            encoded.append((members, sae.encode(z_acts.to(sae.W_enc.dtype))[:, :, feats].cpu().numpy()))
+        out = np.empty((*z_acts.shape[:2], len(checks)), dtype=np.result_type(*(a.dtype for _, a in encoded)))
         for members, a in encoded:
             out[:, :, members] = a
-        for b in range(f_in.shape[0]):
-            for c in range(len(checks)):
-                hit = _first_kkq(f_in[b, :, 3 * c], f_in[b, :, 3 * c + 1], f_in[b, :, 3 * c + 2])
-                if hit is not None:
+        return out
+
+    def first_hits(f_in: np.ndarray) -> list[tuple[int, dict]]:
+        """(check, hit) of one sequence from its input features' presence ``[T, 3·len(checks)]``."""
+        hits = ((c, _first_kkq(f_in[:, 3 * c], f_in[:, 3 * c + 1], f_in[:, 3 * c + 2])) for c in range(len(checks)))
+        return [(c, hit) for c, hit in hits if hit is not None]
+
+    if known is not None and known.covers(range(tokens.shape[0])):
+        # presence read from the kept activations; the model runs only over the sequences with a hit
+        unique, inverse = torch.unique(cols, return_inverse=True)
+        col_of = torch.full((input_sae.n_features,), -1, dtype=torch.long)
+        col_of[unique] = torch.arange(unique.numel())
+        hits = {}
+        for row in range(tokens.shape[0]):
+            present = (known.columns(row, col_of, unique.numel()) > 0)[:, inverse].numpy()
+            row_hits = first_hits(present)
+            if row_hits:
+                hits[row] = row_hits
+        rows_hit = sorted(hits)
+        batches = run_batches(model, tokens[rows_hit], input_sae.layer, [z], batch_size=batch_size,
+                              desc="prevalence", progress=progress) if rows_hit else ()
+        for rows, acts in batches:
+            out = output_acts(acts[z])
+            for b, row in enumerate(rows_hit[rows]):
+                for c, hit in hits[row]:
+                    found[c].append({"idx": row, **hit, "act_out": float(out[b, hit["q_pos"], c])})
+    else:
+        for rows, acts in run_batches(model, tokens, input_sae.layer, [resid, z], batch_size=batch_size,
+                                      desc="prevalence", progress=progress):
+            f_in = input_sae.encode(acts[resid].to(input_sae.W_dec.dtype))[:, :, cols].cpu().numpy() > 0
+            out = output_acts(acts[z])
+            for b in range(f_in.shape[0]):
+                for c, hit in first_hits(f_in[b]):
                     found[c].append({"idx": rows.start + b, **hit, "act_out": float(out[b, hit["q_pos"], c])})
     results = []
     for (g, k, d, q), hits in zip(checks, found):

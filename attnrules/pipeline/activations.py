@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
-from attnrules.pipeline.sparse_acts import SparseActs
+from attnrules.sparse_acts import SparseActs
 from attnrules.sources.runner import INPUT_ACTS, hook_names, run_batches
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ class SharedPasses:
 
     ``rows``: corpus rows whose input-SAE activations are kept; ``exact_rows`` (a subset): rows whose
     exact-pass hooks are kept too (None: none). ``known``: input-SAE activations already held (the
-    corpus pass's :class:`~attnrules.pipeline.sparse_acts.SparseActs`): rows it holds are looked up there,
+    corpus pass's :class:`~attnrules.sparse_acts.SparseActs`): rows it holds are looked up there,
     so the pass runs only over the others and the exact rows, and encodes only the others.
     ``batch_size``: sequences per forward pass. Raises :class:`MemoryError` when the stored hooks would
     pass ``max_bytes``."""

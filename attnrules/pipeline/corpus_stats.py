@@ -19,7 +19,7 @@ import torch
 from attnrules.evaluation.head_metrics import HeadMetrics, HeadMetricsObserver
 from attnrules.files import write_torch
 from attnrules.evaluation.negatives import PatternPool, PoolObserver
-from attnrules.pipeline.sparse_acts import SparseActs
+from attnrules.sparse_acts import SparseActs
 from attnrules.rules.descriptions import InputFeatureStats, InputStatsObserver, encoded_chunks
 from attnrules.sources.runner import run_batches
 

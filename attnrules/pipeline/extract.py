@@ -49,12 +49,13 @@ from attnrules.pipeline import activations
 from attnrules.pipeline.activations import SharedPasses, group_features
 from attnrules.pipeline.corpus_stats import CorpusObservers, CorpusStats, load_stats, measure_corpus, save_stats, stats_key
 from attnrules.pipeline.resume import HeadFolder, InputHashes
-from attnrules.pipeline.sparse_acts import SparseActs
+from attnrules.sparse_acts import SparseActs
 from attnrules.pipeline.results import (
     ActivationHistogram,
     DistractorEvidence,
     FeatureResult,
     HeadResult,
+    KeptActs,
     PairRecord,
     Predictions,
     RuleSetView,
@@ -373,6 +374,11 @@ def pattern_pool(model: HookedTransformer, input_sae: InputSAE, tokens: torch.Te
                              batch_size=settings.batch_size)
 
 
+def kept_summary(store: Optional[SparseActs]) -> Optional[KeptActs]:
+    """What the corpus pass kept of the input activations, for :class:`RunInfo` (None: nothing)."""
+    return None if store is None else KeptActs(len(store.rows), store.nbytes, store.full)
+
+
 def used_inputs(results: list[FeatureResult]) -> list[int]:
     """The input features the head's rules name (stored rule terms, absence rules as rendered, REF's
     distractor check, unseen keys), sorted; pseudo-features (negative ids) left out. The exhaustive pairs
@@ -514,8 +520,6 @@ def extract_head(
     metadata["saes"] = {role: sae_metadata(sae) for role, sae in (("input", input_sae), ("output", output_sae))}
     head_metrics = corpus_stats.heads.get(circuit.head)
     metadata["head_metrics"] = head_metrics.to_json() if head_metrics is not None else None
-    store = corpus_stats.acts  # what the corpus pass kept of the input activations (None: nothing)
-    metadata["corpus_acts"] = None if store is None else {"rows": len(store.rows), "bytes": store.nbytes, "full": store.full}
     metadata["input_features"] = {str(j): describe.record(j) for j in used_inputs(results)}
     if settings.exact:
         groups = head_steps.run("exact_logit_groups", lambda: reconstruct(model, input_sae, circuit.head, tokens[:16]).summary())
@@ -524,11 +528,11 @@ def extract_head(
     metadata["head_errors"] = [e.to_json() for e in head_steps.errors]
     metadata["failed_steps"] = sum(len(f.errors) for f in results) + len(head_steps.errors)
     result = HeadResult(circuit.layer, circuit.head, tuple(results), metadata, (),
-                        RunInfo(scan_state, tuple(computed), tuple(reused)))
+                        RunInfo(scan_state, tuple(computed), tuple(reused), kept_summary(corpus_stats.acts)))
     if defer_evidence:
         return result
     evidence = head_steps.run("distractor_evidence", lambda: distractor_evidence(
-        model, input_sae, [(output_sae, result)], tokens, settings, progress)[0])
+        model, input_sae, [(output_sae, result)], tokens, settings, progress, corpus_stats.acts)[0])
     return with_evidence(result, evidence, head_steps.errors[len(metadata["head_errors"]):], out_dir)
 
 
@@ -675,17 +679,18 @@ def shared_groups(
 
 def distractor_evidence(
     model: HookedTransformer, input_sae: InputSAE, heads: list[tuple[OutputSAE, HeadResult]], tokens: torch.Tensor,
-    settings: ExtractSettings, progress: bool,
+    settings: ExtractSettings, progress: bool, known: Optional[SparseActs] = None,
 ) -> list[list[DistractorEvidence]]:
     """For each head of the input SAE's layer (its output SAE and results), the evidence of its features
-    with a REF distractor key: natural prevalence over the corpus (one pass shared by all the heads) and
+    with a REF distractor key: natural prevalence over the corpus (one pass shared by all the heads; with
+    ``known``, the corpus's kept input activations, over the sequences with a hit only) and
     counterfactual insertion of the distractor's token into its no-distractor examples (§6.2–6.3)."""
     flagged = [(i, sae, f) for i, (sae, result) in enumerate(heads) for f in result.features
                if f.paper_distractor is not None and f.paper_distractor.has_distractor]
     # natural_prevalence takes (feature, key, distractor, query)
     checks = [(f.feature, f.paper_distractor.k, f.paper_distractor.k_, f.paper_distractor.q) for _, _, f in flagged]
     prevalences = natural_prevalence(model, input_sae, [sae for _, sae, _ in flagged], tokens, checks,
-                                     batch_size=settings.batch_size, progress=progress)
+                                     batch_size=settings.batch_size, progress=progress, known=known)
     evidence: list[list[DistractorEvidence]] = [[] for _ in heads]
     for (i, output_sae, f), prevalence in zip(flagged, prevalences):
         insertion = None

@@ -336,14 +336,27 @@ class DistractorEvidence(Record):
 
 
 @dataclass(frozen=True)
+class KeptActs(Record):
+    """What a corpus pass kept of the corpus's input-SAE activations: rows, bytes, and whether the bound
+    (``corpus_acts_mib``) was reached (rows past it were left to the exemplar passes)."""
+
+    rows: int
+    bytes: int
+    full: bool
+
+
+@dataclass(frozen=True)
 class RunInfo(Record):
     """How a run produced its result (not part of result equality): the corpus scan ("computed",
     "cached": read from the folder, "given": passed in, "none": the head was complete and only read),
-    and the features computed by this run and those reused from an earlier one."""
+    the features computed by this run and those reused from an earlier one, and what the corpus pass
+    kept of the input activations (``corpus_acts``: rows, bytes, whether its bound was reached; None:
+    nothing kept, e.g. a cached scan)."""
 
     scan: str = "computed"
     computed: tuple[str, ...] = ()
     reused: tuple[str, ...] = ()
+    corpus_acts: Optional["KeptActs"] = None
 
 
 @dataclass(frozen=True)

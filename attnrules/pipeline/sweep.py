@@ -48,6 +48,7 @@ from attnrules.pipeline.resume import (
 from attnrules.pipeline.results import MARKER_FILE, HeadResult, StepError
 from attnrules.pipeline.settings import ExtractSettings
 from attnrules.pipeline.workload import Workload
+from attnrules.sparse_acts import SparseActs
 from attnrules.sources import as_sources
 
 
@@ -166,9 +167,10 @@ class _Clock:
 
 
 def _finish_layer(work: Workload, out: Path, settings: ExtractSettings, layer: int, pending: list, clock: _Clock,
-                  progress: bool) -> None:
-    """The distractor evidence of this rank's pending heads of ``layer`` from one corpus pass; each head is
-    then written complete and its manifest entry made (:func:`~attnrules.pipeline.extract.with_evidence`)."""
+                  progress: bool, kept: Optional[SparseActs]) -> None:
+    """The distractor evidence of this rank's pending heads of ``layer`` from one corpus pass (``kept``: the
+    layer's corpus input activations, when the corpus pass kept them); each head is then written complete
+    and its manifest entry made (:func:`~attnrules.pipeline.extract.with_evidence`)."""
     if not pending:
         return
     t0 = time.time()
@@ -176,7 +178,7 @@ def _finish_layer(work: Workload, out: Path, settings: ExtractSettings, layer: i
     heads = [(as_sources(work.model, work.input_sae(layer), work.output_sae(layer, h))[1], r) for h, r, _ in pending]
     errors: list[StepError] = []
     try:
-        evidence = distractor_evidence(work.model, input_sae, heads, work.tokens, settings, progress)
+        evidence = distractor_evidence(work.model, input_sae, heads, work.tokens, settings, progress, kept)
     except Exception as error:  # noqa: BLE001 - recorded in each head's metadata, the sweep goes on
         errors = [StepError("distractor_evidence", f"{type(error).__name__}: {error}")]
         evidence = [None] * len(pending)
@@ -245,7 +247,8 @@ def run_sweep(
         else:
             pending.append((head, result, time.time() - t0))
         if i + 1 == len(mine) or mine[i + 1][0] != layer:  # the layer's last head: its evidence, then done
-            _finish_layer(work, out, settings, layer, pending, clock, progress)
+            kept = layer_stats.acts if layer_stats is not None and layer_stats.inputs.layer == layer else None
+            _finish_layer(work, out, settings, layer, pending, clock, progress, kept)
             pending = []
     if rank.world_size > 1:
         torch.distributed.barrier()

@@ -68,3 +68,14 @@ class SparseActs:
         """Write the held row ``row``'s activations into the zeroed ``out [T, n_in]``."""
         index, values = self.rows[row]
         out.view(-1)[index.long()] = values
+
+    def columns(self, row: int, col_of: torch.Tensor, n_cols: int) -> torch.Tensor:
+        """The held row ``row``'s activations ``[T, n_cols]`` over some features: ``col_of [n_in]`` gives each
+        feature's column (-1: not wanted)."""
+        index, values = self.rows[row]
+        index = index.long()
+        col = col_of[index % self.n_in]
+        keep = col >= 0
+        out = torch.zeros(self.seq_len, n_cols, dtype=self.dtype or torch.float32)
+        out[index[keep] // self.n_in, col[keep]] = values[keep]
+        return out
