@@ -1,12 +1,16 @@
 """What the corpus pass measures beside the output-feature scan, and its cache in a head folder.
 
 The scan (:func:`attnrules.exemplars.scan_heads`) runs the model to the head's layer over the whole
-corpus; two observers ride on it (no forward pass of their own): the input-feature statistics the rule
-text is written from (:class:`~attnrules.rules.descriptions.InputStatsObserver`) and every head's
-attention metrics (:class:`~attnrules.evaluation.head_metrics.HeadMetricsObserver`). A head folder keeps
-them in ``corpus_stats.pt``, keyed by the content hashes of the model, input SAE and corpus, so a
-resumed run reads them back; a folder whose scan was cached without them (an older run) gets them from
-one pass of their own (:func:`measure_corpus`).
+corpus; what rides on it needs no forward pass of its own: the input-feature statistics the rule text
+is written from (:class:`~attnrules.rules.descriptions.InputStatsObserver`), every head's attention
+metrics (:class:`~attnrules.evaluation.head_metrics.HeadMetricsObserver`), the pattern-negative pool
+(:class:`~attnrules.evaluation.negatives.PoolObserver`) and the corpus's input activations kept sparse
+(:class:`~attnrules.sparse_acts.SparseActs`), the last three from one input-SAE encode of each row
+(:class:`CorpusObservers`). A head folder keeps the statistics and metrics in ``corpus_stats.pt``,
+keyed by the content hashes of the model, input SAE and corpus and the rows read, so a resumed run
+reads them back (the pool and the kept activations are not cached: a resumed run builds its pool with
+a pass and runs its exemplar passes); a folder whose scan was cached without them (an older run) gets
+them from one pass of their own (:func:`measure_corpus`).
 """
 from __future__ import annotations
 
