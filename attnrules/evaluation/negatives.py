@@ -93,9 +93,9 @@ class PatternPool:
 
 class PoolObserver:
     """Builds the :class:`PatternPool` of ``size`` random corpus rows (all when the corpus is smaller; the
-    same rows for the same ``seed``) on a corpus pass that already runs the model to the input SAE's layer
-    (:func:`attnrules.exemplars.scan_heads`): :meth:`observe` encodes the pool's rows of each batch, or a
-    pass that encodes them anyway hands them to :meth:`add`."""
+    same rows for the same ``seed``) from their encoded activations, handed to :meth:`add` by a pass that
+    encodes them anyway (the corpus pass, :class:`~attnrules.pipeline.corpus_stats.CorpusObservers`) or
+    by :meth:`PatternPool.build`'s own pass."""
 
     def __init__(self, input_sae: InputSAE, tokens: torch.Tensor, size: int, *, seed: int = 0) -> None:
         if size < 1:
@@ -112,12 +112,6 @@ class PoolObserver:
         """The pool's corpus rows among ``rows``."""
         lo, hi = (int(i) for i in torch.searchsorted(self.sequences, torch.tensor([rows.start, rows.stop])))
         return self.sequences[lo:hi]
-
-    def observe(self, rows: slice, cache: dict) -> None:
-        wanted = self.wanted(rows)
-        if wanted.numel():
-            resid = cache[self.hooks[0]][(wanted - rows.start).to(cache[self.hooks[0]].device)]
-            self.add(wanted, self.sae.encode(resid.to(self.sae.W_dec.dtype)))
 
     def add(self, sequences: torch.Tensor, acts: torch.Tensor) -> None:
         """Keep the activations ``acts [b, T, n_in]`` of corpus rows ``sequences [b]`` (all in the pool)."""

@@ -84,7 +84,7 @@ class SharedPasses:
         self.shapes: dict[str, tuple] = {}
         self.hooks: dict[int, dict[str, torch.Tensor]] = {}
         self.known = known if known is not None and known.seq_len == tokens.shape[1] else None
-        held = set(self.known.rows) if self.known is not None else set()
+        held = self.known.rows if self.known is not None else {}
         self.acts = SparseActs(tokens.shape[1], input_sae.n_features)
         run = [r for r in wanted if r not in held or r in exact_set]  # the rows the pass runs over
         self.passes = 0
@@ -112,15 +112,16 @@ class SharedPasses:
             if nbytes + self.acts.nbytes > max_bytes:
                 raise MemoryError(f"the shared pass would keep more than {max_bytes} bytes")
         self.nbytes = nbytes + self.acts.nbytes
-        self.rows = wanted
 
-    def _store(self, row: int) -> SparseActs:
-        return self.acts if row in self.acts.rows else self.known
+    def _store(self, row: int) -> Optional[SparseActs]:
+        """Where ``row``'s input-SAE activations are held (None: nowhere)."""
+        if row in self.acts.rows:
+            return self.acts
+        return self.known if self.known is not None and row in self.known.rows else None
 
     def covers(self, rows: torch.Tensor, exact: bool = False) -> bool:
         rows = [int(r) for r in rows]
-        return all(r in self.acts.rows or (self.known is not None and r in self.known.rows) for r in rows) and (
-            not exact or all(r in self.hooks for r in rows))
+        return all(self._store(r) is not None for r in rows) and (not exact or all(r in self.hooks for r in rows))
 
     def input_activations(self, rows: torch.Tensor) -> torch.Tensor:
         """The input-SAE activations ``[len(rows), T, n_in]`` of corpus rows ``rows``, as
