@@ -37,11 +37,18 @@ class FeatureScan:
 
     counts: torch.Tensor  # [n_out] sequences in which the feature fires anywhere
     act_max: torch.Tensor  # [N, n_out]
-    act_argmax: torch.Tensor  # [N, n_out]
+    act_argmax: torch.Tensor  # [N, n_out] positions, in the narrowest int type that holds them (position_dtype)
 
     @property
     def n_sequences(self) -> int:
         return self.act_max.shape[0]
+
+
+def position_dtype(seq_len: int) -> torch.dtype:
+    """The int type of token positions below ``seq_len``: int16 (int32 past 32,768 tokens), so that a
+    50,000-sequence scan of 2,048 features holds 0.2 GiB of argmax positions instead of int64's 0.8.
+    Not uint8: torch reads a uint8 index as a mask (int16 as an index raises instead)."""
+    return torch.int16 if seq_len <= 2**15 else torch.int32
 
 
 def scan_output_features(
@@ -74,7 +81,7 @@ def scan_heads(
         for i, sae in enumerate(output_saes):
             m, a = sae.encode(acts[z_name].to(sae.W_enc.dtype)).max(dim=1)  # over positions
             maxima[i].append(m.cpu())
-            argmaxima[i].append(a.cpu())
+            argmaxima[i].append(a.to(position_dtype(tokens.shape[1])).cpu())
     scans = []
     for m, a in zip(maxima, argmaxima):
         act_max = torch.cat(m)

@@ -13,7 +13,7 @@ def test_scan_equals_a_direct_forward_pass(toy):
     acts = toy.output_saes[0].encode(cache["blocks.0.attn.hook_z"])
     torch.testing.assert_close(scan.act_max, acts.max(1).values)
     assert torch.equal(scan.counts, (acts.max(1).values > 0).sum(0))
-    assert torch.equal(scan.act_argmax, acts.argmax(1))
+    assert torch.equal(scan.act_argmax.long(), acts.argmax(1)) and scan.act_argmax.dtype == torch.int16
 
 
 def test_input_activations_are_the_sae_encoding_of_resid_pre(toy):
@@ -139,5 +139,5 @@ def test_scan_heads_equals_a_direct_forward_pass_with_one_pass(toy, monkeypatch)
     for scan, head in zip(both, (0, 1)):
         acts = toy.output_saes[head].encode(cache["blocks.0.attn.hook_z"])
         torch.testing.assert_close(scan.act_max, acts.max(1).values)
-        assert torch.equal(scan.act_argmax, acts.argmax(1))
+        assert torch.equal(scan.act_argmax.long(), acts.argmax(1)) and scan.act_argmax.dtype == torch.int16
         assert torch.equal(scan.counts, (acts.max(1).values > 0).sum(0)) and int(scan.counts.sum()) > 0

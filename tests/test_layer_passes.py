@@ -150,18 +150,32 @@ def test_scan_heads_hands_each_observer_every_row(toy):
     assert torch.equal(pool.sequences, torch.arange(37)) and int(pool.row.max()) == 36
 
 
-def test_sparse_store_rebuilds_bit_for_bit_and_stops_whole_rows_at_its_bound():
-    acts = torch.relu(torch.randn(6, 5, 7, generator=torch.Generator().manual_seed(0)))
+@pytest.mark.parametrize("on_disk", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_sparse_store_rebuilds_bit_for_bit_and_stops_whole_rows_at_its_bound(on_disk, dtype):
+    acts = torch.relu(torch.randn(6, 5, 7, generator=torch.Generator().manual_seed(0))).to(dtype)
     acts[0, 0, 0] = -0.0  # kept: the rebuilt tensor is bit for bit the one added
-    store = SparseActs(5, 7)
+    acts[1, 2, 3] = float("nan")
+    acts[4] = 0.0  # a row with no entry
+    store = SparseActs(5, 7, on_disk=on_disk)
+    assert (store.file is not None) == on_disk
     store.add(torch.tensor([10, 3, 7, 0, 1, 2]), acts)
-    rows = torch.tensor([7, 10, 2])
-    assert torch.equal(store.dense(rows), acts[[2, 0, 5]]) and bool(torch.signbit(store.dense(rows)[1, 0, 0]))
-    assert store.nbytes == 8 * int(((acts != 0) | torch.signbit(acts)).sum())
-    small = SparseActs(5, 7, max_bytes=store.nbytes // 2)
+    rows = torch.tensor([7, 10, 2, 3, 1])
+    back = store.dense(rows)
+    assert back.dtype == dtype and torch.equal(back.view(torch.uint8) if dtype == torch.bfloat16 else back.nan_to_num(7.0),
+                                               acts[[2, 0, 5, 1, 4]].view(torch.uint8) if dtype == torch.bfloat16
+                                               else acts[[2, 0, 5, 1, 4]].nan_to_num(7.0))
+    assert bool(torch.signbit(back[1, 0, 0])) and bool(torch.isnan(back[3, 2, 3]))
+    entry = 4 + acts.element_size()
+    assert store.nbytes == entry * int(((acts != 0) | torch.signbit(acts)).sum())
+    col_of = torch.full((7,), -1, dtype=torch.long)
+    col_of[[5, 1]] = torch.tensor([0, 1])
+    assert torch.equal(store.columns(2, col_of, 2).float().nan_to_num(7.0), acts[5][:, [5, 1]].float().nan_to_num(7.0))
+    small = SparseActs(5, 7, max_bytes=store.nbytes // 2, on_disk=on_disk)
     small.add(torch.arange(6), acts)
     assert small.full and 0 < len(small.rows) < 6 and small.nbytes <= store.nbytes // 2
-    assert torch.equal(small.dense(torch.tensor(sorted(small.rows))), acts[sorted(small.rows)])
+    kept = sorted(small.rows)
+    assert torch.equal(small.dense(torch.tensor(kept)).float().nan_to_num(7.0), acts[kept].float().nan_to_num(7.0))
 
 
 def test_corpus_store_serves_the_exemplar_steps_with_identical_results(toy, monkeypatch):

@@ -27,6 +27,7 @@ from typing import Callable, Literal, Optional
 import torch
 
 import attnrules.engine as engine
+from attnrules.engine.contract import all_finite
 from attnrules.circuit import HeadCircuit
 from attnrules.scoring import value_scores
 
@@ -40,7 +41,7 @@ def _check_exemplars(acts: torch.Tensor, positions: torch.Tensor, n_inputs: int)
         raise ValueError(f"positions must be [n_exemplars={acts.shape[0]}], got shape {tuple(positions.shape)}")
     if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= acts.shape[1]):
         raise ValueError(f"positions must lie in [0, {acts.shape[1]}), got {positions.min()}..{positions.max()}")
-    if not bool(torch.isfinite(acts).all()):
+    if not all_finite(acts):
         raise ValueError("acts contains NaN or infinite values")
 
 

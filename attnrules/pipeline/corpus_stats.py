@@ -52,8 +52,8 @@ class CorpusObservers:
 
     The input-feature statistics read the first ``stats_sequences`` corpus rows (None: all), the
     pattern pool (``pool_size`` random rows, drawn with ``pool_seed``; None: no pool) its rows, and with
-    ``acts_max_bytes`` every row's activations are kept sparse (:class:`SparseActs`, up to that many
-    bytes; rows past the bound are left to the exemplar passes); the input SAE encodes each row once
+    ``acts_max_bytes`` every row's activations are kept sparse (:class:`SparseActs` in a temporary file,
+    up to that many bytes; rows past the bound are left to the exemplar passes); the input SAE encodes each row once
     for all of them."""
 
     def __init__(self, input_sae: InputSAE, tokens: torch.Tensor, *, stats_sequences: Optional[int] = None,
@@ -62,7 +62,7 @@ class CorpusObservers:
         self.inputs = InputStatsObserver(input_sae)
         self.heads = HeadMetricsObserver(input_sae.layer, tokens)
         self.pool = PoolObserver(input_sae, tokens, pool_size, seed=pool_seed) if pool_size is not None else None
-        self.acts = (SparseActs(tokens.shape[1], input_sae.n_features, max_bytes=acts_max_bytes)
+        self.acts = (SparseActs(tokens.shape[1], input_sae.n_features, max_bytes=acts_max_bytes, on_disk=True)
                      if acts_max_bytes else None)
         self.stats_rows = tokens.shape[0] if stats_sequences is None else min(stats_sequences, tokens.shape[0])
         self.hooks = self.inputs.hooks

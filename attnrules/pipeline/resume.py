@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 
-from attnrules.exemplars import FeatureScan
+from attnrules.exemplars import FeatureScan, position_dtype
 from attnrules.files import clean_temporaries, write_json, write_torch
 from attnrules.pipeline.results import HEAD_FILES, MARKER_FILE, RESULTS_FILE, FeatureResult, HeadResult, RunInfo
 
@@ -218,6 +218,11 @@ def _dense(data: dict) -> torch.Tensor:
     return out
 
 
+def _positions(argmax: torch.Tensor) -> torch.Tensor:
+    """A cached scan's argmax positions in :func:`~attnrules.exemplars.position_dtype` (older caches hold int64)."""
+    return argmax.to(position_dtype(int(argmax.max()) + 1 if argmax.numel() else 1))
+
+
 class HeadFolder:
     """The output folder of one head: checks its identity, cleans up after killed writers, caches the
     scan and the finished features."""
@@ -306,7 +311,7 @@ class HeadFolder:
         data = self._scan_data()
         if data is None:
             return None
-        return FeatureScan(data["counts"].clone(), _dense(data["act_max"]), _dense(data["act_argmax"]))
+        return FeatureScan(data["counts"].clone(), _dense(data["act_max"]), _positions(_dense(data["act_argmax"])))
 
     def save_scan(self, scan: FeatureScan) -> None:
         """The scan, sparse (nonzero entries of act_max and act_argmax), written atomically."""

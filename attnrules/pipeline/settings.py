@@ -165,8 +165,9 @@ class ExtractSettings:
         2048, "corpus sequences searched for pattern negatives (encoded on the corpus pass; a pass of their own "
         "only when the scan was read from a cache)", group=HARD, min=1)
     corpus_acts_mib: int = setting(
-        2048, "MiB of the corpus's input-SAE activations kept sparse from the corpus pass, so exemplar steps look "
-        "them up instead of running passes of their own (rows past the bound run their own; 0: none kept)",
+        2048, "MiB of the corpus's input-SAE activations kept sparse from the corpus pass, in a temporary file "
+        "(TMPDIR), so exemplar steps look them up instead of running passes of their own (rows past the bound "
+        "run their own; 0: none kept)",
         group=RUN, min=0)
     corpus_stats_sequences: Optional[int] = setting(
         8192, "corpus sequences (the first ones) the input-feature descriptions are measured on ('all': every "
