@@ -593,6 +593,14 @@ def extract_one(
     extra = beyond_skipgrams(model, input_sae, output_sae, circuit, g, rule_sets, tokens, scan.act_max[:, g], train,
                              settings, describe, token_of, steps)
     conditions = Conditions.of(extra["absence"], extra["counting"])
+    pairs = []
+    if settings.exhaustive_k > 0:
+        pairs = steps.run("exhaustive_pairs", lambda: exhaustive_pairs(
+            circuit, g, (train.acts, train.positions), settings.exhaustive_k, settings.backend, describe)) or []
+    unseen = steps.run("unseen_keys", lambda: unseen_keys(circuit, g, table, train, describe)) or []
+    # the last use of the train activations: released before the pattern negatives' are built, so a
+    # feature holds at most two [N, T, n_in] tensors at a time (0.59 GiB each on GPT-2-small shapes)
+    del train, acts["train"]
     val_set = EvaluationSet("random", ex.val.sequence, ex.val.position, ex.val.act_max, acts["val"])
     beyond = None if pool is None else steps.run("hard_negatives", lambda: evaluate_beyond_random(
         builders, conditions, list(rule_sets.values()), val_set, ex.val.positive, n_terms_grid(settings.max_rules),
@@ -615,10 +623,6 @@ def extract_one(
                 annotated(v, p.acts[i], rule_sets, conditions, threshold=fire_above, max_offset=circuit.max_offset)
                 for v, i in zip(exemplar_views(model, output_sae, g, tokens, p.sequence[shown_negatives],
                                                p.position[shown_negatives]), shown_negatives.tolist())]) or []
-    pairs = []
-    if settings.exhaustive_k > 0:
-        pairs = steps.run("exhaustive_pairs", lambda: exhaustive_pairs(
-            circuit, g, (train.acts, train.positions), settings.exhaustive_k, settings.backend, describe)) or []
     top = torch.sort(ex.val.act_max, descending=True, stable=True).indices[: settings.show_exemplars]
     views = steps.run("exemplar_views", lambda: [
         annotated(v, acts["val"][i], rule_sets, conditions, threshold=fire_above, max_offset=circuit.max_offset)
@@ -634,7 +638,6 @@ def extract_one(
                 for i, v in enumerate(exemplar_views(model, output_sae, g, tokens, deciles, positions))]
 
     decile = steps.run("decile_exemplars", decile_views) or [] if deciles.numel() else []
-    unseen = steps.run("unseen_keys", lambda: unseen_keys(circuit, g, table, train, describe)) or []
     return FeatureResult(g, name, len(ex.train), len(ex.val), rules, tuple(SweepRecord.from_point(p) for p in points),
                          tuple(pairs), exemplars=tuple(views),
                          unseen_keys=tuple(unseen), notes=tuple(steps.notes), errors=tuple(steps.errors),
