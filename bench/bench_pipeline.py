@@ -10,7 +10,8 @@ about 0.5 % of tokens (a quarter of the sequences), over a corpus of random toke
 - **new**: :func:`attnrules.extract_head` over ``--features`` output features (REF settings:
   sampled features, 50 + 50 exemplars a split, exact mode, absence and counting rules, distractor
   evidence), timed as a whole and per step (every step function the pipeline calls, timed where
-  it is called; nested calls count once, in the outer step), with the process's peak memory;
+  it is called; nested calls count once, in the outer step), with the process's peak memory (measured,
+  and projected to a 50,000-sequence corpus: plus the head's scan and the kept activations' index there);
 - **old**: the same head, model and corpus through the pipeline at commit ``--baseline`` (default
   f7b4c2b, the last one before issue 14's pipeline changes), run in a subprocess from that commit's
   sources (``git archive``) on ``--baseline-features`` of the same features (the first ones): its
@@ -269,6 +270,28 @@ def project(run: dict, n_features: int, corpus_n: int, measured_features: int, p
             "whole_model_144_heads_hours": round((HEADS * (head_50k - layer_50k) + LAYERS * layer_50k) / 3600, 1)}
 
 
+# the kept activations live in a temporary file; the process holds a dict entry (row -> offset, count) a
+# row: 385 B measured (resident-size growth while 50,000 rows of 64 × 24,576 were added)
+STORE_INDEX_BYTES_PER_SEQUENCE = 400
+
+
+def build_scan_bytes(args) -> int:
+    """Bytes the head's scan holds a corpus sequence: each output feature's max activation and its position."""
+    from attnrules.exemplars import position_dtype
+
+    _, _, sae_out = build(args.quick, args.layer, "cpu")
+    n_out = sae_out.W_enc.shape[1]
+    return n_out * (sae_out.W_enc.element_size() + torch.empty(0, dtype=position_dtype(64)).element_size())
+
+
+def peak_at_50k(run: dict, corpus_n: int, scan_bytes: int) -> float:
+    """The measured peak plus what grows with the corpus from ``corpus_n`` to 50,000 sequences while a
+    feature runs: the corpus's token ids (int64), the head's scan and the kept activations' in-memory index
+    (their entries are on disk). Per-feature tensors do not grow with the corpus (the exemplar counts are fixed)."""
+    grown = (CORPUS_TOKENS - corpus_n) * (64 * 8 + scan_bytes + STORE_INDEX_BYTES_PER_SEQUENCE)
+    return round(run["peak_rss_gib"] + grown / 2**30, 2)
+
+
 def corpus_pass(args) -> dict:
     """Tokens per second through blocks 0..layer, as the scan runs them."""
     from attnrules.sources.runner import run_batches
@@ -386,6 +409,7 @@ def main() -> None:
     split = {"forward_s_per_sequence": 64 / scan["tokens_per_s_blocks_0_to_layer"], "encoded_sequences_50k": round(encoded),
              "kept_sequences_50k": int(kept_50k), "kept_gib_50k": round(kept_50k * per_row / 2**30, 2)}
     report["new"]["projection"] = project(new, 100, args.corpus, max(measured, 1), "new", split)
+    report["new"]["projection"]["peak_rss_gib_50k"] = peak_at_50k(new, args.corpus, build_scan_bytes(args))
     if old is None:
         report["old"] = {"skipped": old_skipped}
     else:

@@ -245,6 +245,21 @@ def test_output_sae_hash_sees_the_activation_parameters():
         OutputSAE.from_tensors(**w, architecture="topk", k=2))
 
 
+def test_scan_positions_are_int16_and_older_int64_caches_load_as_such(toy, tokens, tmp_path):
+    """The scan holds argmax positions as int16 (a quarter of int64's memory); a cache written with int64
+    positions (before) loads with the same values as int16."""
+    from attnrules.exemplars import position_dtype, scan_output_features
+    from attnrules.pipeline.resume import HeadFolder, InputHashes
+
+    scan = scan_output_features(toy.model, toy.output_saes[0], tokens[:200])
+    assert scan.act_argmax.dtype == torch.int16 and position_dtype(2**15) == torch.int16
+    assert position_dtype(2**15 + 1) == torch.int32
+    inputs = InputHashes("m", "i", "o", "c", "s")
+    HeadFolder(tmp_path, inputs).save_scan(dataclasses.replace(scan, act_argmax=scan.act_argmax.long()))
+    back = HeadFolder(tmp_path, inputs).load_scan()
+    assert back.act_argmax.dtype == torch.int16 and torch.equal(back.act_argmax.long(), scan.act_argmax.long())
+
+
 def test_scan_cache_is_exact_and_keyed(toy, tokens, tmp_path):
     from attnrules.exemplars import scan_output_features
     from attnrules.pipeline.resume import HeadFolder, InputHashes
