@@ -12,11 +12,11 @@ one in memory for the exemplar rows the corpus store does not hold.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Optional
 
 import torch
+
+from attnrules.spill import SpillFile
 
 
 def nonzero_bits(x: torch.Tensor) -> torch.Tensor:
@@ -36,7 +36,7 @@ class SparseActs:
         self.index_dtype = torch.int32 if seq_len * n_in < 2**31 else torch.int64
         # row -> (index, values) in memory, or (byte offset, entries) in the file
         self.rows: dict[int, tuple] = {}
-        self.file = tempfile.TemporaryFile(prefix="attnrules-acts-", buffering=0) if on_disk else None
+        self.file = SpillFile("attnrules-acts-") if on_disk else None
         self.nbytes = 0
         self.full = False
 
@@ -61,10 +61,8 @@ class SparseActs:
             if self.file is None:
                 self.rows[row] = (idx.clone(), val.clone())
             else:  # the row's indices, then its values
-                data = _bytes(idx) + _bytes(val)
-                self.rows[row] = (self.file.seek(0, os.SEEK_END), n)
-                if self.file.write(data) != len(data):  # unbuffered: a short write means a full disk
-                    raise OSError(f"could not write the kept activations to {self.file.name} (disk full?)")
+                self.rows[row] = (self.file.append(idx), n)
+                self.file.append(val)
             self.nbytes += n * entry
 
     def entries(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,12 +71,9 @@ class SparseActs:
             index, values = self.rows[row]
             return index.long(), values
         offset, n = self.rows[row]
-        width = torch.empty(0, dtype=self.index_dtype).element_size()
-        data = bytearray(os.pread(self.file.fileno(), n * (width + self.dtype.itemsize), offset))
-        if not n:
-            return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=self.dtype)
-        index = torch.frombuffer(data, dtype=self.index_dtype, count=n).long()
-        return index, torch.frombuffer(data, dtype=self.dtype, count=n, offset=n * width)
+        index = self.file.read_into(torch.empty(n, dtype=self.index_dtype), offset)
+        values = self.file.read_into(torch.empty(n, dtype=self.dtype), offset + index.nbytes)
+        return index.long(), values
 
     def covers(self, rows) -> bool:
         return all(int(r) in self.rows for r in rows)
@@ -105,7 +100,3 @@ class SparseActs:
         out[index[keep] // self.n_in, col[keep]] = values[keep]
         return out
 
-
-def _bytes(x: torch.Tensor) -> bytes:
-    """The raw bytes of ``x`` (any dtype, bfloat16 too)."""
-    return x.contiguous().view(torch.uint8).numpy().tobytes()

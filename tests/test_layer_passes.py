@@ -275,3 +275,59 @@ def test_natural_prevalence_from_the_kept_activations_is_bit_for_bit_at_gpt2_wid
     looked_up = insertion.natural_prevalence(model, sae_in, sae_out, tokens, checks, batch_size=16, known=kept)
     _same_prevalence(looked_up, own, exact=True)
     assert sum(p.kq_count + p.kkq_count for p in own) >= 5
+
+
+def test_scans_of_several_layers_in_one_pass_equal_each_layers_own_and_read_back_from_disk():
+    """A Llama-family model (rotary, GQA): heads of layers 0 and 1 scanned in one pass through blocks 0..1
+    equal each layer's own scan, bit for bit; the scans spilled to disk read back the same (twice)."""
+    from attnrules.exemplars import scan_heads_to_disk
+
+    model = build_family("llama")
+    saes = [family_saes(model, layer, head, seed=layer)[1] for layer, head in ((1, 1), (0, 0), (1, 0))]
+    tokens = family_tokens(model, n=21, t=10, seed=5)
+    together = scan_heads(model, saes, tokens, batch_size=4)
+    spilled = scan_heads_to_disk(model, saes, tokens, batch_size=4)
+    for sae, scan, file in zip(saes, together, spilled):
+        alone = scan_output_features(model, sae, tokens, batch_size=4)
+        for back in (scan, file.scan(), file.scan()):
+            for field in ("counts", "act_max", "act_argmax"):
+                a, b = getattr(back, field), getattr(alone, field)
+                assert a.dtype == b.dtype and torch.equal(a, b), field
+
+
+@pytest.mark.parametrize("family", ["gemma2", "llama"])
+def test_a_whole_model_corpus_pass_gives_the_per_layer_sweeps_results(family, tmp_path, monkeypatch):
+    """A sweep over heads of both layers of a 2-layer family model: one corpus pass through the model
+    (layers_per_pass all) or one a layer; the same results either way."""
+    import attnrules.pipeline.sweep as sweep
+    from attnrules.pipeline.resume import read_head
+
+    model = build_family(family)
+    tokens = family_tokens(model, n=160, t=10, seed=7)
+    heads = ((0, 0), (0, 1), (1, 0))
+    inputs = {layer: family_saes(model, layer, 0, seed=layer, n_in=40)[0] for layer in (0, 1)}
+    outputs = {(layer, head): family_saes(model, layer, head, seed=layer)[1] for layer, head in heads}
+    work = Workload(family, model, tokens, heads, inputs.__getitem__, lambda layer, head: outputs[layer, head])
+    settings = dataclasses.replace(SETTINGS, features=(0, 1, 2, 3, 4), min_count=5, examples_per_bin=8,
+                                   pattern_pool=50)
+    passes = []
+    real = sweep.scan_heads_to_disk
+
+    def counted(model, saes, *args, **kwargs):
+        passes.append(sorted({sae.layer for sae in saes}))
+        return real(model, saes, *args, **kwargs)
+
+    monkeypatch.setattr(sweep, "scan_heads_to_disk", counted)
+    found = {}
+    for per_pass in (None, 1):
+        passes.clear()
+        out = tmp_path / f"sweep{per_pass}"
+        run_sweep(work, out, dataclasses.replace(settings, layers_per_pass=per_pass), progress=False)
+        found[per_pass] = {(l, h): read_head(out / "shards" / f"L{l}H{h}") for l, h in heads}
+        assert passes == ([[0, 1]] if per_pass is None else [[0], [1]])
+    assert sum(len(r.features) for r in found[None].values()) > 0
+    for lh in heads:
+        a, b = found[None][lh], found[1][lh]
+        assert [f.to_json() for f in a.features] == [f.to_json() for f in b.features]
+        assert [repr(d.to_json()) for d in a.distractors] == [repr(d.to_json()) for d in b.distractors]
+        assert a.metadata["failed_steps"] == b.metadata["failed_steps"] == 0

@@ -169,6 +169,10 @@ class ExtractSettings:
         "(TMPDIR), so exemplar steps look them up instead of running passes of their own (rows past the bound "
         "run their own; 0: none kept)",
         group=RUN, min=0)
+    layers_per_pass: Optional[int] = setting(
+        None, "sweeps: layers whose corpus pass is one forward pass through the model ('all': the whole model "
+        "once; each layer of a pass keeps its scans and input activations in temporary files until it is done)",
+        group=RUN, min=1, none="all")
     corpus_stats_sequences: Optional[int] = setting(
         8192, "corpus sequences (the first ones) the input-feature descriptions are measured on ('all': every "
         "one; each costs an input-SAE encode on the corpus pass)", group=RUN, min=1, none="all")

@@ -2,7 +2,11 @@
 
 Every process (one per ``torchrun`` rank; gloo on CPU, nccl on GPU) takes a contiguous run of the shards
 (:func:`rank_shards`), so that it works through as few layers as it can: each layer costs a rank one
-corpus pass, one vocabulary pass and one distractor-evidence pass, shared by its heads of the layer.
+vocabulary pass and one distractor-evidence pass, shared by its heads of the layer, and the corpus pass
+is one forward pass through the model for all its layers (``layers_per_pass``, default all: blocks
+0..11 once for GPT-2 small instead of blocks 0..L for each L, 12 block-passes a sequence instead of 78),
+which scans every head and measures each layer's statistics and kept activations; the scans and the
+kept activations wait in temporary files until their layer's turn (:func:`_corpus_pass`).
 A shard is one head: its results go to ``OUT/shards/L{l}H{h}/`` (a head folder, see
 :mod:`attnrules.pipeline.resume`: features written one by one and the corpus scan cached, so a killed
 shard resumes where it stopped) and, when complete, a manifest entry ``OUT/manifest/L{l}H{h}.json``
@@ -25,7 +29,7 @@ from typing import Optional
 import pandas as pd
 import torch
 
-from attnrules.exemplars import scan_heads
+from attnrules.exemplars import scan_heads_to_disk
 from attnrules.files import clean_temporaries, write_csv, write_json, write_with
 from attnrules.pipeline.extract import (
     TokenLookup,
@@ -188,6 +192,28 @@ def _finish_layer(work: Workload, out: Path, settings: ExtractSettings, layer: i
         clock.finished(layer, head, done, seconds + share)
 
 
+def _corpus_pass(work: Workload, out: Path, settings: ExtractSettings, rest: list, hashes: "_Hashes",
+                 progress: bool) -> tuple[set, dict, dict]:
+    """One forward pass for the unfinished, unscanned heads of the next ``settings.layers_per_pass`` layers
+    of ``rest`` (this rank's shards from the current one on; None: all of them): through blocks 0..the
+    deepest, scanning every head (:func:`~attnrules.exemplars.scan_heads_to_disk`) and measuring each
+    layer's statistics, head metrics, pattern pool and kept input activations on the same pass.
+    Returns the layers it covers, ({(layer, head): ScanFile}, {layer: CorpusStats}) (a layer without such a
+    head has no entry: its heads read their scans and statistics from their folders)."""
+    layers = list(dict.fromkeys(layer for layer, _ in rest))[: settings.layers_per_pass]
+    todo = [(l, h) for l, h in rest if l in layers and not _is_done(out, shard_name(l, h), hashes(l, h))
+            and not HeadFolder(out / "shards" / shard_name(l, h), hashes(l, h)).has_scan()]
+    observers = {}  # one a layer
+    for l, h in todo:
+        if l not in observers:
+            input_sae = as_sources(work.model, work.input_sae(l), work.output_sae(l, h))[0]
+            observers[l] = corpus_observers(input_sae, work.tokens, settings)
+    found = scan_heads_to_disk(work.model, [work.output_sae(l, h) for l, h in todo], work.tokens,
+                               batch_size=settings.batch_size, progress=progress,
+                               observers=[o for obs in observers.values() for o in obs.observers]) if todo else []
+    return set(layers), dict(zip(todo, found)), {l: obs.result() for l, obs in observers.items()}
+
+
 def run_sweep(
     work: Workload, out_dir: Path | str, settings: ExtractSettings, *, device: str = "cpu", progress: bool = True,
     overwrite: bool = False,
@@ -214,7 +240,7 @@ def run_sweep(
         if lh in mine:  # only the owner touches a shard
             _manifest(out, shard_name(*lh)).unlink(missing_ok=True)
     clock = _Clock(out, mine, hashes, rank, len(shards))
-    scans, layer_stats, lookups = {}, None, {}
+    covered, scans, layer_stats, lookups = set(), {}, {}, {}
     pending: list = []  # this rank's heads of the current layer whose distractor evidence is still to come
     for i, (layer, head) in enumerate(mine):
         name = shard_name(layer, head)
@@ -223,32 +249,23 @@ def run_sweep(
             _log(rank, f"{name}: already done, skipped")
             continue
         t0 = time.time()
-        if (layer, head) not in scans:  # one corpus pass for this rank's unfinished, unscanned heads of the layer
-            todo = [h for l, h in mine if l == layer and not _is_done(out, shard_name(l, h), hashes(l, h))
-                    and not HeadFolder(out / "shards" / shard_name(l, h), hashes(l, h)).has_scan()]
-            found, layer_stats = [], None
-            if todo:  # the layer's input-feature statistics, head metrics and pattern pool ride on the same pass
-                observers = corpus_observers(as_sources(work.model, work.input_sae(layer),
-                                                        work.output_sae(layer, todo[0]))[0], work.tokens, settings)
-                found = scan_heads(work.model, [work.output_sae(layer, h) for h in todo], work.tokens,
-                                   batch_size=settings.batch_size, progress=progress, observers=observers.observers)
-                layer_stats = observers.result()
-            scans = {(layer, h): s for h, s in zip(todo, found)}
+        if layer not in covered:  # one corpus pass for the next layers_per_pass layers
+            covered, scans, layer_stats = _corpus_pass(work, out, settings, mine[i:], hashes, progress)
         if layer not in lookups:  # one vocabulary pass a layer for the tokens that stand for input features
             lookups = {layer: TokenLookup(work.model, as_sources(work.model, work.input_sae(layer),
                                                                  work.output_sae(layer, head))[0], bos_token(work.model, work.tokens))}
+        scan = scans.pop((layer, head), None)
         result = extract_head(work.model, work.input_sae(layer), work.output_sae(layer, head), work.tokens,
                               settings=settings, out_dir=out / "shards" / name, progress=progress,
-                              scan=scans.pop((layer, head), None), overwrite=overwrite, inputs=inputs,
-                              corpus_stats=layer_stats if layer_stats is not None and layer_stats.inputs.layer == layer
-                              else None, token_lookup=lookups[layer], defer_evidence=True)
+                              scan=scan.scan() if scan is not None else None, overwrite=overwrite, inputs=inputs,
+                              corpus_stats=layer_stats.get(layer), token_lookup=lookups[layer], defer_evidence=True)
         if result.run is not None and result.run.scan == "none":  # read back complete: nothing left to do
             clock.finished(layer, head, result, time.time() - t0)
         else:
             pending.append((head, result, time.time() - t0))
         if i + 1 == len(mine) or mine[i + 1][0] != layer:  # the layer's last head: its evidence, then done
-            kept = layer_stats.acts if layer_stats is not None and layer_stats.inputs.layer == layer else None
-            _finish_layer(work, out, settings, layer, pending, clock, progress, kept)
+            stats = layer_stats.pop(layer, None)  # the layer's kept activations: their file goes after this
+            _finish_layer(work, out, settings, layer, pending, clock, progress, stats.acts if stats is not None else None)
             pending = []
     if rank.world_size > 1:
         torch.distributed.barrier()
