@@ -163,11 +163,12 @@ def rule_builders(
 @dataclass(frozen=True)
 class TrainExemplars:
     """A feature's train split as the beyond-skip-gram steps need it: corpus rows, scored positions,
-    input-SAE activations ``[N, T, n_in]`` and whether each was sampled as a positive."""
+    input-SAE activations ``[N, T, n_in]`` (None once a feature's steps have released them) and whether
+    each was sampled as a positive."""
 
     tokens: torch.Tensor
     positions: torch.Tensor
-    acts: torch.Tensor
+    acts: Optional[torch.Tensor]
     positive: torch.Tensor
 
 
@@ -600,7 +601,8 @@ def extract_one(
     unseen = steps.run("unseen_keys", lambda: unseen_keys(circuit, g, table, train, describe)) or []
     # the last use of the train activations: released before the pattern negatives' are built, so a
     # feature holds at most two [N, T, n_in] tensors at a time (0.59 GiB each on GPT-2-small shapes)
-    del train, acts["train"]
+    train = dataclasses.replace(train, acts=None)
+    del acts["train"]
     val_set = EvaluationSet("random", ex.val.sequence, ex.val.position, ex.val.act_max, acts["val"])
     beyond = None if pool is None else steps.run("hard_negatives", lambda: evaluate_beyond_random(
         builders, conditions, list(rule_sets.values()), val_set, ex.val.positive, n_terms_grid(settings.max_rules),
