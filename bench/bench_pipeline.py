@@ -19,8 +19,10 @@ about 0.5 % of tokens (a quarter of the sequences), over a corpus of random toke
   its per-feature steps are projected to ``--features`` from the features measured — the JSON says
   which figures are measured and which projected. The features both runs explain are compared: their
   rules, sweeps, exhaustive pairs and absence rules must be identical;
-- **corpus pass**: tokens per second through blocks 0..layer (the scan), projected to 50,000 × 64
-  tokens and 12 layers.
+- **corpus pass**: tokens per second through blocks 0..layer (a head's scan), and through the whole
+  12-layer model with every layer's hooks (a sweep's one corpus pass, ``layers_per_pass``), projected to
+  50,000 × 64 tokens: the new pipeline's whole-model projection counts that pass once and the scan's
+  input-SAE encode once a layer; the old one ran blocks 0..L once a layer.
 
 Corpus-sized steps (the scan and the natural-prevalence pass of the distractor evidence) are
 scaled from ``--corpus`` sequences to 50,000 in the projection (the new scan's input-SAE encode to the
@@ -248,26 +250,35 @@ def project(run: dict, n_features: int, corpus_n: int, measured_features: int, p
             scan_split: Optional[dict] = None) -> dict:
     """Per-head seconds at ``n_features`` features and a 50,000-sequence corpus, and the 144-head run
     (``pipeline``'s :data:`LAYER_STEPS` counted once a layer). ``scan_split``: the scan's forward seconds per
-    sequence and the sequences its input-SAE encode reads at 50,000 (statistics cap and pattern pool);
-    without it the scan grows in proportion to the corpus."""
+    sequence, the sequences its input-SAE encode reads at 50,000 (statistics cap and pattern pool) and,
+    for a sweep's one pass through the whole model, that pass's seconds per sequence (its forward then
+    counts once for the run, the encode once a layer); without it the scan grows in proportion to the
+    corpus and runs once a layer."""
     steps = run["step_seconds"]
     per_head = sum(steps.get(s, 0.0) for s in PER_HEAD_STEPS)
     scale = CORPUS_TOKENS / corpus_n
     at_50k = {s: steps.get(s, 0.0) * (scale if s in CORPUS_STEPS else 1.0) for s in PER_HEAD_STEPS}
+    model_pass = 0.0  # the sweep's forward pass through the whole model, once for the run
     if scan_split is not None:
         forward = scan_split["forward_s_per_sequence"] * corpus_n
         encode = max(0.0, steps.get("scan_output_features", 0.0) - forward)
         at_50k["scan_output_features"] = forward * scale + encode * scan_split["encoded_sequences_50k"] / corpus_n
+        if scan_split.get("whole_model_forward_s_per_sequence"):
+            model_pass = scan_split["whole_model_forward_s_per_sequence"] * CORPUS_TOKENS
     per_feature = (run["total_s"] - per_head) / measured_features
     head_small = per_head + per_feature * n_features  # at the benchmark's corpus
-    head_50k = sum(at_50k.values()) + per_feature * n_features
+    head_50k = sum(at_50k.values()) + per_feature * n_features  # one head alone: its own scan
     layer_50k = sum(at_50k[s] for s in LAYER_STEPS[pipeline])
-    # a sweep runs the layer steps once a layer for its 12 heads, the rest once a head
+    # a sweep runs the layer steps once a layer for its 12 heads, the rest once a head; with the whole-model
+    # pass, the scan's forward through blocks 0..layer of each layer is one forward through the model instead
+    layer_in_sweep = layer_50k - (scan_split["forward_s_per_sequence"] * CORPUS_TOKENS if model_pass else 0.0)
+    whole = HEADS * (head_50k - layer_50k) + LAYERS * layer_in_sweep + model_pass
     return {"per_feature_s": round(per_feature, 2), "per_head_steps_s": round(per_head, 2),
             f"head_{n_features}_features_s": round(head_small, 1),
             f"head_{n_features}_features_50k_corpus_s": round(head_50k, 1),
             "layer_steps_50k_s": {s: round(at_50k[s], 1) for s in LAYER_STEPS[pipeline]}, "scan_split": scan_split,
-            "whole_model_144_heads_hours": round((HEADS * (head_50k - layer_50k) + LAYERS * layer_50k) / 3600, 1)}
+            "whole_model_pass_50k_s": round(model_pass, 1) if model_pass else None,
+            "whole_model_144_heads_hours": round(whole / 3600, 1)}
 
 
 # the kept activations live in a temporary file; the process holds a dict entry (row -> offset, count) a
@@ -293,21 +304,27 @@ def peak_at_50k(run: dict, corpus_n: int, scan_bytes: int) -> float:
 
 
 def corpus_pass(args) -> dict:
-    """Tokens per second through blocks 0..layer, as the scan runs them."""
-    from attnrules.sources.runner import run_batches
+    """Tokens per second through blocks 0..layer, as a head's scan runs them, and through the whole
+    12-layer model with every layer's scan and statistics hooks, as a sweep's one corpus pass runs it."""
+    from attnrules.sources.runner import hook_names, run_batches
 
-    model, _, _ = build(args.quick, args.layer, args.device)
-    tokens = corpus(256, model.cfg.d_vocab)
-    t0 = time.perf_counter()
-    for _ in run_batches(model, tokens, args.layer, [f"blocks.{args.layer}.attn.hook_z"], batch_size=64, desc="",
-                         progress=False):
-        pass
-    seconds = time.perf_counter() - t0
-    per_s = tokens.numel() / seconds
+    def rate(layer: int, names: list) -> float:
+        model, _, _ = build(args.quick, layer, args.device)
+        tokens = corpus(256, model.cfg.d_vocab)
+        t0 = time.perf_counter()
+        for _ in run_batches(model, tokens, layer, names, batch_size=64, desc="", progress=False):
+            pass
+        return tokens.numel() / (time.perf_counter() - t0)
+
+    per_s = rate(args.layer, [f"blocks.{args.layer}.attn.hook_z"])
+    whole = rate(LAYERS - 1, [name for layer in range(LAYERS)
+                              for name in (*hook_names(layer), f"blocks.{layer}.attn.hook_pattern")])
     return {"tokens_per_s_blocks_0_to_layer": round(per_s), "layer": args.layer,
             "scan_50k_sequences_one_layer_s": round(CORPUS_TOKENS * 64 / per_s, 1),
+            "tokens_per_s_whole_model": round(whole), "whole_model_pass_50k_s": round(CORPUS_TOKENS * 64 / whole, 1),
             "note": "the layer's forward cost stands for every layer (GPT-2's mean depth is 6.5 blocks, layer 5 "
-                    "runs 6); a sweep scans each layer once for all its heads"}
+                    "runs 6); a sweep scans every layer in one pass through the 12-layer model (layers_per_pass), "
+                    "measured here with every layer's hook_resid_pre, hook_z and hook_pattern"}
 
 
 def uptime() -> str:
@@ -407,6 +424,7 @@ def main() -> None:
     encoded = max(kept_50k, min(CORPUS_TOKENS, ref.corpus_stats_sequences or CORPUS_TOKENS))  # kept rows, statistics' rows
     encoded += ref.pattern_pool * (1 - encoded / CORPUS_TOKENS)  # pool rows beyond them (drawn at random)
     split = {"forward_s_per_sequence": 64 / scan["tokens_per_s_blocks_0_to_layer"], "encoded_sequences_50k": round(encoded),
+             "whole_model_forward_s_per_sequence": 64 / scan["tokens_per_s_whole_model"],
              "kept_sequences_50k": int(kept_50k), "kept_gib_50k": round(kept_50k * per_row / 2**30, 2)}
     report["new"]["projection"] = project(new, 100, args.corpus, max(measured, 1), "new", split)
     report["new"]["projection"]["peak_rss_gib_50k"] = peak_at_50k(new, args.corpus, build_scan_bytes(args))
