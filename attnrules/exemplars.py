@@ -69,19 +69,19 @@ def scan_heads(
     forward pass (through blocks 0..the deepest of their layers). ``observers`` measure more on the same
     pass: each names the ``hooks`` it reads and is given every batch, ``observe(rows, cache)`` (e.g.
     input-feature statistics, head attention metrics)."""
-    sinks = [_ScanInMemory() for _ in output_saes]
+    sinks = [ScanInMemory() for _ in output_saes]
     _scan(model, output_saes, tokens, sinks, batch_size, progress, observers)
     return [sink.scan() for sink in sinks]
 
 
-def scan_heads_to_disk(
-    model: HookedTransformer, output_saes: Sequence, tokens: torch.Tensor, *, batch_size: int = 64, progress: bool = False,
-    observers: Sequence = (),
-) -> list[ScanFile]:
-    """:func:`scan_heads` with each head's scan written to a temporary file as the pass goes, read back
-    (:meth:`ScanFile.scan`) when its head is explained: a whole-model pass over 50,000 sequences would
-    otherwise hold 0.6 GiB a head of GPT-2 small (144 heads: 88 GiB)."""
-    sinks = [ScanFile() for _ in output_saes]
+def scan_heads_deferred(
+    model: HookedTransformer, output_saes: Sequence, tokens: torch.Tensor, *, on_disk: bool, batch_size: int = 64,
+    progress: bool = False, observers: Sequence = (),
+) -> list[ScanFile | ScanInMemory]:
+    """:func:`scan_heads`, each head's scan gathered where it waits for its head's turn (``.scan()`` gives
+    it): in memory, or (``on_disk``) in a temporary file written as the pass goes — a whole-model pass
+    over 50,000 sequences would otherwise hold 0.6 GiB a head of GPT-2 small (144 heads: 88 GiB)."""
+    sinks = [ScanFile() if on_disk else ScanInMemory() for _ in output_saes]
     _scan(model, output_saes, tokens, sinks, batch_size, progress, observers)
     return sinks
 
@@ -102,7 +102,7 @@ def _scan(model: HookedTransformer, output_saes: Sequence, tokens: torch.Tensor,
             sink.add(m.cpu(), a.to(position_dtype(tokens.shape[1])).cpu())
 
 
-class _ScanInMemory:
+class ScanInMemory:
     """One head's scan, gathered in memory batch by batch."""
 
     def __init__(self) -> None:

@@ -4,6 +4,9 @@ vocabulary pass a layer; the distractor evidence of a layer's heads from one cor
 contiguous runs of shards. Each shared result equals what the head computed on its own."""
 import dataclasses
 import json
+import shutil
+import tempfile
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -280,13 +283,13 @@ def test_natural_prevalence_from_the_kept_activations_is_bit_for_bit_at_gpt2_wid
 def test_scans_of_several_layers_in_one_pass_equal_each_layers_own_and_read_back_from_disk():
     """A Llama-family model (rotary, GQA): heads of layers 0 and 1 scanned in one pass through blocks 0..1
     equal each layer's own scan, bit for bit; the scans spilled to disk read back the same (twice)."""
-    from attnrules.exemplars import scan_heads_to_disk
+    from attnrules.exemplars import scan_heads_deferred
 
     model = build_family("llama")
     saes = [family_saes(model, layer, head, seed=layer)[1] for layer, head in ((1, 1), (0, 0), (1, 0))]
     tokens = family_tokens(model, n=21, t=10, seed=5)
     together = scan_heads(model, saes, tokens, batch_size=4)
-    spilled = scan_heads_to_disk(model, saes, tokens, batch_size=4)
+    spilled = scan_heads_deferred(model, saes, tokens, on_disk=True, batch_size=4)
     for sae, scan, file in zip(saes, together, spilled):
         alone = scan_output_features(model, sae, tokens, batch_size=4)
         for back in (scan, file.scan(), file.scan()):
@@ -311,23 +314,27 @@ def test_a_whole_model_corpus_pass_gives_the_per_layer_sweeps_results(family, tm
     settings = dataclasses.replace(SETTINGS, features=(0, 1, 2, 3, 4), min_count=5, examples_per_bin=8,
                                    pattern_pool=50)
     passes = []
-    real = sweep.scan_heads_to_disk
+    real = sweep.scan_heads_deferred
 
-    def counted(model, saes, *args, **kwargs):
-        passes.append(sorted({sae.layer for sae in saes}))
-        return real(model, saes, *args, **kwargs)
+    def counted(model, saes, *args, on_disk, **kwargs):
+        passes.append((sorted({sae.layer for sae in saes}), on_disk))
+        return real(model, saes, *args, on_disk=on_disk, **kwargs)
 
-    monkeypatch.setattr(sweep, "scan_heads_to_disk", counted)
+    monkeypatch.setattr(sweep, "scan_heads_deferred", counted)
     found = {}
-    for per_pass in (None, 1):
+    free = shutil.disk_usage(tempfile.gettempdir()).free
+    # all layers; one a layer (asked); all asked but TMPDIR too small for two layers' temporary files
+    for run, per_pass, disk in (("all", None, free), ("one", 1, free), ("full disk", None, 2**20)):
         passes.clear()
-        out = tmp_path / f"sweep{per_pass}"
+        monkeypatch.setattr(sweep.shutil, "disk_usage", lambda path: SimpleNamespace(total=disk, used=0, free=disk))
+        out = tmp_path / run.replace(" ", "_")
         run_sweep(work, out, dataclasses.replace(settings, layers_per_pass=per_pass), progress=False)
-        found[per_pass] = {(l, h): read_head(out / "shards" / f"L{l}H{h}") for l, h in heads}
-        assert passes == ([[0, 1]] if per_pass is None else [[0], [1]])
-    assert sum(len(r.features) for r in found[None].values()) > 0
-    for lh in heads:
-        a, b = found[None][lh], found[1][lh]
-        assert [f.to_json() for f in a.features] == [f.to_json() for f in b.features]
-        assert [repr(d.to_json()) for d in a.distractors] == [repr(d.to_json()) for d in b.distractors]
-        assert a.metadata["failed_steps"] == b.metadata["failed_steps"] == 0
+        found[run] = {(l, h): read_head(out / "shards" / f"L{l}H{h}") for l, h in heads}
+        assert passes == ([([0, 1], True)] if run == "all" else [([0], False), ([1], False)]), run
+    assert sum(len(r.features) for r in found["all"].values()) > 0
+    for run in ("one", "full disk"):
+        for lh in heads:
+            a, b = found["all"][lh], found[run][lh]
+            assert [f.to_json() for f in a.features] == [f.to_json() for f in b.features]
+            assert [repr(d.to_json()) for d in a.distractors] == [repr(d.to_json()) for d in b.distractors]
+            assert a.metadata["failed_steps"] == b.metadata["failed_steps"] == 0

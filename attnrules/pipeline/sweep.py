@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +31,7 @@ from typing import Optional
 import pandas as pd
 import torch
 
-from attnrules.exemplars import scan_heads_to_disk
+from attnrules.exemplars import position_dtype, scan_heads_deferred
 from attnrules.files import clean_temporaries, write_csv, write_json, write_with
 from attnrules.pipeline.extract import (
     TokenLookup,
@@ -192,26 +194,55 @@ def _finish_layer(work: Workload, out: Path, settings: ExtractSettings, layer: i
         clock.finished(layer, head, done, seconds + share)
 
 
-def _corpus_pass(work: Workload, out: Path, settings: ExtractSettings, rest: list, hashes: "_Hashes",
+def _corpus_pass(work: Workload, out: Path, settings: ExtractSettings, rest: list, hashes: "_Hashes", rank: Rank,
                  progress: bool) -> tuple[set, dict, dict]:
-    """One forward pass for the unfinished, unscanned heads of the next ``settings.layers_per_pass`` layers
-    of ``rest`` (this rank's shards from the current one on; None: all of them): through blocks 0..the
-    deepest, scanning every head (:func:`~attnrules.exemplars.scan_heads_to_disk`) and measuring each
-    layer's statistics, head metrics, pattern pool and kept input activations on the same pass.
-    Returns the layers it covers, ({(layer, head): ScanFile}, {layer: CorpusStats}) (a layer without such a
-    head has no entry: its heads read their scans and statistics from their folders)."""
+    """One forward pass for the unfinished, unscanned heads of the next layers of ``rest`` (this rank's
+    shards from the current one on): through blocks 0..the deepest, scanning every head and measuring each
+    layer's statistics, head metrics, pattern pool and kept input activations on the same pass. It takes
+    up to ``settings.layers_per_pass`` layers (None: all), as many as the temporary files of their scans
+    and kept activations leave a fifth of ``TMPDIR``'s free space (:func:`_pass_layers`); a one-layer pass
+    keeps its scans in memory. Returns the layers it covers, ({(layer, head): scan}, {layer: CorpusStats})
+    (a layer without such a head has no entry: its heads read their scans and statistics from their folders)."""
+    def todo_of(layers):
+        return [(l, h) for l, h in rest if l in layers and not _is_done(out, shard_name(l, h), hashes(l, h))
+                and not HeadFolder(out / "shards" / shard_name(l, h), hashes(l, h)).has_scan()]
+
     layers = list(dict.fromkeys(layer for layer, _ in rest))[: settings.layers_per_pass]
-    todo = [(l, h) for l, h in rest if l in layers and not _is_done(out, shard_name(l, h), hashes(l, h))
-            and not HeadFolder(out / "shards" / shard_name(l, h), hashes(l, h)).has_scan()]
+    layers = _pass_layers(work, settings, layers, todo_of(layers), rank)
+    todo = todo_of(layers)
     observers = {}  # one a layer
     for l, h in todo:
         if l not in observers:
             input_sae = as_sources(work.model, work.input_sae(l), work.output_sae(l, h))[0]
             observers[l] = corpus_observers(input_sae, work.tokens, settings)
-    found = scan_heads_to_disk(work.model, [work.output_sae(l, h) for l, h in todo], work.tokens,
-                               batch_size=settings.batch_size, progress=progress,
-                               observers=[o for obs in observers.values() for o in obs.observers]) if todo else []
+    found = scan_heads_deferred(work.model, [work.output_sae(l, h) for l, h in todo], work.tokens,
+                                on_disk=len(layers) > 1, batch_size=settings.batch_size, progress=progress,
+                                observers=[o for obs in observers.values() for o in obs.observers]) if todo else []
     return set(layers), dict(zip(todo, found)), {l: obs.result() for l, obs in observers.items()}
+
+
+def _pass_layers(work: Workload, settings: ExtractSettings, layers: list, todo: list, rank: Rank) -> list:
+    """The first of ``layers`` whose pass's temporary files fit in 80 % of ``TMPDIR``'s free space (at least
+    one layer): each head's scan (its maxima and positions, a sequence and output feature each) and each
+    layer's kept activations (at most ``corpus_acts_mib``); logged."""
+    n = work.tokens.shape[0]
+    position = torch.empty(0, dtype=position_dtype(work.tokens.shape[1])).element_size()
+    need = {l: settings.corpus_acts_mib * 2**20 for l in layers}
+    for l, h in todo:
+        sae = work.output_sae(l, h)
+        need[l] += n * sae.W_enc.shape[-1] * (sae.W_enc.element_size() + position)
+    tmp = tempfile.gettempdir()
+    free = shutil.disk_usage(tmp).free
+    taken, total = [], 0
+    for l in layers:
+        if taken and total + need[l] > 0.8 * free:
+            break
+        taken.append(l)
+        total += need[l]
+    if len(taken) > 1 or len(layers) > 1:
+        _log(rank, f"corpus pass: layer(s) {', '.join(map(str, taken))} of {len(layers)} in one forward pass "
+                   f"(temporary files up to {total / 2**30:.1f} GiB in {tmp}, {free / 2**30:.1f} GiB free)")
+    return taken
 
 
 def run_sweep(
@@ -250,7 +281,7 @@ def run_sweep(
             continue
         t0 = time.time()
         if layer not in covered:  # one corpus pass for the next layers_per_pass layers
-            covered, scans, layer_stats = _corpus_pass(work, out, settings, mine[i:], hashes, progress)
+            covered, scans, layer_stats = _corpus_pass(work, out, settings, mine[i:], hashes, rank, progress)
         if layer not in lookups:  # one vocabulary pass a layer for the tokens that stand for input features
             lookups = {layer: TokenLookup(work.model, as_sources(work.model, work.input_sae(layer),
                                                                  work.output_sae(layer, head))[0], bos_token(work.model, work.tokens))}
