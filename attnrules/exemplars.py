@@ -80,7 +80,7 @@ def scan_heads_deferred(
 ) -> list[ScanFile | ScanInMemory]:
     """:func:`scan_heads`, each head's scan gathered where it waits for its head's turn (``.scan()`` gives
     it): in memory, or (``on_disk``) in a temporary file written as the pass goes — a whole-model pass
-    over 50,000 sequences would otherwise hold 0.6 GiB a head of GPT-2 small (144 heads: 88 GiB)."""
+    over 50,000 sequences would otherwise hold 0.57 GiB a head of GPT-2 small (144 heads: 82 GiB)."""
     sinks = [ScanFile() if on_disk else ScanInMemory() for _ in output_saes]
     _scan(model, output_saes, tokens, sinks, batch_size, progress, observers)
     return sinks
