@@ -10,8 +10,9 @@ about 0.5 % of tokens (a quarter of the sequences), over a corpus of random toke
 - **new**: :func:`attnrules.extract_head` over ``--features`` output features (REF settings:
   sampled features, 50 + 50 exemplars a split, exact mode, absence and counting rules, distractor
   evidence), timed as a whole and per step (every step function the pipeline calls, timed where
-  it is called; nested calls count once, in the outer step), with the process's peak memory (measured,
-  and projected to a 50,000-sequence corpus: plus the head's scan and the kept activations' index there);
+  it is called; nested calls count once, in the outer step), with the process's largest resident size during
+  the run (sampled every 5 ms; and projected to a 50,000-sequence corpus: plus the corpus's tokens, the
+  head's scan and the kept activations' index there);
 - **old**: the same head, model and corpus through the pipeline at commit ``--baseline`` (default
   f7b4c2b, the last one before issue 14's pipeline changes), run in a subprocess from that commit's
   sources (``git archive``) on ``--baseline-features`` of the same features (the first ones): its
@@ -45,11 +46,11 @@ import contextlib
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -154,8 +155,38 @@ class StepTimes:
         return run
 
 
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # ru_maxrss is in KiB on Linux
+class PeakRSS:
+    """The process's largest resident size while installed, sampled every 5 ms from ``/proc/self/statm``
+    (the process's lifetime maximum would count what ran before, e.g. the corpus-pass measurement's
+    12-layer model)."""
+
+    def __init__(self) -> None:
+        self.peak, self.page = 0, os.sysconf("SC_PAGE_SIZE")
+        self.stop = threading.Event()
+
+    def sample(self) -> None:
+        with open("/proc/self/statm") as f:
+            self.peak = max(self.peak, int(f.read().split()[1]) * self.page)
+
+    def run(self) -> None:
+        while not self.stop.wait(0.005):
+            self.sample()
+
+    @contextlib.contextmanager
+    def installed(self):
+        self.sample()
+        thread = threading.Thread(target=self.run, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self.stop.set()
+            thread.join()
+            self.sample()
+
+    @property
+    def gib(self) -> float:
+        return self.peak / 2**30
 
 
 def run_head(args, features) -> dict:
@@ -173,13 +204,14 @@ def run_head(args, features) -> dict:
     settings = ExtractSettings(**fields, backend=args.backend)
     steps = StepTimes()
     t0 = time.perf_counter()
-    with steps.installed(), warnings.catch_warnings():
+    peak = PeakRSS()
+    with steps.installed(), peak.installed(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = extract_head(model, sae_in, sae_out, tokens, settings=settings, progress=True)
     total = time.perf_counter() - t0
     out = {"total_s": round(total, 2), "features": [f.feature for f in result.features],
            "step_seconds": {k: round(v, 3) for k, v in steps.seconds.items()}, "step_calls": steps.calls,
-           "other_s": round(total - sum(steps.seconds.values()), 3), "peak_rss_gib": round(peak_rss_gib(), 2),
+           "other_s": round(total - sum(steps.seconds.values()), 3), "peak_rss_gib": round(peak.gib, 2),
            "failed_steps": result.metadata.get("failed_steps"),
            "counting": [f.counting_check.status if f.counting_check else None for f in result.features],
            "flagged_distractor_features": len(result.distractors), "corpus_acts": None if getattr(result.run, "corpus_acts", None) is None else result.run.corpus_acts.to_json()}
