@@ -214,3 +214,15 @@ def test_bad_inputs_are_refused(tiny):  # noqa: F811
         call(feature=9)
     with pytest.raises(ValueError, match="tokens must be"):
         call(tokens=tokens[None])
+
+
+def test_error_term_rows_equal_the_full_float64_matmul_at_gpt2_widths():
+    """What exact importance's error term rests on: computed only at the attended positions (key i ≤ t_n),
+    its rows are bit for bit those of the matmul over every position, at GPT-2-small widths (24,576
+    input features, d_model 768, 12 × 64 positions) and at a tiny model's."""
+    g = torch.Generator().manual_seed(0)
+    for b, t_len, n_in, d in ((12, 64, 24_576, 768), (3, 10, 40, 32)):
+        acts = torch.relu(torch.randn(b, t_len, n_in, generator=g) - 2.0).double()
+        D = torch.randn(n_in, d, generator=g).double()
+        attended = torch.arange(t_len)[None, :] <= torch.randint(0, t_len, (b,), generator=g)[:, None]
+        assert torch.equal((acts @ D)[attended], acts[attended] @ D)

@@ -210,7 +210,11 @@ def _exact_pass(
             query_vectors.append((a[..., None] * rotated).to(dtype))
             key_vectors.append(_rotated_sum(h, g[:, :, None] * k_scaled, key_proj, cos, sin).to(dtype))
         if pseudo:
-            error = x.double() - acts @ D - b_dec
+            # the SAE error term only where a key is attended from t_n: elsewhere its components meet a zero
+            # weight (c, α and `within` vanish there), so they are left 0 — half the float64 matmul, and the
+            # rows computed are bit for bit the full matmul's: tests/test_exact_terms.py, and the old-path fixtures
+            error = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+            error[causal] = x[causal].double() - acts[causal] @ D - b_dec
             W_Q, W_K, b_Q, b_K = h.query_weights, h.key_weights, h.query_bias, h.key_bias
             qc = _pseudo_components(W_Q, b_Q, b_dec, error[b, t], sigma[b, t])  # [b, P, d_head]
             kc = _pseudo_components(W_K, b_K, b_dec, error, sigma)  # [b, T, P, d_head]
