@@ -170,8 +170,10 @@ private:
 };
 
 // Per row: entries a row's buffer holds before it is cut back to its k best. The sampled guess lets
-// about 2k scores of a row pass, so with this limit a row usually gets one selection, at the end.
-int64_t row_limit(int64_t k) { return 4 * k + 32; }
+// about 2-3k scores of a row pass, so with this limit most rows get one selection late in the sweep,
+// which raises their threshold to their running k-th best and leaves a smaller final selection
+// (measured a little faster than 4k + 32, which deferred it to the end).
+int64_t row_limit(int64_t k) { return 2 * k + 32; }
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -299,7 +301,8 @@ class PerRow {
 public:
     PerRow(const TopKCall& c, const Kernel& kernel, int threads, int64_t block_rows, int64_t block_cols)
         : c_(c), kernel_(kernel), block_rows_(block_rows), block_cols_(block_cols), len_(c.d + c.n_acts),
-          sides_(c.out_scores_low ? 2 : 1), span_(block_rows * sides_) {
+          sides_(c.out_scores_low ? 2 : 1), span_(block_rows * sides_), threads_(threads),
+          redo_rows_(static_cast<size_t>(threads)) {
         int64_t s = c.sample_cols >= 0 ? c.sample_cols : (c.n_cols >= 8192 ? 1024 : 0);
         if (s > 0 && s < c.n_cols) {
             const double mu = static_cast<double>(c.k) * static_cast<double>(s) / static_cast<double>(c.n_cols);
@@ -317,7 +320,6 @@ public:
         cols_idx_.resize(static_cast<size_t>(threads * span_ * slot_));
         keys_.resize(static_cast<size_t>(threads * slot_));
         buffers_.resize(static_cast<size_t>(threads * span_));
-        redo_buffers_.resize(static_cast<size_t>(threads * span_));
         thresholds_.resize(static_cast<size_t>(threads * span_));
         guesses_.resize(static_cast<size_t>(threads * span_));
         scratch_.resize(static_cast<size_t>(threads * kernel.mr * (len_ + 1)));
@@ -347,10 +349,8 @@ public:
         RowCollectors sink(rows, thr, c_.k, keys, low());
         sweep(op, r0, r1, sink, thr, t);
 
-        // Rows whose guess was too high (on either side) are gathered and scored again from scratch;
-        // the others are done.
+        // Rows whose guess was too high (on either side) are set aside for redo(); the others are done.
         bool complete = true;
-        std::vector<int64_t> redo;
         for (int64_t i = 0; i < n; ++i) {
             bool ok = true;
             for (int side = 0; side < sides_; ++side) {
@@ -359,10 +359,26 @@ public:
                 if (guess[e] > kNegInf && (m < c_.k || RowKey::score(keys[c_.k - 1]) < guess[e])) ok = false;
                 else if (ok) complete = output(r0 + i, side, keys, m) && complete;
             }
-            if (!ok) redo.push_back(i);
+            if (!ok) redo_rows_[t].push_back(r0 + i);
         }
-        if (!redo.empty()) complete = this->redo(op, r0, redo, t) && complete;
-        redone_ += static_cast<int64_t>(redo.size());
+        return complete;
+    }
+
+    // Scores the rows set aside by run_block again without a guess, block_rows at a time (gathered
+    // from all blocks, so a few rows share a sweep instead of each filling a row group of its own).
+    bool redo(FirstError& error) {
+        std::vector<int64_t> rows;
+        for (const auto& r : redo_rows_) rows.insert(rows.end(), r.begin(), r.end());
+        const int64_t n = static_cast<int64_t>(rows.size()), n_blocks = (n + block_rows_ - 1) / block_rows_;
+        bool complete = true;
+#pragma omp parallel for num_threads(threads_) schedule(dynamic, 1) reduction(&& : complete)
+        for (int64_t rb = 0; rb < n_blocks; ++rb) {
+            error.run([&] {
+                const int64_t f0 = rb * block_rows_;
+                complete = redo_block(rows.data() + f0, std::min(block_rows_, n - f0), thread_id()) && complete;
+            });
+        }
+        redone_ = n;
         return complete;
     }
 
@@ -372,16 +388,14 @@ private:
     int64_t low() const { return sides_ == 2 ? block_rows_ : 0; }
     int64_t sorted() const { return c_.sorted > 0 ? c_.sorted : c_.k; }
 
-    // Empties out[e] (both sides' entries), the buffers of thread t's rows list[f] (or f), f < count,
-    // for a sweep keeping k; thresholds start at floor[the row's entry] (or -inf).
-    void reset(RowBuffer* out, float* thr, int t, int64_t count, int64_t k, const float* floor,
-               const int64_t* list = nullptr) {
+    // Empties out[e] (both sides' entries), the buffers of thread t's first count rows, for a sweep
+    // keeping k; thresholds start at floor[e] (or -inf).
+    void reset(RowBuffer* out, float* thr, int t, int64_t count, int64_t k, const float* floor) {
         for (int side = 0; side < sides_; ++side)
             for (int64_t f = 0; f < count; ++f) {
-                const int64_t i = side * block_rows_ + (list ? list[f] : f), e = side * block_rows_ + f;
-                const int64_t at = (t * span_ + i) * slot_;
+                const int64_t e = side * block_rows_ + f, at = (t * span_ + e) * slot_;
                 out[e] = RowBuffer{scores_.data() + at, cols_idx_.data() + at, 0, row_limit(k)};
-                thr[e] = floor ? floor[i] : kNegInf;
+                thr[e] = floor ? floor[e] : kNegInf;
             }
     }
 
@@ -403,34 +417,33 @@ private:
             kernel_.run_rows(op, r0, r1, c0, std::min(op.n_cols, c0 + block_cols_), thr, scratch, sink);
     }
 
-    // Scores the listed rows (offsets from r0) again without a guess and writes them out.
-    bool redo(const Operands& op, int64_t r0, const std::vector<int64_t>& list, int t) {
-        const int64_t n = static_cast<int64_t>(list.size());
+    // Scores the n listed rows again without a guess, on thread t, and writes them out.
+    bool redo_block(const int64_t* list, int64_t n, int t) {
         float* rows = redo_.data() + t * block_rows_ * (len_ + 1);
         float* acts = rows + n * c_.d;
         float* weight = acts + n * c_.n_acts;
-        Operands sub = op;
+        Operands sub = operands(c_, cols_, c_.n_cols);
         sub.rows = rows;
         sub.n_rows = n;
         if (c_.n_acts > 0) sub.row_acts = acts;
         if (c_.row_weight) sub.row_weight = weight;
         for (int64_t f = 0; f < n; ++f) {
-            const int64_t row = r0 + list[f];
+            const int64_t row = list[f];
             std::copy(c_.rows + row * c_.d, c_.rows + (row + 1) * c_.d, rows + f * c_.d);
             if (c_.n_acts > 0)
                 std::copy(c_.row_acts + row * c_.n_acts, c_.row_acts + (row + 1) * c_.n_acts, acts + f * c_.n_acts);
             if (c_.row_weight) weight[f] = c_.row_weight[row];
         }
-        RowBuffer* buffers = redo_buffers_.data() + t * span_;
+        RowBuffer* buffers = buffers_.data() + t * span_;
         float* thr = thresholds_.data() + t * span_;
         RowKey::type* keys = keys_.data() + t * slot_;
-        reset(buffers, thr, t, n, c_.k, nullptr, list.data());
+        reset(buffers, thr, t, n, c_.k, nullptr);
         RowCollectors sink(buffers, thr, c_.k, keys, low());
         sweep(sub, 0, n, sink, thr, t);
         bool complete = true;
         for (int side = 0; side < sides_; ++side)
             for (int64_t f = 0; f < n; ++f)
-                complete = output(r0 + list[f], side, keys,
+                complete = output(list[f], side, keys,
                                   select_row(buffers[side * block_rows_ + f], c_.k, keys, sorted())) && complete;
         return complete;
     }
@@ -446,8 +459,10 @@ private:
     std::vector<float> scores_;
     std::vector<uint32_t> cols_idx_;
     std::vector<RowKey::type> keys_;
-    std::atomic<int64_t> redone_{0};
-    std::vector<RowBuffer> buffers_, redo_buffers_;
+    int threads_;
+    std::vector<std::vector<int64_t>> redo_rows_;  // per thread: rows whose guess was too high
+    int64_t redone_ = 0;
+    std::vector<RowBuffer> buffers_;
     std::vector<float> thresholds_, guesses_, scratch_, redo_;
 };
 }  // namespace
@@ -488,6 +503,8 @@ TopKStats run_topk(const TopKCall& c) {
                 complete = work.run_block(r0, std::min(c.n_rows, r0 + block_rows), thread_id()) && complete;
             });
         }
+        error.rethrow();
+        complete = work.redo(error) && complete;
         error.rethrow();
         stats.redone = work.redone();
     } else {

@@ -178,11 +178,12 @@ def _exact_pass(
         x, v, pattern, z = (cache[name] for name in names[:4])
         t = positions[rows].to(x.device)
         b = torch.arange(len(t), device=x.device)
-        acts = (cache[INPUT_ACTS] if INPUT_ACTS in cache else input_sae.encode(x.to(input_sae.W_dec.dtype))).double()
+        # float64 after selecting (the conversion is exact): the columns and positions read, not [b, T, n_in]
+        acts = cache[INPUT_ACTS] if INPUT_ACTS in cache else input_sae.encode(x.to(input_sae.W_dec.dtype))
         sigma = h.scale(x.double())
         # only the query features at t and the key features are scaled (elementwise: the same values as
         # scaling every feature and selecting them after)
-        acts_q, acts_k = acts[b, t][:, queries], acts[:, :, keys]  # [b, |Q|], [b, T, |K|]
+        acts_q, acts_k = acts[b, t][:, queries].double(), acts[:, :, keys].double()  # [b, |Q|], [b, T, |K|]
         if qk_norm:  # QK-norm's ρ is a per-position scale like σ, one per side
             rho_q, rho_k = h.norm_scales(x.double(), sigma)
             q_scaled, k_scaled = acts_q / (sigma * rho_q)[b, t][:, None], acts_k / (sigma * rho_k)[..., None]
@@ -214,7 +215,7 @@ def _exact_pass(
             # weight (c, α and `within` vanish there), so they are left 0 — half the float64 matmul, and the
             # rows computed are bit for bit the full matmul's: tests/test_exact_terms.py, and the old-path fixtures
             error = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
-            error[causal] = x[causal].double() - acts[causal] @ D - b_dec
+            error[causal] = x[causal].double() - acts[causal].double() @ D - b_dec
             W_Q, W_K, b_Q, b_K = h.query_weights, h.key_weights, h.query_bias, h.key_bias
             qc = _pseudo_components(W_Q, b_Q, b_dec, error[b, t], sigma[b, t])  # [b, P, d_head]
             kc = _pseudo_components(W_K, b_K, b_dec, error, sigma)  # [b, T, P, d_head]
