@@ -223,8 +223,8 @@ def rank_all_pairs_many(
     **engine_options,
 ) -> list["PairTable"]:
     """:func:`rank_all_pairs` (signed A×V) for many output features at once: one ``PairTable`` per
-    feature of ``features`` (None: every output feature), each equal to ``rank_all_pairs(circuit, f, k)``,
-    through ``engine.multi_topk`` (the attn-score table is built once per head). Not offered on a
+    feature of ``features`` (None: every output feature), each equal to ``rank_all_pairs(circuit, f, k)``
+    (bit for bit on the CPU core), through ``engine.multi_topk`` (the attn-score table is built once per head). Not offered on a
     rotary head: use :func:`rank_all_pairs` per feature there."""
     if circuit.rotary is not None:
         raise ValueError("rank_all_pairs_many does not rank rotary heads (pairs score at their best offset): "
@@ -232,7 +232,9 @@ def rank_all_pairs_many(
     features = list(range(circuit.n_outputs)) if features is None else [circuit.check_feature(f) for f in features]
     if not features:
         raise ValueError("features must name at least one output feature")
-    v = value_scores(circuit, features)  # [n_in, len(features)]
+    # each feature's value scores as rank_all_pairs computes them (one matrix-vector product each), so
+    # that the rankings are its own bit for bit
+    v = torch.stack([value_scores(circuit, f) for f in features], 1)  # [n_in, len(features)]
     best = engine.multi_topk(circuit.query_proj, circuit.key_proj, v, k, backend=backend, **engine_options)
     tables = []
     for j, feature in enumerate(features):

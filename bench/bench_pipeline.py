@@ -67,9 +67,9 @@ HEADS, LAYERS = 144, 12
 STEPS = ("scan_output_features", "describe_input_features", "feature_tokens", "SharedPasses", "input_activations",
          "candidate_table", "paper_importance", "exact_importance_terms", "sweep", "absence_rules",
          "check_distractors", "check_counting", "exhaustive_pairs", "exemplar_views", "unseen_keys",
-         "distractor_evidence", "natural_prevalence", "pattern_pool", "reconstruct")
+         "distractor_evidence", "natural_prevalence", "pattern_pool", "reconstruct", "pairs_by_weight")
 PER_HEAD_STEPS = ("scan_output_features", "describe_input_features", "feature_tokens", "distractor_evidence",
-                  "natural_prevalence", "pattern_pool", "reconstruct")
+                  "natural_prevalence", "pattern_pool", "reconstruct", "pairs_by_weight")
 CORPUS_STEPS = ("scan_output_features", "natural_prevalence")  # their cost grows with the corpus
 # Per-head steps a sweep runs once a layer for all the layer's heads: the old pipeline shared only the scan;
 # the new one also the vocabulary pass (token lookup), the prevalence pass of the distractor evidence and

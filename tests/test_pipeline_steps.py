@@ -57,3 +57,24 @@ def test_exhaustive_k_above_the_number_of_pairs_is_capped_with_a_note(toy):
                               progress=False)
     assert f"exhaustive_k={n_pairs + 5} capped to {n_pairs} (the number of (query, key) pairs)" in result.metadata["notes"]
     assert result.metadata["settings"]["exhaustive_k"] == n_pairs
+
+
+def test_a_heads_exhaustive_weight_rankings_come_from_one_many_feature_pass(toy, monkeypatch):
+    """On a head without rotary positions the A×V rankings of all its features are made in one pass
+    (rank_all_pairs_many), none per feature, and they are each feature's own ranking."""
+    from attnrules.scoring import rank_all_pairs
+
+    calls = []
+    real = pipeline.rank_all_pairs_many
+    monkeypatch.setattr(pipeline, "rank_all_pairs", lambda *a, **k: pytest.fail("ranked per feature"))
+    monkeypatch.setattr(pipeline, "rank_all_pairs_many", lambda c, fs, *a, **k: calls.append(list(fs)) or real(c, fs, *a, **k))
+    settings = ExtractSettings(features=(0, 1), max_rules=4, exhaustive_k=7, counting=False, show_exemplars=0)
+    result = extract_head(toy.model, toy.input_sae, toy.output_saes[0], toy.corpus(1500, seed=0), settings=settings,
+                          progress=False)
+    assert calls == [[0, 1]] and result.metadata["failed_steps"] == 0
+    circuit = pipeline.head_circuit(toy.model, toy.input_sae, toy.output_saes[0], 32, settings, [])
+    for f in result.features:
+        own = rank_all_pairs(circuit, f.feature, 7)
+        rows = [p for p in f.pairs if p.ranking == "weights_all_pairs"]
+        assert [(p.query, p.key, p.score) for p in rows] == list(zip(own.queries.tolist(), own.keys.tolist(),
+                                                                      own.score.tolist()))

@@ -69,7 +69,7 @@ from attnrules.rules import SkipgramRuleSet, rules_from_exact, rules_from_import
 from attnrules.rules.unigram import rules_from_values
 from attnrules.rules.absence import absence_rules, paper_distractor, significant_values
 from attnrules.rules.descriptions import InputDescriptions, describe_input_features, token_strings
-from attnrules.scoring import PairTable, candidate_table, rank_all_pairs, value_scores
+from attnrules.scoring import PairTable, candidate_table, rank_all_pairs, rank_all_pairs_many, value_scores
 from attnrules.sources import as_sources
 
 if TYPE_CHECKING:
@@ -295,11 +295,13 @@ class FeatureSteps:
 
 def exhaustive_pairs(
     circuit: HeadCircuit, feature: int, train: tuple[torch.Tensor, torch.Tensor], k: int, backend: str,
-    describe: InputDescriptions,
+    describe: InputDescriptions, by_weight: Optional[PairTable] = None,
 ) -> list[PairRecord]:
-    """The k best of all n_in × n_in pairs by A×V and by |importance| (surrogate over all features)."""
+    """The k best of all n_in × n_in pairs by A×V and by |importance| (surrogate over all features);
+    ``by_weight``: the A×V ranking when already made (:func:`pairs_by_weight`, for a head's features at once)."""
     k = min(k, circuit.n_inputs**2)
-    by_weight = rank_all_pairs(circuit, feature, k, backend=backend)
+    if by_weight is None:
+        by_weight = rank_all_pairs(circuit, feature, k, backend=backend)
     by_importance = rank_all_pairs_by_importance(circuit, feature, *train, k, backend=backend)
     rows = []
     no_offsets = [None] * k
@@ -311,6 +313,17 @@ def exhaustive_pairs(
         for rank, (qi, ki, si, oi) in enumerate(zip(q.tolist(), kk.tolist(), score.tolist(), offsets)):
             rows.append(PairRecord(ranking, rank, qi, ki, si, describe(qi), describe(ki), oi))
     return rows
+
+
+def pairs_by_weight(circuit: HeadCircuit, features: list[int], settings: ExtractSettings) -> dict[int, PairTable]:
+    """The exhaustive A×V ranking of every feature in ``features`` from one many-feature pass
+    (:func:`~attnrules.scoring.rank_all_pairs_many`: the attn-score table made once for the head; each
+    ranking is ``rank_all_pairs``'s bit for bit). Empty on a rotary head (ranked per feature, at each pair's
+    best offset) or when no exhaustive ranking is asked."""
+    if not features or settings.exhaustive_k <= 0 or circuit.rotary is not None:
+        return {}
+    k = min(settings.exhaustive_k, circuit.n_inputs**2)
+    return {t.feature: t for t in rank_all_pairs_many(circuit, features, k, backend=settings.backend)}
 
 
 def head_circuit(model: HookedTransformer, input_sae: InputSAE, output_sae: OutputSAE, seq_len: int,
@@ -494,6 +507,8 @@ def extract_head(
     pool = None
     if settings.pattern_negatives and any(isinstance(ex, Exemplars) for ex in todo):
         pool = head_steps.run("pattern_pool", lambda: pattern_pool(model, input_sae, tokens, corpus_stats, settings))
+    ranked = head_steps.run("pairs_by_weight", lambda: pairs_by_weight(
+        circuit, [g for g, ex in zip(features, todo) if isinstance(ex, Exemplars)], settings)) or {}
     started = time.time()
     for i, (g, ex) in enumerate(zip(features, todo)):
         name = circuit.feature_name(g)
@@ -508,7 +523,7 @@ def extract_head(
             eta = f", about {took / len(computed) * left:.0f}s left" if computed else ""
             print(f"[{i + 1}/{len(features)}] {name} ({took:.0f}s{eta})", file=sys.stderr)
         result = extract_one(model, input_sae, output_sae, circuit, g, tokens, scan, ex, settings, describe, token_of,
-                             shared=shared(i), pool=pool)
+                             shared=shared(i), pool=pool, by_weight=ranked.get(g))
         computed.append(name)
         if folder is not None and not result.errors:  # a feature with a failed step is retried on resume
             folder.save_feature(result)
@@ -553,12 +568,13 @@ def extract_one(
     model: HookedTransformer, input_sae: InputSAE, output_sae: OutputSAE, circuit: HeadCircuit, g: int,
     tokens: torch.Tensor, scan: FeatureScan, ex,
     settings: ExtractSettings, describe: InputDescriptions, token_of: TokenLookup,
-    shared: Optional[SharedPasses] = None, pool: Optional[PatternPool] = None,
+    shared: Optional[SharedPasses] = None, pool: Optional[PatternPool] = None, by_weight: Optional[PairTable] = None,
 ) -> FeatureResult:
     """Every step for one output feature; a step that fails is recorded in the result (step, error).
     ``shared``: the head's hooks of this feature's exemplars, already computed (:mod:`attnrules.pipeline.activations`);
     None: the steps run their own forward passes. ``pool``: the head's sample for pattern negatives
-    (:mod:`attnrules.evaluation.negatives`; None: REF's evaluation only, no combined sets or pattern negatives)."""
+    (:mod:`attnrules.evaluation.negatives`; None: REF's evaluation only, no combined sets or pattern negatives).
+    ``by_weight``: its exhaustive A×V ranking, made for the head (:func:`pairs_by_weight`; None: made here)."""
     steps = FeatureSteps()
     name = circuit.feature_name(g)
     batch = max(1, settings.batch_size // 8)
@@ -597,7 +613,8 @@ def extract_one(
     pairs = []
     if settings.exhaustive_k > 0:
         pairs = steps.run("exhaustive_pairs", lambda: exhaustive_pairs(
-            circuit, g, (train.acts, train.positions), settings.exhaustive_k, settings.backend, describe)) or []
+            circuit, g, (train.acts, train.positions), settings.exhaustive_k, settings.backend, describe,
+            by_weight)) or []
     unseen = steps.run("unseen_keys", lambda: unseen_keys(circuit, g, table, train, describe)) or []
     # the last use of the train activations: released before the pattern negatives' are built, so a
     # feature holds at most two [N, T, n_in] tensors at a time (0.59 GiB each on GPT-2-small shapes)
