@@ -80,25 +80,39 @@ class CombinedRuleSet:
         rows = self.rules.matches(acts, positions, act_scale=act_scale)
         return rows.select(~self.silenced(acts, positions, rows))
 
-    def silenced(self, acts: torch.Tensor, positions: torch.Tensor, rows: Matches) -> torch.Tensor:
-        """``[M]`` bool: the kq rows of the plain set that a condition silences."""
+    def silenced(self, acts: torch.Tensor, positions: torch.Tensor, rows: Matches,
+                 masks: Optional[list[tuple[int, int, torch.Tensor]]] = None) -> torch.Tensor:
+        """``[M]`` bool: the kq rows of the plain set that a condition silences. ``masks``: the conditions'
+        :func:`condition_masks` on these exemplars when already made (they depend on the exemplars only)."""
         out = torch.zeros(len(rows), dtype=torch.bool)
         if not self.conditions or not len(rows):
             return out
-        present = presence(acts, positions, self.rules.max_offset)
-        for q, k, blockers in self.conditions.distractors:
-            hit = torch.zeros(acts.shape[0], dtype=torch.bool)
-            for d in blockers:
-                hit |= present(d).any(dim=1)
-            out |= self._term_rows(rows, q, k) & hit[rows.exemplar]
-        for q, k, c in self.conditions.min_counts:
-            few = present(k).sum(dim=1) < c
-            out |= self._term_rows(rows, q, k) & few[rows.exemplar]
+        if masks is None:
+            masks = condition_masks(self.conditions, acts, positions, self.rules.max_offset)
+        for q, k, silences in masks:
+            out |= self._term_rows(rows, q, k) & silences[rows.exemplar]
         return out
 
     def _term_rows(self, rows: Matches, q: int, k: int) -> torch.Tensor:
         terms = torch.nonzero((self.rules.queries == q) & (self.rules.keys == k)).flatten()
         return rows.kq & torch.isin(rows.term, terms)
+
+
+def condition_masks(conditions: Conditions, acts: torch.Tensor, positions: torch.Tensor,
+                    max_offset: Optional[int]) -> list[tuple[int, int, torch.Tensor]]:
+    """Per condition, (q, k, ``[N]`` bool): the exemplars where it silences the term (q, k) — one of its
+    distractors present at or before the scored position, or fewer copies of k than its threshold
+    (within ``max_offset`` when given). A sweep makes them once for all its rule sets."""
+    present = presence(acts, positions, max_offset)
+    masks = []
+    for q, k, blockers in conditions.distractors:
+        hit = torch.zeros(acts.shape[0], dtype=torch.bool)
+        for d in blockers:
+            hit |= present(d).any(dim=1)
+        masks.append((q, k, hit))
+    for q, k, c in conditions.min_counts:
+        masks.append((q, k, present(k).sum(dim=1) < c))
+    return masks
 
 
 def presence(acts: torch.Tensor, positions: torch.Tensor, max_offset: Optional[int]):

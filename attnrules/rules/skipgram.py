@@ -61,6 +61,12 @@ def describe_term_side(describe: Callable[[int], str], feature: int, side: str) 
     return _RESIDUAL_NAMES[side] if component == "residual" else pseudo_name(component, side)
 
 
+def activation_scale(acts: torch.Tensor) -> Optional[float]:
+    """The largest activation in ``acts``, what an exact rule's ``act_floor`` is relative to (None when
+    ``acts`` is empty). An evaluation computes it once for all the rule sets it runs on the same exemplars."""
+    return float(acts.max()) if acts.numel() else None
+
+
 def _rule_pseudo(rows: torch.Tensor) -> torch.Tensor:
     """``[len(PSEUDO), n]`` per decomposition component → ``[len(PSEUDO_IDS), n]`` per rule pseudo-feature."""
     residual = rows[PSEUDO.index("dec_bias")] + rows[PSEUDO.index("error")]
@@ -116,7 +122,7 @@ class SkipgramRuleSet:
         live = weight > self.min_weight
         floor = 0.0
         if self.act_floor > 0:
-            floor = self.act_floor * (float(acts.max()) if act_scale is None else act_scale)
+            floor = self.act_floor * (activation_scale(acts) if act_scale is None else act_scale)
         # only (exemplar, term) pairs whose query feature is active at t can match
         ex, term = torch.nonzero((q_act > floor) & live, as_tuple=True)
         if ex.numel():
