@@ -69,7 +69,7 @@ from attnrules.rules import SkipgramRuleSet, rules_from_exact, rules_from_import
 from attnrules.rules.unigram import rules_from_values
 from attnrules.rules.absence import absence_rules, paper_distractor, significant_values
 from attnrules.rules.descriptions import InputDescriptions, describe_input_features, token_strings
-from attnrules.scoring import PairTable, candidate_table, rank_all_pairs, rank_all_pairs_many, value_scores
+from attnrules.scoring import PairTable, attn_scores, candidate_table, rank_all_pairs, rank_all_pairs_many, value_scores
 from attnrules.sources import as_sources
 
 if TYPE_CHECKING:
@@ -153,8 +153,9 @@ def rule_builders(
     }
     if exact is not None:
         terms = exact(queries, keys)
+        attn = attn_scores(circuit, queries[:, None], keys[None, :])  # once for every N
         builders["exact"] = lambda n: rules_from_exact(circuit, feature, queries, keys, terms, n,
-                                                       absolute=settings.absolute)
+                                                       absolute=settings.absolute, attn=attn)
     if settings.unigram:
         builders["unigram"] = lambda n: rules_from_values(table, n, circuit.max_offset)
     return {m: memoized(b) for m, b in builders.items()}, table

@@ -310,12 +310,14 @@ def rules_from_exact(
     *,
     absolute: bool = True,
     rel_tol: float = EXACT_REL_TOL,
+    attn: Optional[torch.Tensor] = None,
 ) -> SkipgramRuleSet:
     """Exact-mode rule: N terms chosen as REF chooses (:func:`attnrules.importance.select_terms`) among
     the feature pairs of the Q × K cross product and the pseudo-feature terms (pseudo query × key
     feature, query feature × pseudo key; pseudo-features per :data:`PSEUDO_IDS`), ranked by exact
     importance. A pseudo term's ``attn_score``
-    is its mean real-logit contribution and its ``value_score`` the key's (NaN for a pseudo key)."""
+    is its mean real-logit contribution and its ``value_score`` the key's (NaN for a pseudo key).
+    ``attn``: the Q × K pairs' attn-scores when already computed (a sweep builds sets of many N from them)."""
     n_q, n_k, n_p = len(queries), len(keys), len(PSEUDO_IDS)
     ids = torch.tensor(list(PSEUDO_IDS), dtype=torch.long)
     # rows: the queries, then the pseudo queries; columns: the keys, then the pseudo keys
@@ -324,7 +326,7 @@ def rules_from_exact(
     importance[:n_q, :n_k] = terms.features
     importance[n_q:, :n_k] = _rule_pseudo(terms.query_pseudo)
     importance[:n_q, n_k:] = _rule_pseudo(terms.key_pseudo).T
-    score[:n_q, :n_k] = attn_scores(circuit, queries[:, None], keys[None, :]).double()
+    score[:n_q, :n_k] = (attn_scores(circuit, queries[:, None], keys[None, :]) if attn is None else attn).double()
     score[n_q:, :n_k] = _rule_pseudo(terms.query_pseudo_score)
     score[:n_q, n_k:] = _rule_pseudo(terms.key_pseudo_score).T
     rows, cols = _selected_cells(importance, n, absolute)
