@@ -11,6 +11,7 @@ from attnrules.importance import (
     rank_all_pairs_by_importance,
     select_terms,
 )
+from attnrules.engine import available_backends
 from topk_oracle import assert_matches, score_matrix
 
 
@@ -121,3 +122,36 @@ def test_bad_exemplars_are_rejected():
     bad[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="acts contains NaN"):
         paper_importance(circuit, 0, queries, keys, bad, positions)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["cpu"] if "cpu" in available_backends() else []))
+@pytest.mark.parametrize("k", [1, 60, "every live pair", 5000])
+def test_exhaustive_ranking_over_live_features_equals_the_full_ranking(backend, k, monkeypatch):
+    """|importance| is ranked among the features with a nonzero factor (every other pair's is exactly 0):
+    the same pairs, scores and tie order as the full ranking, on integer (tie-heavy) and random inputs;
+    the full ranking when the live pairs are fewer than k (5000) or the k-th of them scores 0."""
+    import attnrules.importance.paper as paper
+
+    calls = []
+    real = paper.engine.dual_topk
+    monkeypatch.setattr(paper.engine, "dual_topk", lambda q, *a, **kw: calls.append(len(q)) or real(q, *a, **kw))
+    for integer in (True, False):
+        circuit = random_circuit(n_in=120, dtype=torch.float32)
+        if integer:  # signs and 0/1 activations: many equal scores
+            circuit = dataclasses.replace(circuit, query_proj=circuit.query_proj.sign(), key_proj=circuit.key_proj.sign())
+        acts, positions = random_acts(n=6, t=8, n_in=120, dtype=torch.float32)
+        acts[:, :, 90:] = 0.0  # features never active: dead queries and keys
+        if integer:
+            acts = (acts > 0.5).float()
+        qa, ka = exemplar_factors_all_pairs(circuit, 2, acts, positions)
+        live = int(qa.any(1).sum()) * int(ka.any(1).sum())
+        kk = live if k == "every live pair" else k
+        calls.clear()
+        got = rank_all_pairs_by_importance(circuit, 2, acts, positions, kk, backend=backend)
+        full = real(circuit.query_proj, circuit.key_proj, qa, ka, kk, score="absolute", backend=backend)
+        assert torch.equal(got.scores, full.scores) and torch.equal(got.query_idx, full.query_idx)
+        assert torch.equal(got.key_idx, full.key_idx)
+        if kk > live:
+            assert calls == [120]  # the full ranking only
+        else:  # the live pairs first; the full ranking too only when the k-th live score is 0
+            assert calls[0] < 120 and len(calls) == (1 if float(full.scores.min()) > 0 else 2), calls

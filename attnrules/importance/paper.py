@@ -22,6 +22,7 @@ times the work of the absolute-position case.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Literal, Optional
 
 import torch
@@ -227,9 +228,30 @@ def rank_all_pairs_by_importance(
         ones = torch.ones(circuit.n_inputs, 1, dtype=query_vecs.dtype)
         return engine.dual_topk(ones, ones, query_vecs, key_vecs, k, score=score, backend=backend, **engine_options)
     query_acts, key_acts = exemplar_factors_all_pairs(circuit, feature, acts, positions)
+    if score == "absolute":
+        best = _live_topk(circuit.query_proj, circuit.key_proj, query_acts, key_acts, k, backend, engine_options)
+        if best is not None:
+            return best
     return engine.dual_topk(
         circuit.query_proj, circuit.key_proj, query_acts, key_acts, k, score=score, backend=backend, **engine_options
     )
+
+
+def _live_topk(queries: torch.Tensor, keys: torch.Tensor, query_acts: torch.Tensor, key_acts: torch.Tensor, k: int,
+               backend: str, engine_options: dict) -> Optional[engine.TopK]:
+    """The k best pairs by |importance| ranked among the live features only (a query active at some
+    exemplar's scored position, a key with a nonzero factor: about a fifth of the queries of a GPT-2 SAE),
+    or None when that does not give the whole ranking. Every other pair's importance is exactly 0, so when
+    the k-th best live pair's is above 0 the two rankings are the same pairs with the same scores (each
+    pair's score is computed alone; ties go to the lower index, an order the kept rows keep)."""
+    live_q, live_k = torch.nonzero(query_acts.any(1)).flatten(), torch.nonzero(key_acts.any(1)).flatten()
+    if live_q.numel() * live_k.numel() < k or (live_q.numel() == len(queries) and live_k.numel() == len(keys)):
+        return None
+    best = engine.dual_topk(queries[live_q], keys[live_k], query_acts[live_q], key_acts[live_k], k, score="absolute",
+                            backend=backend, **engine_options)
+    if not bool((best.scores > 0).all()):
+        return None
+    return dataclasses.replace(best, query_idx=live_q[best.query_idx], key_idx=live_k[best.key_idx])
 
 
 def select_terms(importance: torch.Tensor, n: int, *, absolute: bool = True) -> torch.Tensor:
