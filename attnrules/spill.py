@@ -20,6 +20,11 @@ class SpillFile:
         self.file = tempfile.TemporaryFile(prefix=prefix, buffering=0)
         self.size = 0
 
+    def __del__(self) -> None:  # closed with its owner (an unclosed file would warn when collected)
+        file = getattr(self, "file", None)
+        if file is not None:
+            file.close()
+
     def append(self, x: torch.Tensor) -> int:
         """Write ``x``'s bytes at the end; returns their offset."""
         data = memoryview(_raw(x.contiguous()))
