@@ -50,5 +50,6 @@ class SpillFile:
 
 
 def _raw(x: torch.Tensor):
-    """``x``'s bytes as a numpy uint8 array sharing its memory (any dtype, bfloat16 too)."""
-    return x.reshape(-1).view(torch.uint8).numpy()
+    """``x``'s bytes as a numpy uint8 array sharing its memory (any dtype, bfloat16 too); ``x`` must be
+    contiguous (``view`` raises otherwise, where ``reshape`` would fill a copy)."""
+    return x.view(-1).view(torch.uint8).numpy()

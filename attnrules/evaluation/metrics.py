@@ -17,7 +17,7 @@ import torch
 
 from attnrules.rules import SkipgramRuleSet
 from attnrules.rules.matches import default_aggregation
-from attnrules.rules.skipgram import activation_scale
+from attnrules.rules.skipgram import scale_for
 
 
 @dataclass(frozen=True)
@@ -113,11 +113,11 @@ def sweep(
     labels the evaluation ("random": REF's exemplars, "pattern": with hard negatives). Each point keeps
     its predicted labels."""
     points = []
-    scale = activation_scale(acts)  # once for every N (an exact rule's floor is relative to it)
+    scale = scale_for(acts)  # acts.max() once for every N (an exact rule's floor is relative to it)
     for n in grid:
         rules = build(n)
         how = aggregation or default_aggregation(rules.method)
-        predicted = rules.predict(acts, positions, aggregation=how, act_scale=scale)
+        predicted = rules.predict(acts, positions, aggregation=how, act_scale=scale(rules))
         points.append(sweep_point(rules.method, n, len(rules), predicted, act_max,
                                   threshold=threshold, prediction_threshold=prediction_threshold, negatives=negatives,
                                   aggregation=how))

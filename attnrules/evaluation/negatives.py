@@ -33,7 +33,7 @@ from attnrules.evaluation.metrics import SweepPoint, sweep_point
 from attnrules.exemplars import ConditionHit, ExemplarSplit, Exemplars, ExemplarView, TermMatch, split_bounds
 from attnrules.rules.combined import COMBINED, CombinedRuleSet, Conditions, condition_masks, presence
 from attnrules.rules.matches import default_aggregation
-from attnrules.rules.skipgram import SkipgramRuleSet, activation_scale
+from attnrules.rules.skipgram import SkipgramRuleSet, scale_for
 from attnrules.sources.runner import hook_names, run_batches
 
 if TYPE_CHECKING:
@@ -259,13 +259,13 @@ def sweep_with_conditions(builders: dict, conditions: Conditions, data: Evaluati
     ``"{ordering}+absence+counting"``; not for the unigram baseline) and, with ``plain``, the plain set's,
     both from one computation of the set's matches. Points come ordering by ordering, plain ones first."""
     points: dict[str, list[SweepPoint]] = {}
-    scale = activation_scale(data.acts)  # once for every set (an exact rule's floor is relative to it)
+    scale = scale_for(data.acts)  # acts.max() once for every set (an exact rule's floor is relative to it)
     masks: dict = {}  # max_offset -> the conditions' exemplar masks on data, made once
     for method, build in builders.items():
         for n in grid:
             rules = build(n)
             how = aggregation or default_aggregation(method)
-            rows = rules.matches(data.acts, data.position, act_scale=scale)
+            rows = rules.matches(data.acts, data.position, act_scale=scale(rules))
             evaluated = [(method, rows)] if plain else []
             if method != "unigram":
                 if rules.max_offset not in masks:

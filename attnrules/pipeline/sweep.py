@@ -203,13 +203,11 @@ def _corpus_pass(work: Workload, out: Path, settings: ExtractSettings, rest: lis
     and kept activations leave a fifth of ``TMPDIR``'s free space (:func:`_pass_layers`); a one-layer pass
     keeps its scans in memory. Returns the layers it covers, ({(layer, head): scan}, {layer: CorpusStats})
     (a layer without such a head has no entry: its heads read their scans and statistics from their folders)."""
-    def todo_of(layers):
-        return [(l, h) for l, h in rest if l in layers and not _is_done(out, shard_name(l, h), hashes(l, h))
-                and not HeadFolder(out / "shards" / shard_name(l, h), hashes(l, h)).has_scan()]
-
     layers = list(dict.fromkeys(layer for layer, _ in rest))[: settings.layers_per_pass]
-    layers = _pass_layers(work, settings, layers, todo_of(layers), rank)
-    todo = todo_of(layers)
+    todo = [(l, h) for l, h in rest if l in layers and not _is_done(out, shard_name(l, h), hashes(l, h))
+            and not HeadFolder(out / "shards" / shard_name(l, h), hashes(l, h)).has_scan()]
+    layers = _pass_layers(work, settings, layers, todo, rank)
+    todo = [(l, h) for l, h in todo if l in layers]
     observers = {}  # one a layer
     for l, h in todo:
         if l not in observers:

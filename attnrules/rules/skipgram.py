@@ -63,8 +63,23 @@ def describe_term_side(describe: Callable[[int], str], feature: int, side: str) 
 
 def activation_scale(acts: torch.Tensor) -> Optional[float]:
     """The largest activation in ``acts``, what an exact rule's ``act_floor`` is relative to (None when
-    ``acts`` is empty). An evaluation computes it once for all the rule sets it runs on the same exemplars."""
+    ``acts`` is empty)."""
     return float(acts.max()) if acts.numel() else None
+
+
+def scale_for(acts: torch.Tensor) -> Callable[[object], Optional[float]]:
+    """``rules -> act_scale`` for evaluating many rule sets on the same exemplars: :func:`activation_scale`
+    of ``acts``, computed once when a set with an activation floor first needs it (None for the others)."""
+    found: list[Optional[float]] = []
+
+    def get(rules: object) -> Optional[float]:
+        if getattr(rules, "act_floor", 0.0) <= 0:
+            return None
+        if not found:
+            found.append(activation_scale(acts))
+        return found[0]
+
+    return get
 
 
 def _rule_pseudo(rows: torch.Tensor) -> torch.Tensor:
