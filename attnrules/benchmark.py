@@ -793,6 +793,50 @@ def run_gpu_benchmark(*, precision: Optional[str] = None, precisions: Optional[t
     }
 
 
+BLOCK_SWEEP = {  # (block_q, block_k) tried per case; the plan's defaults are (16, 64) global, (64, 32) per key
+    "global": [(16, 32), (16, 64), (16, 128), (32, 64), (32, 128), (64, 64), (64, 128), (128, 64)],
+    "key": [(32, 32), (64, 32), (128, 32), (64, 16), (64, 64), (64, 128), (128, 64)],
+}
+
+
+def run_gpu_block_sweep(*, quick: bool = False, dry_run: bool = False,
+                        progress: Optional[Callable[[str], None]] = None) -> dict:
+    """The triton backend (default precision) at each block shape of :data:`BLOCK_SWEEP` on the
+    global top-10,000 and per-key top-100 cases of :func:`run_gpu_benchmark`: median ms and whether
+    the answer equals the default blocks' one. A shape that fails to compile or launch (registers,
+    shared memory) is recorded with its error, not skipped. Evidence for the plan's block defaults."""
+    dev = torch.device("cpu" if dry_run else "cuda")
+    n = 64 if dry_run else (GPU_QUICK if quick else GPU_FULL)["n"]
+    d = GPU_FULL["d"]
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, kk = torch.randn(n, d, device=dev, generator=g) / d**0.5, torch.randn(n, d, device=dev, generator=g) / d**0.5
+    v = torch.randn(n, device=dev, generator=g)
+    timer = _wall_ms if dry_run else _median_ms
+    rows = []
+    for by, k in (("global", min(10000, n * n // 8)), ("key", min(100, n // 2))):
+        reference = engine.pair_topk(q, kk, k, by=by, key_weight=v, backend="triton")
+        for block_q, block_k in BLOCK_SWEEP[by]:
+            run = partial(engine.pair_topk, q, kk, k, by=by, key_weight=v, backend="triton", block_q=block_q,
+                          block_k=block_k)
+            row = {"by": by, "k": k, "n": n, "d": d, "block_q": block_q, "block_k": block_k}
+            try:
+                ans = run()
+                row["equals_default_answer"] = bool(torch.equal(ans.query_idx, reference.query_idx)
+                                                    and torch.equal(ans.key_idx, reference.key_idx)
+                                                    and torch.equal(ans.scores, reference.scores))
+                row["median_ms"] = timer(run)
+            except Exception as err:  # noqa: BLE001 — a block shape the compiler or GPU refuses is a finding
+                row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+            rows.append(row)
+            if progress:
+                shown = row.get("error") or f"{row['median_ms']:9.3f} ms  same answer: {row['equals_default_answer']}"
+                progress(f"blocks by={by:6s} block_q={block_q:4d} block_k={block_k:4d}  {shown}")
+    return {"benchmark": "triton_blocks", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "dry_run": dry_run,
+            "machine": gpu_machine(), "precision": "tf32 (default)",
+            "timing": "one wall-clock call (dry run)" if dry_run else "triton.testing.do_bench median",
+            "rows": rows}
+
+
 def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return None if a is None or not b else a / b
 

@@ -20,6 +20,7 @@ without writing anything. ``--dry-run`` (with TRITON_INTERPRET=1, no GPU) runs t
 tensors at n = 64 and writes the report to --out: a check of the script, not a measurement.
 
     python bench/bench_triton.py [--precision tf32 --precision ieee ...] [--quick] [--n N] [--out PATH]
+    python bench/bench_triton.py --blocks   # block shapes at the default precision → triton_blocks.json
 """
 from __future__ import annotations
 
@@ -30,9 +31,10 @@ from pathlib import Path
 from typing import Optional
 
 # The measuring code is the package's (also behind `attnrules bench --device cuda`).
-from attnrules.benchmark import GPU_PRECISIONS, no_gpu_reason, run_gpu_benchmark, write_report
+from attnrules.benchmark import GPU_PRECISIONS, no_gpu_reason, run_gpu_benchmark, run_gpu_block_sweep, write_report
 
 RESULTS = Path(__file__).resolve().parent / "results" / "triton.json"
+BLOCKS = RESULTS.with_name("triton_blocks.json")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -42,15 +44,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="4,096 × 4,096 instead of 24,576² (a smoke test)")
     parser.add_argument("--n", type=int, default=None, help="queries = keys (default 24,576; quick 4,096)")
     parser.add_argument("--dry-run", action="store_true", help="CPU tensors in Triton's interpreter (TRITON_INTERPRET=1)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None, help=f"default {RESULTS} ({BLOCKS} with --blocks)")
+    parser.add_argument("--blocks", action="store_true",
+                        help="instead: time the default precision at several block shapes (global, per key)")
     args = parser.parse_args(argv)
+    args.out = args.out or (BLOCKS if args.blocks else RESULTS)
     if args.dry_run and os.environ.get("TRITON_INTERPRET") != "1":
         parser.error("--dry-run needs TRITON_INTERPRET=1 in the environment (Triton's CPU interpreter)")
     if not args.dry_run and no_gpu_reason():
         print(f"bench_triton: {no_gpu_reason()}: nothing measured, {args.out} not written.", file=sys.stderr)
         return 2
-    result = run_gpu_benchmark(precisions=tuple(args.precision or GPU_PRECISIONS), quick=args.quick, n=args.n,
-                               dry_run=args.dry_run, progress=lambda line: print(line, flush=True))
+    show = lambda line: print(line, flush=True)  # noqa: E731
+    if args.blocks:
+        result = run_gpu_block_sweep(quick=args.quick, dry_run=args.dry_run, progress=show)
+    else:
+        result = run_gpu_benchmark(precisions=tuple(args.precision or GPU_PRECISIONS), quick=args.quick, n=args.n,
+                                   dry_run=args.dry_run, progress=show)
     result["command"] = "python bench/bench_triton.py " + " ".join(sys.argv[1:] if argv is None else argv)
     write_report(args.out, result)
     print(f"wrote {args.out}")

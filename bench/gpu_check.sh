@@ -9,7 +9,8 @@
 #   3. reports registers and spills of the kernel compiled for this GPU's architecture;
 #   4. runs bench/bench_triton.py (24,576², d 64: global top-10,000, per-key and per-query top-100,
 #      dual importance; every precision; cuBLAS GEMM, GEMM + torch.topk materialised and chunked;
-#      fractions of the TF32 and FP32 peaks);
+#      fractions of the TF32 and FP32 peaks), and its block-shape sweep (--blocks: global and per-key
+#      cases at several block_q × block_k, → triton_blocks.json);
 #   5. runs bench/bench_pipeline.py --device cuda --quick on one head, when transformer_lens imports
 #      (with bench/standins/ for Hugging Face `datasets` when that does not import: see gpu_wheels.sh);
 # and writes everything as JSON under bench/results/ (triton.json, triton_gpu_check.json with the GPU
@@ -86,11 +87,14 @@ step resources 120 bash -c "'$PYTHON' -m attnrules.kernels.resources --arch $ARC
 # 4. The kernel benchmark.
 step bench_triton 200 "$PYTHON" "$ROOT/bench/bench_triton.py" --out "$RESULTS/triton.json"
 
+# 4b. Block shapes at the default precision (evidence for the plan's defaults).
+step blocks 150 "$PYTHON" "$ROOT/bench/bench_triton.py" --blocks --out "$RESULTS/triton_blocks.json"
+
 # 5. One head through the pipeline on the GPU (its options as bench_pipeline.py has them now).
 if ! (cd "$WORK" && "$PYTHON" -c "import datasets") >/dev/null 2>&1; then
   export PYTHONPATH="$PYTHONPATH:$ROOT/bench/standins"   # transformer_lens imports it; see its docstring
 fi
-if (cd "$WORK" && "$PYTHON" -c "import transformer_lens") >/dev/null 2>&1; then
+if TL_ERROR=$(cd "$WORK" && "$PYTHON" -c "import transformer_lens" 2>&1); then
   EXTRA=()
   if (cd "$WORK" && "$PYTHON" "$ROOT/bench/bench_pipeline.py" --help 2>/dev/null) | grep -q -- "--baseline-features"; then
     EXTRA+=(--baseline-features 0)   # the old pipeline needs git history, which does not travel
@@ -99,7 +103,8 @@ if (cd "$WORK" && "$PYTHON" -c "import transformer_lens") >/dev/null 2>&1; then
     --out "$RESULTS/pipeline_cuda.json"
 else
   echo "!! gpu_check: bench_pipeline.py not run: transformer_lens does not import here (no wheels in" \
-       "bench/wheels/? see bench/gpu_wheels.sh)" >&2
+       "bench/wheels/? see bench/gpu_wheels.sh):" >&2
+  echo "$TL_ERROR" | tail -5 >&2
   STEPS+=("pipeline not-run 0")
 fi
 

@@ -39,7 +39,7 @@ on_gpu_machine = {"torch", "triton", "numpy", "nanobind", "scikit-build-core", "
                   "typing-extensions", "sympy", "mpmath", "networkx", "jinja2", "markupsafe", "fsspec",
                   "setuptools", "pip", "wheel"}
 test_only = {"pytest-benchmark", "py-cpuinfo", "attnrules"}
-optional = {"scipy", "pillow", "sentencepiece", "truststore", "pyarrow"}
+optional = {"scipy", "pillow", "sentencepiece", "pyarrow"}
 
 
 def loaded_by(imports) -> set:

@@ -38,7 +38,7 @@ def _same(a, b):
     assert torch.equal(a.scores, b.scores)
 
 
-@pytest.mark.parametrize("by,k", [("global", 1), ("global", 2500), ("query", 100), ("key", 1024)])
+@pytest.mark.parametrize("by,k", [("global", 1), ("global", 2500), ("query", 100), ("key", 1000)])
 def test_pair_matches_float64(by, k):
     q, kk, w, _, _ = random_inputs(1000, 1500, 64, seed=1)
     s = score_matrix(q, kk, key_weight=w)
@@ -98,10 +98,12 @@ def test_the_filter_runs_on_tensor_cores_and_the_margin_is_needed(monkeypatch):
     kk = torch.zeros(300, 16)
     kk[:, 0] = 1.0 + torch.arange(300, dtype=torch.float32) * 2.0**-21
     s = score_matrix(q, kk)
+    # One column split: every program streams all 300 keys, so the later blocks meet a threshold (with
+    # the GPU's default splits the last split's few blocks never fill a buffer and are never filtered).
     qc, kc = _cuda(q, kk)
-    assert_exact(engine.pair_topk(qc, kc, 3, by="query", backend="triton"), s, 3, "query")
+    assert_exact(engine.pair_topk(qc, kc, 3, by="query", backend="triton", n_splits=1), s, 3, "query")
     monkeypatch.setattr(kernel_plan, "filter_margin", lambda *args: 0.0)
-    wrong = engine.pair_topk(qc, kc, 3, by="query", backend="triton")
+    wrong = engine.pair_topk(qc, kc, 3, by="query", backend="triton", n_splits=1)
     expected = torch.tensor(s).topk(3, dim=1).indices
     assert not torch.equal(wrong.key_idx.cpu(), expected), "the TF32 filter computed fp32 products"
 
