@@ -87,3 +87,17 @@ print("imported")
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(TRITON_INTERPRET="1"))
     assert done.returncode == 0 and "imported" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.interpreter
+def test_block_sweep_records_times_answers_and_refused_shapes(monkeypatch):
+    from attnrules import benchmark
+
+    # (16, 24) is no power of two: the backend refuses it, and the sweep records that instead of stopping.
+    monkeypatch.setattr(benchmark, "BLOCK_SWEEP", {"global": [(16, 32), (16, 24)], "key": [(32, 16)]})
+    report = benchmark.run_gpu_block_sweep(dry_run=True)
+    rows = {(r["by"], r["block_q"], r["block_k"]): r for r in report["rows"]}
+    assert set(rows) == {("global", 16, 32), ("global", 16, 24), ("key", 32, 16)}
+    for key in (("global", 16, 32), ("key", 32, 16)):
+        assert rows[key]["equals_default_answer"] is True and rows[key]["median_ms"] > 0
+    assert "block_k must be a power of two" in rows[("global", 16, 24)]["error"]
