@@ -16,12 +16,49 @@ from typing import Optional
 
 import torch
 
+from attnrules import _C
 from attnrules.spill import SpillFile
 
 
 def nonzero_bits(x: torch.Tensor) -> torch.Tensor:
     """Where ``x`` is not +0.0 (keeps -0.0 and NaN, so the rebuilt tensor is bit-identical)."""
     return (x != 0) | torch.signbit(x)
+
+
+def nonzero_entries(flat: torch.Tensor) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """Each row's entries of the CPU ``flat [rows, n]`` whose bits are not +0.0 (:func:`nonzero_bits`):
+    (counts a row, column indices int64, values), rows one after another, columns ascending. float32
+    in one pass of the C++ core; other dtypes with torch."""
+    if flat.dtype != torch.float32:
+        keep = nonzero_bits(flat)
+        return keep.sum(dim=1).tolist(), torch.nonzero(keep)[:, 1], flat[keep]
+    flat = flat.contiguous()
+    counts = torch.empty(flat.shape[0], dtype=torch.int64)
+    _C.count_nonzero(flat, counts)
+    starts = torch.cumsum(counts, 0) - counts
+    total = int(counts.sum())
+    index, values = torch.empty(total, dtype=torch.int64), torch.empty(total, dtype=flat.dtype)
+    _C.gather_nonzero(flat, starts, index, values)
+    return counts.tolist(), index, values
+
+
+def sparse_times(rows: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """``rows.double() @ dense`` (``dense`` float64 ``[n, d]``) for sparse float32 ``rows [m, n]`` (an
+    SAE's activations), summed over each row's nonzero entries only: one fused multiply-add chain per
+    output element, in index order from +0.0 — exactly rounded steps, so a row's result is the same
+    whatever the other rows and on every CPU (MKL's dense product changes its blocking, and so its last
+    bit, with the number of rows: ≈ 1e-15 relative). Hundreds of times fewer operations than the dense
+    product at ~50 active features of 24,576. Off the CPU, or for other dtypes: the dense product."""
+    if rows.device.type != "cpu" or dense.device.type != "cpu" or dense.dtype != torch.float64 \
+            or rows.dtype != torch.float32:
+        return rows.double() @ dense
+    counts, index, values = nonzero_entries(rows)  # -0.0 entries too: they leave a chain as it is
+    row_start = torch.zeros(rows.shape[0] + 1, dtype=torch.int64)
+    torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0, out=row_start[1:])
+    values = values.double()
+    out = torch.empty(rows.shape[0], dense.shape[1], dtype=torch.float64)
+    _C.sparse_matmul(row_start, index, values, dense.contiguous(), out)
+    return out
 
 
 class SparseActs:
@@ -47,10 +84,8 @@ class SparseActs:
             return
         flat = acts.detach().reshape(acts.shape[0], -1).cpu()
         self.dtype = self.dtype or flat.dtype
-        keep = nonzero_bits(flat)
-        counts = keep.sum(dim=1).tolist()
-        index = torch.nonzero(keep)[:, 1].to(self.index_dtype)
-        values = flat[keep]
+        counts, index, values = nonzero_entries(flat)
+        index = index.to(self.index_dtype)
         entry = index.element_size() + values.element_size()
         for row, idx, val, n in zip(sequences.tolist(), index.split(counts), values.split(counts), counts):
             if row in self.rows:

@@ -9,7 +9,9 @@
 #include <stdexcept>
 #include <string>
 
+#include "common.h"
 #include "multi.h"
+#include "sparse.h"
 #include "topk.h"
 
 namespace nb = nanobind;
@@ -25,6 +27,12 @@ using OutIndex = nb::ndarray<int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu
 using Index = nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using Queries = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using OutFlags = nb::ndarray<uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using Rows = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+using OutCounts = nb::ndarray<int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using OutValues = nb::ndarray<float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using Dense64 = nb::ndarray<const double, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+using Values64 = nb::ndarray<const double, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using Out64 = nb::ndarray<double, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
 
 attnrules::Score parse_score(const std::string& s) {
     if (s == "signed") return attnrules::Score::Signed;
@@ -176,6 +184,38 @@ nb::dict multi_topk(Vector table_scores, Queries table_queries, Index row_start,
     return out;
 }
 
+void count_nonzero(Rows x, OutCounts counts, int threads) {
+    const int64_t rows = static_cast<int64_t>(x.shape(0)), n = static_cast<int64_t>(x.shape(1));
+    require(static_cast<int64_t>(counts.shape(0)) == rows, "counts must have one entry per row of x");
+    nb::gil_scoped_release release;
+    attnrules::count_nonzero_rows(x.data(), rows, n, counts.data(), attnrules::resolve_threads(threads));
+}
+
+void gather_nonzero(Rows x, Index starts, OutIndex index, OutValues values, int threads) {
+    const int64_t rows = static_cast<int64_t>(x.shape(0)), n = static_cast<int64_t>(x.shape(1));
+    require(static_cast<int64_t>(starts.shape(0)) == rows, "starts must have one entry per row of x");
+    require(index.shape(0) == values.shape(0), "index and values must have the same length");
+    nb::gil_scoped_release release;
+    attnrules::gather_nonzero_rows(x.data(), rows, n, starts.data(), index.data(), values.data(),
+                                   attnrules::resolve_threads(threads));
+}
+
+void sparse_matmul(Index row_start, Index index, Values64 values, Dense64 dense, Out64 out, int threads) {
+    const int64_t rows = static_cast<int64_t>(out.shape(0)), d = static_cast<int64_t>(out.shape(1));
+    const int64_t n = static_cast<int64_t>(dense.shape(0)), nnz = static_cast<int64_t>(index.shape(0));
+    require(static_cast<int64_t>(row_start.shape(0)) == rows + 1, "row_start must have rows + 1 entries");
+    require(static_cast<int64_t>(dense.shape(1)) == d, "dense and out must have the same number of columns");
+    require(static_cast<int64_t>(values.shape(0)) == nnz, "index and values must have the same length");
+    const int64_t* rs = row_start.data();
+    const int64_t* ix = index.data();
+    require(rs[0] == 0 && rs[rows] == nnz, "row_start must run from 0 to the number of entries");
+    for (int64_t r = 0; r < rows; ++r) require(rs[r] <= rs[r + 1], "row_start must not decrease");
+    for (int64_t e = 0; e < nnz; ++e) require(ix[e] >= 0 && ix[e] < n, "index out of range of dense's rows");
+    nb::gil_scoped_release release;
+    attnrules::sparse_rows_matmul(rs, rows, ix, values.data(), dense.data(), d, out.data(),
+                                  attnrules::resolve_threads(threads));
+}
+
 }  // namespace
 
 NB_MODULE(_C, m) {
@@ -217,6 +257,16 @@ NB_MODULE(_C, m) {
           "that it reaches Python as MemoryError / RuntimeError. out_scores_low / out_cols_low (per row, signed,\n"
           "no weights or acts): also each row's k best cols by -score, from the same sweep. sorted > 0 (per row):\n"
           "only each row's best `sorted` entries come sorted; the rest follow them in no order.");
+
+    m.def("count_nonzero", &count_nonzero, "x"_a.noconvert(), "counts"_a.noconvert(), "threads"_a = 0,
+          "counts[r] = entries of float32 row x[r] whose bits are not +0.0 (-0.0 and NaN count).");
+    m.def("gather_nonzero", &gather_nonzero, "x"_a.noconvert(), "starts"_a.noconvert(), "index"_a.noconvert(),
+          "values"_a.noconvert(), "threads"_a = 0,
+          "Row r's counted entries (column, value), in column order, into index/values from starts[r].");
+    m.def("sparse_matmul", &sparse_matmul, "row_start"_a.noconvert(), "index"_a.noconvert(), "values"_a.noconvert(),
+          "dense"_a.noconvert(), "out"_a.noconvert(), "threads"_a = 0,
+          "out[r] = sum of values[e] * dense[index[e]] over row r's entries (float64): one fused\n"
+          "multiply-add chain per element in entry order from +0.0, as BLAS's dense product rounds it.");
 
     m.def("multi_topk", &multi_topk, "table_scores"_a.noconvert(), "table_queries"_a.noconvert(),
           "row_start"_a.noconvert(), "row_len"_a.noconvert(), "weights"_a.noconvert(), "features"_a.noconvert(),

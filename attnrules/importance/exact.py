@@ -54,6 +54,7 @@ import attnrules.engine as engine
 import attnrules.sources as sources
 from attnrules.circuit.exact import HeadWeights, as_token_batch, exact_projections, head_weights
 from attnrules.sources.runner import INPUT_ACTS, run_batches
+from attnrules.sparse_acts import sparse_times
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -212,10 +213,11 @@ def _exact_pass(
             key_vectors.append(_rotated_sum(h, g[:, :, None] * k_scaled, key_proj, cos, sin).to(dtype))
         if pseudo:
             # the SAE error term only where a key is attended from t_n: elsewhere its components meet a zero
-            # weight (c, α and `within` vanish there), so they are left 0 — half the float64 matmul, and the
-            # rows computed are bit for bit the full matmul's: tests/test_exact_terms.py, and the old-path fixtures
+            # weight (c, α and `within` vanish there), so they are left 0; the decoded part sums each row's
+            # active features only (sparse_times: fused multiply-adds in feature order, the same for a row
+            # whatever its batch; it may differ from MKL's dense matmul in the last bit; the old-path fixtures hold)
             error = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
-            error[causal] = x[causal].double() - acts[causal].double() @ D - b_dec
+            error[causal] = x[causal].double() - sparse_times(acts[causal], D) - b_dec
             W_Q, W_K, b_Q, b_K = h.query_weights, h.key_weights, h.query_bias, h.key_bias
             qc = _pseudo_components(W_Q, b_Q, b_dec, error[b, t], sigma[b, t])  # [b, P, d_head]
             kc = _pseudo_components(W_K, b_K, b_dec, error, sigma)  # [b, T, P, d_head]

@@ -33,8 +33,9 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
+from attnrules.resid_store import ResidStore
 from attnrules.sparse_acts import SparseActs
-from attnrules.sources.runner import INPUT_ACTS, hook_names, run_batches
+from attnrules.sources.runner import INPUT_ACTS, hook_names, hooked_forward, run_batches
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -53,21 +54,24 @@ class SharedPasses:
     ``rows``: corpus rows whose input-SAE activations are kept; ``exact_rows`` (a subset): rows whose
     exact-pass hooks are kept too (None: none). ``known``: input-SAE activations already held (the
     corpus pass's :class:`~attnrules.sparse_acts.SparseActs`): rows it holds are looked up there,
-    so the pass runs only over the others and the exact rows, and encodes only the others.
+    so the pass runs only over the others and the exact rows, and encodes only the others. ``resid``:
+    the layer's ``hook_resid_pre`` the corpus pass kept (:class:`~attnrules.resid_store.ResidStore`):
+    exact rows it holds (and ``known`` holds) run block L alone from it, not blocks 0..L.
     ``batch_size``: sequences per forward pass. Raises :class:`MemoryError` when the stored hooks would
     pass ``max_bytes``."""
 
     def __init__(self, model: HookedTransformer, input_sae: InputSAE, output_sae: OutputSAE, tokens: torch.Tensor,
                  rows: Sequence[int], exact_rows: Optional[Sequence[int]] = None, *, batch_size: int = 8,
-                 max_bytes: int = SHARED_MAX_BYTES, known: Optional[SparseActs] = None) -> None:
+                 max_bytes: int = SHARED_MAX_BYTES, known: Optional[SparseActs] = None,
+                 resid: Optional[ResidStore] = None) -> None:
         self.tokens, self.layer = tokens, input_sae.layer
         wanted = sorted({int(r) for r in rows})
         exact_set = set() if exact_rows is None else {int(r) for r in exact_rows}
         if not exact_set <= set(wanted):
             raise ValueError("exact_rows must be among rows")
-        resid, z_name = hook_names(output_sae.layer)
-        self.names = [resid]
-        self.slices: dict[str, Optional[int]] = {resid: None}  # hook name -> head slot kept (None: whole)
+        resid_hook, z_name = hook_names(output_sae.layer)
+        self.names = [resid_hook]
+        self.slices: dict[str, Optional[int]] = {resid_hook: None}  # hook name -> head slot kept (None: whole)
         if exact_set:
             from attnrules.circuit.exact import head_weights
 
@@ -87,15 +91,16 @@ class SharedPasses:
         held = self.known.rows if self.known is not None else {}
         self.acts = SparseActs(tokens.shape[1], input_sae.n_features)
         run = [r for r in wanted if r not in held or r in exact_set]  # the rows the pass runs over
+        # exact rows whose layer input the corpus pass kept (their activations too): block L alone
+        from_resid = [r for r in run if r in held and resid is not None and r in resid.rows]
         self.passes = 0
         nbytes = 0
-        for batch, cache in run_batches(model, tokens[run], self.layer, self.names, batch_size=batch_size,
-                                        desc="shared passes", progress=False) if run else ():
+        full = [r for r in run if r not in set(from_resid)] if from_resid else run
+        for batch_rows, cache in self._batches(model, full, from_resid, resid, batch_size):
             self.passes += 1
-            batch_rows = run[batch]
             new = [i for i, r in enumerate(batch_rows) if r not in held]
             if new:
-                x = cache[resid] if len(new) == len(batch_rows) else cache[resid][new]
+                x = cache[resid_hook] if len(new) == len(batch_rows) else cache[resid_hook][new]
                 self.acts.add(torch.tensor([batch_rows[i] for i in new]),
                               input_sae.encode(x.to(input_sae.W_dec.dtype)).cpu())
             for i, row in enumerate(batch_rows):
@@ -112,6 +117,20 @@ class SharedPasses:
             if nbytes + self.acts.nbytes > max_bytes:
                 raise MemoryError(f"the shared pass would keep more than {max_bytes} bytes")
         self.nbytes = nbytes + self.acts.nbytes
+
+    def _batches(self, model: HookedTransformer, full: list, from_resid: list, resid: Optional[ResidStore],
+                 batch_size: int):
+        """(rows, hooks) of the ``full`` rows (blocks 0..L), then of the ``from_resid`` rows (block L from
+        the kept ``hook_resid_pre``)."""
+        for batch, cache in run_batches(model, self.tokens[full], self.layer, self.names, batch_size=batch_size,
+                                        desc="shared passes", progress=False) if full else ():
+            yield full[batch], cache
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            for start in range(0, len(from_resid), batch_size):
+                rows = from_resid[start:start + batch_size]
+                yield rows, hooked_forward(model, self.tokens[rows].to(device), self.layer, self.names,
+                                           resid=resid.read(rows).to(device))
 
     def _store(self, row: int) -> Optional[SparseActs]:
         """Where ``row``'s input-SAE activations are held (None: nowhere)."""

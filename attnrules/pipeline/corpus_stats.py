@@ -23,6 +23,7 @@ import torch
 from attnrules.evaluation.head_metrics import HeadMetrics, HeadMetricsObserver
 from attnrules.files import write_torch
 from attnrules.evaluation.negatives import PatternPool, PoolObserver
+from attnrules.resid_store import ResidStore
 from attnrules.sparse_acts import SparseActs
 from attnrules.rules.descriptions import InputFeatureStats, InputStatsObserver, encoded_chunks
 from attnrules.sources.runner import run_batches
@@ -45,6 +46,7 @@ class CorpusStats:
     heads: dict[int, HeadMetrics]
     pool: Optional[PatternPool] = None
     acts: Optional[SparseActs] = None  # the corpus rows' input-SAE activations, when kept (not cached either)
+    resid: Optional[ResidStore] = None  # the corpus rows' hook_resid_pre of the layer, when kept (not cached)
 
 
 class CorpusObservers:
@@ -54,16 +56,19 @@ class CorpusObservers:
     pattern pool (``pool_size`` random rows, drawn with ``pool_seed``; None: no pool) its rows, and with
     ``acts_max_bytes`` every row's activations are kept sparse (:class:`SparseActs` in a temporary file,
     up to that many bytes; rows past the bound are left to the exemplar passes); the input SAE encodes each row once
-    for all of them."""
+    for all of them. With ``resid_max_bytes`` every row's ``hook_resid_pre`` is kept too (:class:`ResidStore`,
+    likewise bounded), so that exact-mode exemplar passes start at the layer."""
 
     def __init__(self, input_sae: InputSAE, tokens: torch.Tensor, *, stats_sequences: Optional[int] = None,
-                 pool_size: Optional[int] = None, pool_seed: int = 0, acts_max_bytes: Optional[int] = None) -> None:
+                 pool_size: Optional[int] = None, pool_seed: int = 0, acts_max_bytes: Optional[int] = None,
+                 resid_max_bytes: Optional[int] = None) -> None:
         self.sae = input_sae
         self.inputs = InputStatsObserver(input_sae)
         self.heads = HeadMetricsObserver(input_sae.layer, tokens)
         self.pool = PoolObserver(input_sae, tokens, pool_size, seed=pool_seed) if pool_size is not None else None
         self.acts = (SparseActs(tokens.shape[1], input_sae.n_features, max_bytes=acts_max_bytes, on_disk=True)
                      if acts_max_bytes else None)
+        self.resid = ResidStore(resid_max_bytes) if resid_max_bytes else None
         self.stats_rows = tokens.shape[0] if stats_sequences is None else min(stats_sequences, tokens.shape[0])
         self.hooks = self.inputs.hooks
         self.observers = [self, self.heads]
@@ -72,6 +77,8 @@ class CorpusObservers:
         """Encode the batch's rows that the statistics, the pool or the kept activations read, once,
         and hand them over."""
         batch = torch.arange(rows.start, rows.stop)
+        if self.resid is not None:
+            self.resid.add(batch, cache[self.hooks[0]])
         pooled = self.pool.wanted(rows) if self.pool is not None else batch[:0]
         keeping = self.acts is not None and not self.acts.full
         needed = batch if keeping else torch.unique(torch.cat([batch[batch < self.stats_rows], pooled]))  # sorted
@@ -95,7 +102,7 @@ class CorpusObservers:
 
     def result(self) -> CorpusStats:
         return CorpusStats(self.inputs.result(), self.heads.result(), self.pool.result() if self.pool is not None else None,
-                           self.acts)
+                           self.acts, self.resid)
 
 
 def measure_corpus(model: HookedTransformer, input_sae: InputSAE, tokens: torch.Tensor, *, batch_size: int = 64,

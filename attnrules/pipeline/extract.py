@@ -49,6 +49,7 @@ from attnrules.pipeline import activations
 from attnrules.pipeline.activations import SharedPasses, group_features
 from attnrules.pipeline.corpus_stats import CorpusObservers, CorpusStats, load_stats, measure_corpus, save_stats, stats_key
 from attnrules.pipeline.resume import HeadFolder, InputHashes
+from attnrules.resid_store import ResidStore
 from attnrules.sparse_acts import SparseActs
 from attnrules.pipeline.results import (
     ActivationHistogram,
@@ -374,10 +375,17 @@ def _corpus_stats(model: HookedTransformer, input_sae: InputSAE, tokens: torch.T
 def corpus_observers(input_sae: InputSAE, tokens: torch.Tensor, settings: ExtractSettings) -> CorpusObservers:
     """What a corpus pass measures for these settings besides the scan: input-feature statistics on the
     first ``corpus_stats_sequences`` rows, head metrics, the pattern pool when pattern negatives are on,
-    and the corpus's input-SAE activations (up to ``corpus_acts_mib``)."""
+    and the corpus's input-SAE activations (up to ``corpus_acts_mib``) and, in exact mode, its
+    ``hook_resid_pre`` of the layer (up to ``corpus_resid_mib``)."""
     return CorpusObservers(input_sae, tokens, stats_sequences=settings.corpus_stats_sequences,
                            pool_size=settings.pattern_pool if settings.pattern_negatives else None,
-                           pool_seed=settings.seed, acts_max_bytes=settings.corpus_acts_mib * 2**20)
+                           pool_seed=settings.seed, acts_max_bytes=settings.corpus_acts_mib * 2**20,
+                           resid_max_bytes=resid_bytes(settings))
+
+
+def resid_bytes(settings: ExtractSettings) -> int:
+    """The bound of the corpus pass's kept ``hook_resid_pre`` (0: none kept): only exact mode reads it."""
+    return settings.corpus_resid_mib * 2**20 if settings.exact else 0
 
 
 def pattern_pool(model: HookedTransformer, input_sae: InputSAE, tokens: torch.Tensor, stats: CorpusStats,
@@ -503,7 +511,8 @@ def extract_head(
         if ex is None:
             notes.append(f"{name} skipped: too few active or inactive sequences")
         todo.append(ex)
-    shared = shared_groups(model, input_sae, output_sae, tokens, todo, settings, known=corpus_stats.acts)
+    shared = shared_groups(model, input_sae, output_sae, tokens, todo, settings, known=corpus_stats.acts,
+                           resid=corpus_stats.resid)
     head_steps = FeatureSteps()  # head-level steps: failures recorded in metadata["head_errors"]
     pool = None
     if settings.pattern_negatives and any(isinstance(ex, Exemplars) for ex in todo):
@@ -667,12 +676,13 @@ def extract_one(
 
 def shared_groups(
     model: HookedTransformer, input_sae: InputSAE, output_sae: OutputSAE, tokens: torch.Tensor,
-    todo: list, settings: ExtractSettings, known: Optional[SparseActs] = None,
+    todo: list, settings: ExtractSettings, known: Optional[SparseActs] = None, resid: Optional[ResidStore] = None,
 ) -> Callable[[int], Optional[SharedPasses]]:
     """For the i-th feature, the shared pass of its group (:mod:`attnrules.pipeline.activations`), built
     when its group is first asked for and dropped when the next group is; None for a feature outside any
     group, or when the group's pass fails or passes the memory bound (the feature then runs its own passes).
-    ``known``: the corpus rows' input-SAE activations the corpus pass kept (looked up, not recomputed)."""
+    ``known``: the corpus rows' input-SAE activations the corpus pass kept (looked up, not recomputed);
+    ``resid``: their ``hook_resid_pre`` of the layer (exact rows run block L alone from it)."""
     index = [i for i, ex in enumerate(todo) if isinstance(ex, Exemplars)]
     groups = group_features([(todo[i].train.sequence, todo[i].val.sequence) for i in index],
                             activations.SHARED_MAX_SEQUENCES)
@@ -692,7 +702,7 @@ def shared_groups(
                 held[n] = SharedPasses(model, input_sae, output_sae, tokens, rows.tolist(),
                                        None if exact_rows is None else exact_rows.tolist(),
                                        batch_size=max(1, settings.batch_size // 8),
-                                       max_bytes=activations.SHARED_MAX_BYTES, known=known)
+                                       max_bytes=activations.SHARED_MAX_BYTES, known=known, resid=resid)
             except Exception:  # noqa: BLE001 - each feature then runs (and records) its own passes
                 held[n] = None
         return held[n]

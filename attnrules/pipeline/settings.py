@@ -169,6 +169,12 @@ class ExtractSettings:
         "(TMPDIR), so exemplar steps look them up instead of running passes of their own (rows past the bound "
         "run their own; 0: none kept)",
         group=RUN, min=0)
+    corpus_resid_mib: int = setting(
+        12288, "exact mode: MiB of the corpus's hook_resid_pre (the head's layer input) kept from the corpus pass in a "
+        "temporary file (TMPDIR; 196 kB a 64-token row of GPT-2 small: 9.8 GB for 50,000 rows), so exact importance "
+        "runs the head's block alone on its exemplars instead of every block before it (rows past the bound run "
+        "those blocks; 0: none kept)",
+        group=RUN, min=0)
     layers_per_pass: Optional[int] = setting(
         None, "sweeps: layers whose corpus pass is one forward pass through the model ('all': the whole model "
         "once; each layer of a pass keeps its scans and input activations in temporary files until it is done)",

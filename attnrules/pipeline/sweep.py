@@ -39,6 +39,7 @@ from attnrules.pipeline.extract import (
     corpus_observers,
     distractor_evidence,
     extract_head,
+    resid_bytes,
     with_evidence,
 )
 from attnrules.pipeline.resume import (
@@ -222,10 +223,12 @@ def _corpus_pass(work: Workload, out: Path, settings: ExtractSettings, rest: lis
 def _pass_layers(work: Workload, settings: ExtractSettings, layers: list, todo: list, rank: Rank) -> list:
     """The first of ``layers`` whose pass's temporary files fit in 80 % of ``TMPDIR``'s free space (at least
     one layer): each head's scan (its maxima and positions, a sequence and output feature each) and each
-    layer's kept activations (at most ``corpus_acts_mib``); logged."""
+    layer's kept activations (at most ``corpus_acts_mib``) and, in exact mode, its kept ``hook_resid_pre``
+    (at most ``corpus_resid_mib``, and no more than the corpus's rows take); logged."""
     n = work.tokens.shape[0]
     position = torch.empty(0, dtype=position_dtype(work.tokens.shape[1])).element_size()
-    need = {l: settings.corpus_acts_mib * 2**20 for l in layers}
+    resid = min(resid_bytes(settings), n * work.tokens.shape[1] * work.model.cfg.d_model * work.model.cfg.dtype.itemsize)
+    need = {l: settings.corpus_acts_mib * 2**20 + resid for l in layers}
     for l, h in todo:
         sae = work.output_sae(l, h)
         need[l] += n * sae.W_enc.shape[-1] * (sae.W_enc.element_size() + position)

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -82,9 +82,13 @@ class _Computed(Exception):
     """Raised by the last hook asked for: the rest of the forward pass is not needed."""
 
 
-def hooked_forward(model: HookedTransformer, tokens: torch.Tensor, layer: int, names: Sequence[str]) -> dict:
+def hooked_forward(model: HookedTransformer, tokens: torch.Tensor, layer: int, names: Sequence[str],
+                   resid: Optional[torch.Tensor] = None) -> dict:
     """{hook name: activation} of blocks 0..layer over ``tokens``, stopping the pass once every hook in
-    ``names`` has fired (the activations are the full pass's; nothing after them is computed)."""
+    ``names`` has fired (the activations are the full pass's; nothing after them is computed).
+    ``resid``: the tokens' ``hook_resid_pre`` of ``layer``, already computed (:mod:`attnrules.resid_store`):
+    block ``layer`` alone runs from it (``names`` then within that block), with the positional input
+    and attention mask that the embedding gives these tokens, as in the whole pass."""
     wanted = set(names)
     cache: dict = {}
 
@@ -95,7 +99,12 @@ def hooked_forward(model: HookedTransformer, tokens: torch.Tensor, layer: int, n
 
     with model.hooks(fwd_hooks=[(name, save) for name in wanted]):
         try:
-            model(tokens, stop_at_layer=layer + 1)
+            if resid is None:
+                model(tokens, stop_at_layer=layer + 1)
+            else:
+                _, _, shortformer_pos_embed, attention_mask = model.input_to_embed(tokens)
+                model(resid, start_at_layer=layer, stop_at_layer=layer + 1, shortformer_pos_embed=shortformer_pos_embed,
+                      attention_mask=attention_mask)
         except _Computed:
             pass
     missing = wanted - set(cache)

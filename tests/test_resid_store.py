@@ -1,0 +1,131 @@
+"""The corpus pass's kept ``hook_resid_pre`` (``attnrules.resid_store``): exact-mode exemplar passes run
+the head's block alone from it, with the values of the whole pass, on every attention kind."""
+import dataclasses
+import json
+import warnings
+
+import pytest
+import torch
+
+import attnrules.pipeline.activations as activations
+from attnrules.exemplars import input_activations
+from attnrules.importance import exact_importance_terms
+from attnrules.pipeline import ExtractSettings, extract_head
+from attnrules.pipeline.activations import SharedPasses
+from attnrules.resid_store import ResidStore
+from attnrules.sources.runner import hooked_forward
+from attnrules.sparse_acts import SparseActs
+from families import FAMILIES, LOCAL_LAYERS, build_family
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_rows_read_back_bit_for_bit_and_the_bound_stops_at_whole_rows(dtype):
+    resid = torch.randn(5, 7, 3).to(dtype)
+    row_bytes = 7 * 3 * resid.element_size()
+    store = ResidStore(max_bytes=3 * row_bytes + 1)
+    store.add(torch.tensor([10, 11]), resid[:2])
+    store.add(torch.tensor([11, 12, 13, 14]), resid[1:])  # 11 is held already: kept as it was
+    assert store.full and set(store.rows) == {10, 11, 12} and store.nbytes == 3 * row_bytes
+    assert torch.equal(store.read([12, 10, 11]), resid[[2, 0, 1]])
+    assert store.covers([10, 12]) and not store.covers([10, 13])
+    other = ResidStore()
+    other.add(torch.tensor([0]), resid[:1])
+    with pytest.raises(ValueError, match="resid must be"):
+        other.add(torch.tensor([1]), resid[:1, :3])
+    with pytest.raises(ValueError, match="resid must be"):
+        other.add(torch.tensor([1]), resid[:1].to(torch.float16))
+
+
+def _cases():
+    for name in sorted(FAMILIES):
+        for layer in sorted({1, *LOCAL_LAYERS.get(name, ())}):
+            yield name, layer
+
+
+@pytest.mark.parametrize("name,layer", list(_cases()))
+def test_the_block_alone_from_its_input_gives_the_whole_pass_hooks(name, layer):
+    """Rotary, grouped-query, soft-capping, sliding windows, QK-norm, parallel attention (NeoX): block L's
+    hooks from the stored hook_resid_pre equal those of blocks 0..L run on the tokens, bit for bit."""
+    model = build_family(name)
+    tokens = torch.randint(0, model.cfg.d_vocab, (6, 12), generator=torch.Generator().manual_seed(layer))
+    attn = f"blocks.{layer}.attn"
+    names = [f"blocks.{layer}.hook_resid_pre"] + [f"{attn}.hook_{x}" for x in ("q", "k", "v", "attn_scores", "pattern", "z")]
+    full = hooked_forward(model, tokens, layer, names)
+    alone = hooked_forward(model, tokens, layer, names, resid=full[names[0]].clone())
+    for n in names:
+        assert torch.equal(alone[n], full[n]), n
+
+
+def test_toy_block_alone_gives_the_whole_pass_hooks(toy):
+    tokens = toy.corpus(9, seed=4)
+    layer = toy.input_sae.layer
+    names = [f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.attn.hook_pattern", f"blocks.{layer}.attn.hook_z"]
+    full = hooked_forward(toy.model, tokens, layer, names)
+    alone = hooked_forward(toy.model, tokens, layer, names, resid=full[names[0]])
+    assert all(torch.equal(alone[n], full[n]) for n in names)
+
+
+def test_shared_passes_from_the_kept_input_run_no_earlier_block_and_give_the_same_exact_terms(toy, monkeypatch):
+    tokens = toy.corpus(200, seed=2)
+    layer, sae_out = toy.input_sae.layer, toy.output_saes[0]
+    rows = torch.arange(0, 120, 2)
+    train = rows[:20]
+    known = SparseActs(tokens.shape[1], toy.input_sae.n_features)
+    known.add(torch.arange(200), input_activations(toy.model, toy.input_sae, tokens))
+    store = ResidStore()
+    resid_name = f"blocks.{layer}.hook_resid_pre"
+    store.add(torch.arange(200), hooked_forward(toy.model, tokens, layer, [resid_name])[resid_name])
+    full_passes = []
+    real = activations.run_batches
+
+    def counted(model, tokens, *args, **kwargs):
+        full_passes.append(tokens.shape[0])
+        return real(model, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(activations, "run_batches", counted)
+    own = SharedPasses(toy.model, toy.input_sae, sae_out, tokens, rows.tolist(), train.tolist(), known=known)
+    assert sum(full_passes) == len(train)
+    full_passes.clear()
+    kept = SharedPasses(toy.model, toy.input_sae, sae_out, tokens, rows.tolist(), train.tolist(), known=known,
+                        resid=store)
+    assert sum(full_passes) == 0 and kept.covers(train, exact=True)
+    full_passes.clear()
+    partial = ResidStore(max_bytes=7 * store.nbytes // 200)  # the first 7 rows of the corpus
+    partial.add(torch.arange(200), store.read(range(200)))
+    mixed = SharedPasses(toy.model, toy.input_sae, sae_out, tokens, rows.tolist(), train.tolist(), known=known,
+                         resid=partial)
+    assert partial.full and sum(full_passes) == len(train) - 4  # rows 0, 2, 4, 6 from the kept input
+    positions = torch.randint(1, tokens.shape[1], (len(train),), generator=torch.Generator().manual_seed(1))
+    every = torch.arange(toy.input_sae.n_features)
+    for feature in range(2):
+        terms = [exact_importance_terms(toy.model, toy.input_sae, sae_out, feature, every, every, tokens[train],
+                                        positions, batch_size=8, runner=s.runner(train)) for s in (own, kept, mixed)]
+        for other in terms[1:]:
+            for a, b in zip(terms[0].__dict__.values(), other.__dict__.values()):
+                assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)) and torch.equal(a.isnan(), b.isnan())
+
+
+@pytest.mark.parametrize("family", ["gemma2", "llama"])
+def test_extract_head_results_do_not_depend_on_the_kept_input(family):
+    """Nothing kept or every row: the same head results; exact mode off keeps nothing."""
+    from families import family_saes
+
+    from attnrules.pipeline.extract import corpus_observers
+
+    model = build_family(family)
+    sae_in, sae_out = family_saes(model, 1, model.cfg.n_heads - 1, seed=1)
+    tokens = torch.randint(0, model.cfg.d_vocab, (160, 12), generator=torch.Generator().manual_seed(0))
+    settings = ExtractSettings(features=(0, 1, 2), examples_per_bin=6, num_values=8, num_queries=8, max_rules=8,
+                               exhaustive_k=10, counting=False, show_exemplars=1)
+    results = []
+    for mib in (0, 12288):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = extract_head(model, sae_in, sae_out, tokens, progress=False,
+                                  settings=dataclasses.replace(settings, corpus_resid_mib=mib))
+        assert result.metadata["failed_steps"] == 0
+        results.append(json.dumps({k: v for k, v in result.to_json().items() if k in ("features", "distractors")},
+                                  sort_keys=True))
+    assert results[0] == results[1]
+    assert corpus_observers(sae_in, tokens, settings).resid is not None
+    assert corpus_observers(sae_in, tokens, dataclasses.replace(settings, exact=False)).resid is None
