@@ -10,7 +10,7 @@ whole pass gives (row independence, as for the kept input activations: ``tests/t
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -60,3 +60,8 @@ class ResidStore:
         for i, row in enumerate(rows):
             self.file.read_into(out[i], self.rows[int(row)])
         return out
+
+    def reader(self, rows: Sequence[int]) -> Callable[[slice], torch.Tensor]:
+        """For :func:`~attnrules.sources.runner.run_batches` over ``tokens[rows]``: a batch's residual stream."""
+        rows = [int(r) for r in rows]
+        return lambda batch: self.read(rows[batch])

@@ -316,6 +316,9 @@ def project(run: dict, n_features: int, corpus_n: int, measured_features: int, p
 # the kept activations live in a temporary file; the process holds a dict entry (row -> offset, count) a
 # row: 385 B measured (resident-size growth while 50,000 rows of 64 × 24,576 were added)
 STORE_INDEX_BYTES_PER_SEQUENCE = 400
+# the kept hook_resid_pre (exact mode) lives in a temporary file too; its index is a dict entry (row -> offset)
+# a row: 123 B measured the same way
+RESID_INDEX_BYTES_PER_SEQUENCE = 130
 
 
 def build_scan_bytes(args) -> int:
@@ -329,9 +332,10 @@ def build_scan_bytes(args) -> int:
 
 def peak_at_50k(run: dict, corpus_n: int, scan_bytes: int) -> float:
     """The measured peak plus what grows with the corpus from ``corpus_n`` to 50,000 sequences while a
-    feature runs: the corpus's token ids (int64), the head's scan and the kept activations' in-memory index
-    (their entries are on disk). Per-feature tensors do not grow with the corpus (the exemplar counts are fixed)."""
-    grown = (CORPUS_TOKENS - corpus_n) * (64 * 8 + scan_bytes + STORE_INDEX_BYTES_PER_SEQUENCE)
+    feature runs: the corpus's token ids (int64), the head's scan and the in-memory indexes of the kept
+    activations and the kept hook_resid_pre (their bytes are on disk). Per-feature tensors do not grow with the corpus (the exemplar counts are fixed)."""
+    grown = (CORPUS_TOKENS - corpus_n) * (64 * 8 + scan_bytes + STORE_INDEX_BYTES_PER_SEQUENCE
+                                          + RESID_INDEX_BYTES_PER_SEQUENCE)
     return round(run["peak_rss_gib"] + grown / 2**30, 2)
 
 

@@ -181,21 +181,13 @@ def test_sparse_store_rebuilds_bit_for_bit_and_stops_whole_rows_at_its_bound(on_
     assert torch.equal(small.dense(torch.tensor(kept)).float().nan_to_num(7.0), acts[kept].float().nan_to_num(7.0))
 
 
-def test_corpus_store_serves_the_exemplar_steps_with_identical_results(toy, monkeypatch):
+def test_corpus_store_serves_the_exemplar_steps_with_identical_results(toy, shared_pass_sequences):
     """The corpus pass keeps every row's input activations: the shared pass then runs over the train rows
     only (for the exact hooks); the results are those of a run without the store."""
-    import attnrules.pipeline.activations as activations
-
     tokens = toy.corpus(1500, seed=0)
-    settings = ExtractSettings(features=(0, 1), max_rules=8, exhaustive_k=0, show_exemplars=2, exact=True)
-    passes = []
-    real = activations.run_batches
-
-    def counted(model, tokens, *args, **kwargs):
-        passes.append(tokens.shape[0])
-        return real(model, tokens, *args, **kwargs)
-
-    monkeypatch.setattr(activations, "run_batches", counted)
+    settings = ExtractSettings(features=(0, 1), max_rules=8, exhaustive_k=0, show_exemplars=2, exact=True,
+                               corpus_resid_mib=0)
+    passes = shared_pass_sequences
     results = {}
     for mib in (0, 2048):  # none kept; every row
         passes.clear()

@@ -7,7 +7,6 @@ import warnings
 import pytest
 import torch
 
-import attnrules.pipeline.activations as activations
 from attnrules.exemplars import input_activations
 from attnrules.importance import exact_importance_terms
 from attnrules.pipeline import ExtractSettings, extract_head
@@ -65,7 +64,7 @@ def test_toy_block_alone_gives_the_whole_pass_hooks(toy):
     assert all(torch.equal(alone[n], full[n]) for n in names)
 
 
-def test_shared_passes_from_the_kept_input_run_no_earlier_block_and_give_the_same_exact_terms(toy, monkeypatch):
+def test_shared_passes_from_the_kept_input_run_no_earlier_block_and_give_the_same_exact_terms(toy, shared_pass_sequences):
     tokens = toy.corpus(200, seed=2)
     layer, sae_out = toy.input_sae.layer, toy.output_saes[0]
     rows = torch.arange(0, 120, 2)
@@ -75,14 +74,7 @@ def test_shared_passes_from_the_kept_input_run_no_earlier_block_and_give_the_sam
     store = ResidStore()
     resid_name = f"blocks.{layer}.hook_resid_pre"
     store.add(torch.arange(200), hooked_forward(toy.model, tokens, layer, [resid_name])[resid_name])
-    full_passes = []
-    real = activations.run_batches
-
-    def counted(model, tokens, *args, **kwargs):
-        full_passes.append(tokens.shape[0])
-        return real(model, tokens, *args, **kwargs)
-
-    monkeypatch.setattr(activations, "run_batches", counted)
+    full_passes = shared_pass_sequences
     own = SharedPasses(toy.model, toy.input_sae, sae_out, tokens, rows.tolist(), train.tolist(), known=known)
     assert sum(full_passes) == len(train)
     full_passes.clear()

@@ -35,7 +35,7 @@ import torch
 
 from attnrules.resid_store import ResidStore
 from attnrules.sparse_acts import SparseActs
-from attnrules.sources.runner import INPUT_ACTS, hook_names, hooked_forward, run_batches
+from attnrules.sources.runner import INPUT_ACTS, hook_names, run_batches
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -122,15 +122,11 @@ class SharedPasses:
                  batch_size: int):
         """(rows, hooks) of the ``full`` rows (blocks 0..L), then of the ``from_resid`` rows (block L from
         the kept ``hook_resid_pre``)."""
-        for batch, cache in run_batches(model, self.tokens[full], self.layer, self.names, batch_size=batch_size,
-                                        desc="shared passes", progress=False) if full else ():
-            yield full[batch], cache
-        device = next(model.parameters()).device
-        with torch.no_grad():
-            for start in range(0, len(from_resid), batch_size):
-                rows = from_resid[start:start + batch_size]
-                yield rows, hooked_forward(model, self.tokens[rows].to(device), self.layer, self.names,
-                                           resid=resid.read(rows).to(device))
+        for rows, kept in ((full, None), (from_resid, resid)):
+            if rows:
+                for batch, cache in run_batches(model, self.tokens[rows], self.layer, self.names, batch_size=batch_size,
+                                                desc="shared passes", progress=False, resid=None if kept is None else kept.reader(rows)):
+                    yield rows[batch], cache
 
     def _store(self, row: int) -> Optional[SparseActs]:
         """Where ``row``'s input-SAE activations are held (None: nowhere)."""

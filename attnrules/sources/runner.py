@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -114,9 +114,12 @@ def hooked_forward(model: HookedTransformer, tokens: torch.Tensor, layer: int, n
 
 
 def run_batches(
-    model: HookedTransformer, tokens: torch.Tensor, layer: int, names: Sequence[str], *, batch_size: int, desc: str, progress: bool
+    model: HookedTransformer, tokens: torch.Tensor, layer: int, names: Sequence[str], *, batch_size: int, desc: str,
+    progress: bool, resid: Optional[Callable[[slice], torch.Tensor]] = None,
 ) -> Iterator[tuple[slice, dict]]:
-    """Run blocks 0..layer over ``tokens`` in batches, yielding (rows, {hook name: activation})."""
+    """Run blocks 0..layer over ``tokens`` in batches, yielding (rows, {hook name: activation}).
+    ``resid``: each batch's ``hook_resid_pre`` of ``layer`` (given its rows of ``tokens``), already
+    computed (:mod:`attnrules.resid_store`): block ``layer`` alone runs (:func:`hooked_forward`)."""
     tokens = check_tokens(tokens, model)
     if not 0 <= layer < model.cfg.n_layers:
         raise ValueError(f"layer must be in [0, {model.cfg.n_layers}), got {layer}")
@@ -125,5 +128,6 @@ def run_batches(
     with torch.no_grad():
         for start in _progress(starts, len(starts), desc, progress):
             rows = slice(start, min(start + batch_size, tokens.shape[0]))
-            cache = hooked_forward(model, tokens[rows].to(device), layer, names)
+            cache = hooked_forward(model, tokens[rows].to(device), layer, names,
+                                   resid=None if resid is None else resid(rows).to(device))
             yield rows, {name: cache[name] for name in names}
