@@ -87,6 +87,7 @@ OPTIONS = {
     "pattern_pool": (["--pattern-pool", "64"], 64),
     "corpus_stats_sequences": (["--corpus-stats-sequences", "all"], None),
     "corpus_acts_mib": (["--corpus-acts-mib", "0"], 0),
+    "corpus_resid_mib": (["--corpus-resid-mib", "64"], 64),
     "layers_per_pass": (["--layers-per-pass", "2"], 2),
     "offsets": (["--offsets", "0,1,4"], (0, 1, 4)),
     "max_offset": (["--max-offset", "12"], 12),
