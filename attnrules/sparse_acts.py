@@ -16,8 +16,12 @@ from typing import Optional
 
 import torch
 
-from attnrules import _C
 from attnrules.spill import SpillFile
+
+try:
+    import attnrules._C as _C
+except ImportError:  # the package was installed without building the C++ core: torch does the same, slower
+    _C = None
 
 
 def nonzero_bits(x: torch.Tensor) -> torch.Tensor:
@@ -28,8 +32,8 @@ def nonzero_bits(x: torch.Tensor) -> torch.Tensor:
 def nonzero_entries(flat: torch.Tensor) -> tuple[list[int], torch.Tensor, torch.Tensor]:
     """Each row's entries of the CPU ``flat [rows, n]`` whose bits are not +0.0 (:func:`nonzero_bits`):
     (counts a row, column indices int64, values), rows one after another, columns ascending. float32
-    in one pass of the C++ core; other dtypes with torch."""
-    if flat.dtype != torch.float32:
+    in one pass of the C++ core; other dtypes (or no C++ core) with torch."""
+    if flat.dtype != torch.float32 or _C is None:
         keep = nonzero_bits(flat)
         return keep.sum(dim=1).tolist(), torch.nonzero(keep)[:, 1], flat[keep]
     flat = flat.contiguous()
@@ -48,9 +52,10 @@ def sparse_times(rows: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     output element, in index order from +0.0 — exactly rounded steps, so a row's result is the same
     whatever the other rows and on every CPU (MKL's dense product changes its blocking, and so its last
     bit, with the number of rows: ≈ 1e-15 relative). Hundreds of times fewer operations than the dense
-    product at ~50 active features of 24,576. Off the CPU, or for other dtypes: the dense product."""
+    product at ~50 active features of 24,576. Off the CPU, for other dtypes or without the C++ core: the
+    dense product."""
     if rows.device.type != "cpu" or dense.device.type != "cpu" or dense.dtype != torch.float64 \
-            or rows.dtype != torch.float32:
+            or rows.dtype != torch.float32 or _C is None:
         return rows.double() @ dense
     counts, index, values = nonzero_entries(rows)  # -0.0 entries too: they leave a chain as it is
     row_start = torch.zeros(rows.shape[0] + 1, dtype=torch.int64)

@@ -69,3 +69,15 @@ def test_sparse_times_spreads_nan_and_falls_back_to_the_dense_product_for_other_
     assert bool(out[1].isnan().all()) and not bool(out[[0, 2]].isnan().any())
     torch.testing.assert_close(sparse_times(rows.double(), dense), rows.double() @ dense, rtol=0, atol=0,
                                equal_nan=True)
+
+
+def test_without_the_cpp_core_torch_gives_the_same_entries_and_the_dense_product(monkeypatch):
+    import attnrules.sparse_acts as sparse_acts
+
+    rows = _sparse_rows(4, 120, 9, seed=7)
+    dense = torch.randn(120, 5, dtype=torch.float64)
+    with_core = nonzero_entries(rows)
+    monkeypatch.setattr(sparse_acts, "_C", None)
+    counts, index, values = nonzero_entries(rows)
+    assert counts == with_core[0] and torch.equal(index, with_core[1]) and torch.equal(values, with_core[2])
+    assert torch.equal(sparse_times(rows, dense), rows.double() @ dense)
