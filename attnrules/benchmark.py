@@ -793,7 +793,7 @@ def run_gpu_benchmark(*, precision: Optional[str] = None, precisions: Optional[t
     }
 
 
-BLOCK_SWEEP = {  # (block_q, block_k) tried per case; the plan's defaults are (16, 64) global, (64, 32) per key
+BLOCK_SWEEP = {  # (block_q, block_k) tried per case; the plan's defaults are (16, 128) global, (64, 32) per key
     "global": [(16, 32), (16, 64), (16, 128), (32, 64), (32, 128), (64, 64), (64, 128), (128, 64)],
     "key": [(32, 32), (64, 32), (128, 32), (64, 16), (64, 64), (64, 128), (128, 64)],
 }

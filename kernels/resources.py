@@ -89,9 +89,10 @@ def ptxas_report(ptx: str, arch: int) -> dict:
     return {"registers": int(regs.group(1)), "spill_stores": int(spill.group(1)), "spill_loads": int(spill.group(2))}
 
 
-def compile_case(case: Case, arch: int, block_c: int = topk_stream.DEFAULT_BLOCK_C,
+def compile_case(case: Case, arch: int, block_c: Optional[int] = None,
                  num_warps: int = topk_stream.DEFAULT_WARPS, num_stages: int = topk_stream.DEFAULT_STAGES) -> dict:
     """Compile ``case`` for sm_``arch`` (default: the plan's configuration); its resource use."""
+    block_c = block_c or plan_module.default_block_c(case.global_mode, case.n_x)
     fn = topk_stream.stream_topk_kernel
     const = constexprs(case, block_c)
     signature = {name: ("constexpr" if name in const else _TYPES.get(name, "i32")) for name in fn.arg_names}
