@@ -10,6 +10,9 @@ whole pass gives (row independence, as for the kept input activations: ``tests/t
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
+import warnings
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -17,13 +20,18 @@ import torch
 from attnrules.spill import SpillFile
 
 
+DISK_SHARE = 0.5  # at most this share of TMPDIR's free space (when the store is made) is taken
+
+
 class ResidStore:
     """Rows' ``[T, d_model]`` residual stream, in a temporary file (``TMPDIR``); rows are added until
-    ``max_bytes`` would be passed (None: no bound), after which :attr:`full` is set and further rows are
-    left out (their exemplar passes run the blocks before the layer, as without a store)."""
+    ``max_bytes`` (None: no bound of its own) or :data:`DISK_SHARE` of ``TMPDIR``'s free space would be
+    passed, or a write fails (disk full: a warning says so), after which :attr:`full` is set and further
+    rows are left out (their exemplar passes run the blocks before the layer, as without a store)."""
 
     def __init__(self, max_bytes: Optional[int] = None) -> None:
-        self.max_bytes = max_bytes
+        room = int(DISK_SHARE * shutil.disk_usage(tempfile.gettempdir()).free)
+        self.max_bytes = room if max_bytes is None else min(max_bytes, room)
         self.rows: dict[int, int] = {}  # row -> byte offset in the file
         self.shape: Optional[tuple] = None  # (T, d_model) and the dtype, from the first rows added
         self.dtype: Optional[torch.dtype] = None
@@ -45,10 +53,16 @@ class ResidStore:
         for i, row in enumerate(sequences.tolist()):
             if row in self.rows:
                 continue
-            if self.max_bytes is not None and self.nbytes + row_bytes > self.max_bytes:
+            if self.nbytes + row_bytes > self.max_bytes:
                 self.full = True
                 return
-            self.rows[row] = self.file.append(resid[i])
+            try:
+                self.rows[row] = self.file.append(resid[i])
+            except OSError as err:
+                self.full = True
+                warnings.warn(f"hook_resid_pre is kept for {len(self.rows)} corpus rows only: {err}; exemplar passes "
+                              "of the other rows run the blocks before the layer", RuntimeWarning, stacklevel=2)
+                return
             self.nbytes += row_bytes
 
     def covers(self, rows: Sequence[int]) -> bool:

@@ -121,3 +121,26 @@ def test_extract_head_results_do_not_depend_on_the_kept_input(family):
     assert results[0] == results[1]
     assert corpus_observers(sae_in, tokens, settings).resid is not None
     assert corpus_observers(sae_in, tokens, dataclasses.replace(settings, exact=False)).resid is None
+
+
+def test_the_store_takes_at_most_its_share_of_the_free_disk_and_stops_on_a_failed_write(monkeypatch):
+    import shutil
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
+    assert ResidStore(max_bytes=10**9).max_bytes == 500 and ResidStore().max_bytes == 500
+    monkeypatch.undo()
+    store = ResidStore()
+    resid = torch.randn(3, 4, 2)
+    calls = []
+
+    def append(x):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("could not write to the temporary file (disk full?)")
+        return 0
+
+    monkeypatch.setattr(store.file, "append", append)
+    with pytest.warns(RuntimeWarning, match="kept for 1 corpus rows only"):
+        store.add(torch.tensor([0, 1, 2]), resid)
+    assert store.full and set(store.rows) == {0} and store.nbytes == 4 * 2 * 4
