@@ -81,6 +81,7 @@ def test_shared_passes_from_the_kept_input_run_no_earlier_block_and_give_the_sam
     kept = SharedPasses(toy.model, toy.input_sae, sae_out, tokens, rows.tolist(), train.tolist(), known=known,
                         resid=store)
     assert sum(full_passes) == 0 and kept.covers(train, exact=True)
+    assert all(resid_name not in kept.hooks[int(r)] for r in train) and kept.nbytes < own.nbytes  # read back, not held
     full_passes.clear()
     partial = ResidStore(max_bytes=7 * store.nbytes // 200)  # the first 7 rows of the corpus
     partial.add(torch.arange(200), store.read(range(200)))

@@ -56,7 +56,8 @@ class SharedPasses:
     corpus pass's :class:`~attnrules.sparse_acts.SparseActs`): rows it holds are looked up there,
     so the pass runs only over the others and the exact rows, and encodes only the others. ``resid``:
     the layer's ``hook_resid_pre`` the corpus pass kept (:class:`~attnrules.resid_store.ResidStore`):
-    exact rows it holds (and ``known`` holds) run block L alone from it, not blocks 0..L.
+    exact rows it holds (and ``known`` holds) run block L alone from it, not blocks 0..L, and their
+    ``hook_resid_pre`` is read back from it when asked for, not held in memory (0.2 MB a GPT-2 row).
     ``batch_size``: sequences per forward pass. Raises :class:`MemoryError` when the stored hooks would
     pass ``max_bytes``."""
 
@@ -93,9 +94,11 @@ class SharedPasses:
         run = [r for r in wanted if r not in held or r in exact_set]  # the rows the pass runs over
         # exact rows whose layer input the corpus pass kept (their activations too): block L alone
         from_resid = [r for r in run if r in held and resid is not None and r in resid.rows]
+        self.resid, self.resid_hook = resid, resid_hook
+        on_disk = set(from_resid)  # their hook_resid_pre is read back from the store, not held here
         self.passes = 0
         nbytes = 0
-        full = [r for r in run if r not in set(from_resid)] if from_resid else run
+        full = [r for r in run if r not in on_disk] if from_resid else run
         for batch_rows, cache in self._batches(model, full, from_resid, resid, batch_size):
             self.passes += 1
             new = [i for i, r in enumerate(batch_rows) if r not in held]
@@ -107,6 +110,8 @@ class SharedPasses:
                 if row in exact_set:
                     kept = {}
                     for name in self.names:
+                        if name == resid_hook and row in on_disk:
+                            continue
                         a = cache[name]
                         self.shapes[name] = tuple(a.shape[1:])
                         s = self.slices[name]
@@ -172,7 +177,7 @@ class SharedPasses:
         return run
 
     def _stack(self, name: str, rows: torch.Tensor) -> torch.Tensor:
-        parts = [self.hooks[int(r)][name] for r in rows]
+        parts = [self.hooks[int(r)][name] if name in self.hooks[int(r)] else self.resid.read([int(r)])[0] for r in rows]
         s = self.slices[name]
         if s is None:
             return torch.stack(parts)
