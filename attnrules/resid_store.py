@@ -65,9 +65,6 @@ class ResidStore:
                 return
             self.nbytes += row_bytes
 
-    def covers(self, rows: Sequence[int]) -> bool:
-        return all(int(r) in self.rows for r in rows)
-
     def read(self, rows: Sequence[int]) -> torch.Tensor:
         """The held rows' residual stream ``[len(rows), T, d_model]``."""
         out = torch.empty((len(rows), *self.shape), dtype=self.dtype)

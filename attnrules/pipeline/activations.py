@@ -94,11 +94,11 @@ class SharedPasses:
         run = [r for r in wanted if r not in held or r in exact_set]  # the rows the pass runs over
         # exact rows whose layer input the corpus pass kept (their activations too): block L alone
         from_resid = [r for r in run if r in held and resid is not None and r in resid.rows]
-        self.resid, self.resid_hook = resid, resid_hook
+        self.resid = resid
         on_disk = set(from_resid)  # their hook_resid_pre is read back from the store, not held here
         self.passes = 0
         nbytes = 0
-        full = [r for r in run if r not in on_disk] if from_resid else run
+        full = [r for r in run if r not in on_disk]
         for batch_rows, cache in self._batches(model, full, from_resid, resid, batch_size):
             self.passes += 1
             new = [i for i, r in enumerate(batch_rows) if r not in held]
