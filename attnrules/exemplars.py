@@ -29,6 +29,8 @@ from attnrules.records import Record
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
+    from attnrules.resid_store import ResidStore
+
     from attnrules.sources import InputSAE, OutputSAE
 
 
@@ -43,6 +45,19 @@ class FeatureScan:
     @property
     def n_sequences(self) -> int:
         return self.act_max.shape[0]
+
+    def column(self, feature: int) -> "FeatureColumn":
+        """One feature's maxima and positions, copied (so that they do not keep the whole scan alive)."""
+        return FeatureColumn(self.act_max[:, feature].clone(), self.act_argmax[:, feature].clone())
+
+
+@dataclass(frozen=True)
+class FeatureColumn:
+    """One output feature's column of a :class:`FeatureScan`: its max activation in each sequence and where.
+    A head run keeps the columns of the features it explains, not the scan (0.57 GiB at 50,000 GPT-2 sequences)."""
+
+    act_max: torch.Tensor  # [N]
+    act_argmax: torch.Tensor  # [N]
 
 
 def position_dtype(seq_len: int) -> torch.dtype:
@@ -327,12 +342,15 @@ class ExemplarView(Record):
 
 def exemplar_views(
     model: HookedTransformer, output_sae: OutputSAE, feature: int, tokens: torch.Tensor, sequences: torch.Tensor, positions: torch.Tensor,
-    *, batch_size: int = 64,
+    *, batch_size: int = 64, resid: Optional[ResidStore] = None,
 ) -> list[ExemplarView]:
     """Activations and DFA of ``feature`` on the given corpus rows, each at its scored position.
 
     DFA follows REF: the head's attention from the scored position times each key's value vector
-    projected on the feature's encoder column u (no SAE biases).
+    projected on the feature's encoder column u (no SAE biases). ``resid``: the layer's
+    ``hook_resid_pre`` the corpus pass kept (:class:`~attnrules.resid_store.ResidStore`); when it holds
+    every row, the head's block alone runs from it (the values of the corpus pass; equal to a pass of
+    their own where the model's rows are independent of their batch, e.g. GPT-2-small widths).
     """
     layer, head = output_sae.layer, output_sae.head
     _, z = hook_names(layer)
@@ -341,8 +359,10 @@ def exemplar_views(
     rows = tokens[sequences]
     words = token_strings_of(model, rows)
     views = []
+    kept = resid is not None and all(int(r) in resid.rows for r in sequences)
     for batch, cache in run_batches(model, rows, layer, [z, v_name, a_name], batch_size=batch_size,
-                                    desc="exemplar views", progress=False):
+                                    desc="exemplar views", progress=False,
+                                    resid=resid.reader(sequences.tolist()) if kept else None):
         acts = output_sae.encode(cache[z].to(output_sae.W_enc.dtype))[..., feature].cpu()
         value = (cache[v_name][:, :, kv_head(model, head)].to(u.dtype) @ u).cpu()  # [B, T] (GQA: the kv head)
         pattern = cache[a_name][:, head].cpu()  # [B, Tq, Tk]

@@ -11,8 +11,9 @@ about 0.5 % of tokens (a quarter of the sequences), over a corpus of random toke
   sampled features, 50 + 50 exemplars a split, exact mode, absence and counting rules, distractor
   evidence), timed as a whole and per step (every step function the pipeline calls, timed where
   it is called; nested calls count once, in the outer step), with the process's largest resident size during
-  the run (sampled every 5 ms; and projected to a 50,000-sequence corpus: plus the corpus's tokens, the
-  head's scan and the kept activations' index there);
+  the run (sampled every 5 ms; and projected to a 50,000-sequence corpus: plus the corpus's tokens and
+  the kept stores' indexes there, and the head's scan — whole up to the end of the corpus pass, then the
+  columns of the features run: both phases are projected, :func:`peak_at_50k`);
 - **old**: the same head, model and corpus through the pipeline at commit ``--baseline`` (default
   f7b4c2b, the last one before issue 14's pipeline changes), run in a subprocess from that commit's
   sources (``git archive``) on ``--baseline-features`` of the same features (the first ones): its
@@ -28,7 +29,8 @@ about 0.5 % of tokens (a quarter of the sequences), over a corpus of random toke
 Corpus-sized steps (the scan and the natural-prevalence pass of the distractor evidence) are
 scaled from ``--corpus`` sequences to 50,000 in the projection (the new scan's input-SAE encode to the
 rows it reads there: every row while the kept activations fit ``corpus_acts_mib`` at the measured bytes a
-sequence, else the kept ones, the statistics' first 8,192 and the pattern pool's); steps a sweep runs once a
+sequence, else the kept ones, the statistics' first 8,192 and the pattern pool's; the statistics' and the
+pool's own work, timed apart by :class:`CappedObservers`, to the 8,192 and 2,048 rows they read there); steps a sweep runs once a
 layer for all its heads (:data:`LAYER_STEPS`: the old pipeline's scan; the new one's scan, vocabulary
 pass, prevalence pass and pattern pool — ``tests/test_layer_passes.py`` checks that a sweep runs them
 once a layer) count 12 times in the whole-model projection, the other per-head steps 144 times, and the
@@ -120,10 +122,11 @@ class StepTimes:
     """Wall time of each step function of ``attnrules.pipeline.extract`` while installed; a step called
     inside another counts in its own entry, and the outer step counts its time less the inner step's."""
 
-    def __init__(self) -> None:
+    def __init__(self, after: Optional[dict] = None) -> None:
         self.seconds: dict[str, float] = {}
         self.calls: dict[str, int] = {}
         self.inner: list[float] = []  # per open step: the time of the steps called inside it
+        self.after = after or {}  # step name -> called when the step returns
 
     @contextlib.contextmanager
     def installed(self):
@@ -151,8 +154,49 @@ class StepTimes:
                     self.inner[-1] += took
                 self.seconds[name] = self.seconds.get(name, 0.0) + own
                 self.calls[name] = self.calls.get(name, 0) + 1
+                if name in self.after:
+                    self.after[name]()
 
         return run
+
+
+class CappedObservers:
+    """Seconds and sequences of the corpus pass's observers whose rows are capped (the input-feature
+    statistics read the first ``corpus_stats_sequences``, the pattern pool ``pattern_pool`` random ones),
+    so that the projection scales them by the rows they read at 50,000 sequences, not by the corpus."""
+
+    def __init__(self) -> None:
+        self.seconds = {"stats": 0.0, "pool": 0.0}
+        self.sequences = {"stats": 0, "pool": 0}
+
+    @contextlib.contextmanager
+    def installed(self):
+        from attnrules.evaluation.negatives import PoolObserver
+        from attnrules.rules.descriptions import InputStatsObserver
+
+        classes = {"stats": InputStatsObserver, "pool": PoolObserver}
+        real = {name: cls.add for name, cls in classes.items()}
+        for name, cls in classes.items():
+            cls.add = self._timed(name, real[name])
+        try:
+            yield self
+        finally:
+            for name, cls in classes.items():
+                cls.add = real[name]
+
+    def _timed(self, name, add):
+        def run(observer, sequences, acts):
+            t0 = time.perf_counter()
+            try:
+                return add(observer, sequences, acts)
+            finally:
+                self.seconds[name] += time.perf_counter() - t0
+                self.sequences[name] += len(sequences)
+
+        return run
+
+    def to_json(self) -> dict:
+        return {name: {"s": round(self.seconds[name], 3), "sequences": self.sequences[name]} for name in self.seconds}
 
 
 class PeakRSS:
@@ -202,19 +246,24 @@ def run_head(args, features) -> dict:
     if args.quick:
         fields.update(min_count=10, examples_per_bin=10)
     settings = ExtractSettings(**fields, backend=args.backend)
-    steps = StepTimes()
+    peak, scanned = PeakRSS(), {}
+    # the largest resident size up to the end of the scan (while it is held whole, before the features run)
+    steps, capped = StepTimes({"scan_output_features": lambda: scanned.setdefault("peak", peak.peak)}), CappedObservers()
     t0 = time.perf_counter()
-    peak = PeakRSS()
-    with steps.installed(), peak.installed(), warnings.catch_warnings():
+    # the old pipeline has none of the capped observers (its scan grows with the corpus as a whole)
+    observing = capped.installed() if args.role == "main" else contextlib.nullcontext()
+    with steps.installed(), observing, peak.installed(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = extract_head(model, sae_in, sae_out, tokens, settings=settings, progress=True)
     total = time.perf_counter() - t0
     out = {"total_s": round(total, 2), "features": [f.feature for f in result.features],
            "step_seconds": {k: round(v, 3) for k, v in steps.seconds.items()}, "step_calls": steps.calls,
            "other_s": round(total - sum(steps.seconds.values()), 3), "peak_rss_gib": round(peak.gib, 2),
+           "peak_rss_gib_to_scan_end": round(scanned.get("peak", 0) / 2**30, 2),
            "failed_steps": result.metadata.get("failed_steps"),
            "counting": [f.counting_check.status if f.counting_check else None for f in result.features],
-           "flagged_distractor_features": len(result.distractors), "corpus_acts": None if getattr(result.run, "corpus_acts", None) is None else result.run.corpus_acts.to_json()}
+           "flagged_distractor_features": len(result.distractors),
+           **({"capped_observers": capped.to_json()} if args.role == "main" else {}), "corpus_acts": None if getattr(result.run, "corpus_acts", None) is None else result.run.corpus_acts.to_json()}
     if args.device.startswith("cuda"):
         out["cuda_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     out["results"] = [f.to_json() for f in result.features]
@@ -282,7 +331,8 @@ def project(run: dict, n_features: int, corpus_n: int, measured_features: int, p
             scan_split: Optional[dict] = None) -> dict:
     """Per-head seconds at ``n_features`` features and a 50,000-sequence corpus, and the 144-head run
     (``pipeline``'s :data:`LAYER_STEPS` counted once a layer). ``scan_split``: the scan's forward seconds per
-    sequence, the sequences its input-SAE encode reads at 50,000 (statistics cap and pattern pool) and,
+    sequence, the sequences its input-SAE encode reads at 50,000 (statistics cap and pattern pool), the
+    capped observers' seconds as measured and at 50,000 (:class:`CappedObservers`) and,
     for a sweep's one pass through the whole model, that pass's seconds per sequence (its forward then
     counts once for the run, the encode once a layer); without it the scan grows in proportion to the
     corpus and runs once a layer."""
@@ -293,8 +343,10 @@ def project(run: dict, n_features: int, corpus_n: int, measured_features: int, p
     model_pass = 0.0  # the sweep's forward pass through the whole model, once for the run
     if scan_split is not None:
         forward = scan_split["forward_s_per_sequence"] * corpus_n
-        encode = max(0.0, steps.get("scan_output_features", 0.0) - forward)
-        at_50k["scan_output_features"] = forward * scale + encode * scan_split["encoded_sequences_50k"] / corpus_n
+        capped = scan_split.get("capped_observers_s", 0.0)
+        encode = max(0.0, steps.get("scan_output_features", 0.0) - forward - capped)
+        at_50k["scan_output_features"] = (forward * scale + encode * scan_split["encoded_sequences_50k"] / corpus_n
+                                          + scan_split.get("capped_observers_s_50k", 0.0))
         if scan_split.get("whole_model_forward_s_per_sequence"):
             model_pass = scan_split["whole_model_forward_s_per_sequence"] * CORPUS_TOKENS
     per_feature = (run["total_s"] - per_head) / measured_features
@@ -321,22 +373,26 @@ STORE_INDEX_BYTES_PER_SEQUENCE = 400
 RESID_INDEX_BYTES_PER_SEQUENCE = 130
 
 
-def build_scan_bytes(args) -> int:
-    """Bytes the head's scan holds a corpus sequence: each output feature's max activation and its position."""
+def scan_shape(args) -> tuple[int, int]:
+    """The head's output features and the bytes its scan holds for one of them a sequence (its max
+    activation and that position)."""
     from attnrules.exemplars import position_dtype
 
     _, _, sae_out = build(args.quick, args.layer, "cpu")
-    n_out = sae_out.W_enc.shape[1]
-    return n_out * (sae_out.W_enc.element_size() + torch.empty(0, dtype=position_dtype(64)).element_size())
+    return sae_out.W_enc.shape[1], sae_out.W_enc.element_size() + torch.empty(0, dtype=position_dtype(64)).element_size()
 
 
-def peak_at_50k(run: dict, corpus_n: int, scan_bytes: int) -> float:
-    """The measured peak plus what grows with the corpus from ``corpus_n`` to 50,000 sequences while a
-    feature runs: the corpus's token ids (int64), the head's scan and the in-memory indexes of the kept
-    activations and the kept hook_resid_pre (their bytes are on disk). Per-feature tensors do not grow with the corpus (the exemplar counts are fixed)."""
-    grown = (CORPUS_TOKENS - corpus_n) * (64 * 8 + scan_bytes + STORE_INDEX_BYTES_PER_SEQUENCE
-                                          + RESID_INDEX_BYTES_PER_SEQUENCE)
-    return round(run["peak_rss_gib"] + grown / 2**30, 2)
+def peak_at_50k(run: dict, corpus_n: int, n_out: int, feature_bytes: int) -> dict:
+    """The measured peaks plus what grows with the corpus from ``corpus_n`` to 50,000 sequences: the
+    corpus's token ids (int64) and the in-memory indexes of the kept activations and the kept
+    hook_resid_pre (their bytes are on disk), and the head's scan (``feature_bytes`` a sequence and output
+    feature): while the corpus pass runs, its batches and their concatenation (twice; up to the end of
+    the scan), then only the columns of the features run (:meth:`~attnrules.exemplars.FeatureScan.column`).
+    Per-feature tensors do not grow with the corpus (the exemplar counts are fixed)."""
+    grown = (CORPUS_TOKENS - corpus_n) * (64 * 8 + STORE_INDEX_BYTES_PER_SEQUENCE + RESID_INDEX_BYTES_PER_SEQUENCE)
+    features = run["peak_rss_gib"] + (grown + (CORPUS_TOKENS - corpus_n) * len(run["features"]) * feature_bytes) / 2**30
+    scan = run["peak_rss_gib_to_scan_end"] + (grown + (CORPUS_TOKENS - corpus_n) * 2 * n_out * feature_bytes) / 2**30
+    return {"features": round(features, 2), "scan": round(scan, 2), "peak": round(max(features, scan), 2)}
 
 
 def corpus_pass(args) -> dict:
@@ -459,11 +515,19 @@ def main() -> None:
     kept_50k = min(CORPUS_TOKENS, ref.corpus_acts_mib * 2**20 // per_row) if per_row else 0
     encoded = max(kept_50k, min(CORPUS_TOKENS, ref.corpus_stats_sequences or CORPUS_TOKENS))  # kept rows, statistics' rows
     encoded += ref.pattern_pool * (1 - encoded / CORPUS_TOKENS)  # pool rows beyond them (drawn at random)
+    capped = new.get("capped_observers", {})
+    caps = {"stats": ref.corpus_stats_sequences or CORPUS_TOKENS, "pool": ref.pattern_pool}  # rows read at 50k
+    capped_50k = sum(c["s"] * min(CORPUS_TOKENS, caps[name]) / c["sequences"]
+                     for name, c in capped.items() if c["sequences"])
     split = {"forward_s_per_sequence": 64 / scan["tokens_per_s_blocks_0_to_layer"], "encoded_sequences_50k": round(encoded),
+             "capped_observers_s": round(sum(c["s"] for c in capped.values()), 3),
+             "capped_observers_s_50k": round(capped_50k, 1),
              "whole_model_forward_s_per_sequence": 64 / scan["tokens_per_s_whole_model"],
              "kept_sequences_50k": int(kept_50k), "kept_gib_50k": round(kept_50k * per_row / 2**30, 2)}
     report["new"]["projection"] = project(new, 100, args.corpus, max(measured, 1), "new", split)
-    report["new"]["projection"]["peak_rss_gib_50k"] = peak_at_50k(new, args.corpus, build_scan_bytes(args))
+    at_50k = peak_at_50k(new, args.corpus, *scan_shape(args))
+    report["new"]["projection"]["peak_rss_gib_50k"] = at_50k["peak"]
+    report["new"]["projection"]["peak_rss_gib_50k_phases"] = at_50k
     if old is None:
         report["old"] = {"skipped": old_skipped}
     else:

@@ -1,5 +1,6 @@
-"""The corpus pass's kept ``hook_resid_pre`` (``attnrules.resid_store``): exact-mode exemplar passes run
-the head's block alone from it, with the values of the whole pass, on every attention kind."""
+"""The corpus pass's kept ``hook_resid_pre`` (``attnrules.resid_store``): exact-mode exemplar passes and
+the exemplar views run the head's block alone from it, with the values of the whole pass, on every
+attention kind."""
 import dataclasses
 import json
 import warnings
@@ -7,14 +8,15 @@ import warnings
 import pytest
 import torch
 
-from attnrules.exemplars import input_activations
+import attnrules.exemplars as exemplars
+from attnrules.exemplars import exemplar_views, input_activations
 from attnrules.importance import exact_importance_terms
 from attnrules.pipeline import ExtractSettings, extract_head
 from attnrules.pipeline.activations import SharedPasses
 from attnrules.resid_store import ResidStore
 from attnrules.sources.runner import hooked_forward
 from attnrules.sparse_acts import SparseActs
-from families import FAMILIES, LOCAL_LAYERS, build_family
+from families import FAMILIES, LOCAL_LAYERS, build_family, family_saes
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -95,6 +97,37 @@ def test_shared_passes_from_the_kept_input_run_no_earlier_block_and_give_the_sam
         for other in terms[1:]:
             for a, b in zip(terms[0].__dict__.values(), other.__dict__.values()):
                 assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)) and torch.equal(a.isnan(), b.isnan())
+
+
+@pytest.mark.parametrize("name", ["toy", "gemma2", "qwen3"])
+def test_exemplar_views_from_the_kept_input_equal_a_pass_of_their_own(name, toy, monkeypatch):
+    """Views of rows the store holds run the head's block alone (no earlier block); a row it lacks makes
+    the views run their own pass; both give the same views."""
+    if name == "toy":
+        model, sae_out, tokens = toy.model, toy.output_saes[1], toy.corpus(100, seed=4)
+    else:
+        model = build_family(name)
+        _, sae_out = family_saes(model, 1, model.cfg.n_heads - 1, seed=3)
+        tokens = torch.randint(0, model.cfg.d_vocab, (100, 12), generator=torch.Generator().manual_seed(5))
+    resid_name = f"blocks.{sae_out.layer}.hook_resid_pre"
+    store = ResidStore()
+    for start in range(0, 100, 64):  # as the corpus pass keeps it: batches of 64
+        rows = torch.arange(start, min(start + 64, 100))
+        store.add(rows, hooked_forward(model, tokens[rows], sae_out.layer, [resid_name])[resid_name])
+    partial = ResidStore(max_bytes=50 * store.nbytes // 100)  # rows 0..49
+    partial.add(torch.arange(100), store.read(range(100)))
+    from_resid, real = [], exemplars.run_batches
+
+    def counted(*args, resid=None, **kwargs):
+        from_resid.append(resid is not None)
+        return real(*args, resid=resid, **kwargs)
+
+    monkeypatch.setattr(exemplars, "run_batches", counted)
+    sequences = torch.tensor([3, 97, 41, 60, 12, 88, 7])
+    positions = torch.randint(1, tokens.shape[1], (7,), generator=torch.Generator().manual_seed(6))
+    views = [exemplar_views(model, sae_out, 1, tokens, sequences, positions, resid=r) for r in (None, store, partial)]
+    assert from_resid == [False, True, False]
+    assert views[0] == views[1] == views[2] and len(views[0]) == 7
 
 
 @pytest.mark.parametrize("family", ["gemma2", "llama"])

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
+from attnrules.evaluation.grid_matches import grid_matches
 from attnrules.rules import SkipgramRuleSet
 from attnrules.rules.matches import default_aggregation
 from attnrules.rules.skipgram import scale_for
@@ -114,10 +115,9 @@ def sweep(
     its predicted labels."""
     points = []
     scale = scale_for(acts)  # acts.max() once for every N (an exact rule's floor is relative to it)
-    for n in grid:
-        rules = build(n)
+    for n, rules, rows in grid_matches(build, grid, acts, positions, scale):  # the largest set evaluated once
         how = aggregation or default_aggregation(rules.method)
-        predicted = rules.predict(acts, positions, aggregation=how, act_scale=scale(rules))
+        predicted = rows.aggregate(how)
         points.append(sweep_point(rules.method, n, len(rules), predicted, act_max,
                                   threshold=threshold, prediction_threshold=prediction_threshold, negatives=negatives,
                                   aggregation=how))

@@ -29,11 +29,12 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence, TypeVar
 import numpy as np
 import torch
 
+from attnrules.evaluation.grid_matches import grid_matches
 from attnrules.evaluation.metrics import SweepPoint, sweep_point
 from attnrules.exemplars import ConditionHit, ExemplarSplit, Exemplars, ExemplarView, TermMatch, split_bounds
 from attnrules.rules.combined import COMBINED, CombinedRuleSet, Conditions, condition_masks, presence
 from attnrules.rules.matches import default_aggregation
-from attnrules.rules.skipgram import SkipgramRuleSet, scale_for
+from attnrules.rules.skipgram import scale_for
 from attnrules.sources.runner import hook_names, run_batches
 
 if TYPE_CHECKING:
@@ -158,18 +159,6 @@ def firing_positions(rule_sets: Sequence, acts: torch.Tensor, *, threshold: floa
     return fires
 
 
-def on_columns(rules: SkipgramRuleSet, features: torch.Tensor) -> SkipgramRuleSet:
-    """``rules`` (a :class:`~attnrules.rules.SkipgramRuleSet`) reading activations restricted to ``features``
-    (column j is input feature ``features[j]``; pseudo-feature ids stay as they are), without value rows."""
-    col_of = {int(f): j for j, f in enumerate(features.tolist())}
-
-    def remap(ids: torch.Tensor) -> torch.Tensor:
-        return torch.tensor([col_of[i] if i >= 0 else i for i in ids.tolist()], dtype=torch.long)
-
-    return dataclasses.replace(rules, queries=remap(rules.queries), keys=remap(rules.keys), value_features=None,
-                               value_feature_scores=None)
-
-
 def sample_pattern_negatives(
     pool: PatternPool,
     feature: int,
@@ -196,7 +185,8 @@ def sample_pattern_negatives(
     fires = torch.zeros(candidates.numel(), pool.seq_len, dtype=torch.bool)
     if candidates.numel() and features.numel():
         acts = pool.dense(candidates, features)
-        fires = firing_positions([on_columns(r, features) for r in rule_sets], acts,
+        kq_only = [dataclasses.replace(r, value_features=None, value_feature_scores=None) for r in rule_sets]
+        fires = firing_positions([r.on_columns(features) for r in kq_only], acts,
                                  threshold=threshold if fire_above is None else fire_above, act_scale=pool.act_scale)
     rng = np.random.default_rng(seed)
     hit_rows = torch.nonzero(fires.any(dim=1)).flatten().numpy()
@@ -262,10 +252,8 @@ def sweep_with_conditions(builders: dict, conditions: Conditions, data: Evaluati
     scale = scale_for(data.acts)  # acts.max() once for every set (an exact rule's floor is relative to it)
     masks: dict = {}  # max_offset -> the conditions' exemplar masks on data, made once
     for method, build in builders.items():
-        for n in grid:
-            rules = build(n)
+        for n, rules, rows in grid_matches(build, grid, data.acts, data.position, scale):
             how = aggregation or default_aggregation(method)
-            rows = rules.matches(data.acts, data.position, act_scale=scale(rules))
             evaluated = [(method, rows)] if plain else []
             if method != "unigram":
                 if rules.max_offset not in masks:

@@ -42,7 +42,7 @@ from attnrules.evaluation.insertion import (
     insertion_token,
     natural_prevalence,
 )
-from attnrules.exemplars import Exemplars, FeatureScan, decile_sequences, exemplar_views, input_activations, sample_exemplars, sample_features, scan_output_features
+from attnrules.exemplars import Exemplars, FeatureColumn, FeatureScan, decile_sequences, exemplar_views, input_activations, sample_exemplars, sample_features, scan_output_features
 from attnrules.files import plain
 from attnrules.importance import ExactTerms, exact_importance_terms, paper_importance, rank_all_pairs_by_importance
 from attnrules.pipeline import activations
@@ -511,6 +511,9 @@ def extract_head(
         if ex is None:
             notes.append(f"{name} skipped: too few active or inactive sequences")
         todo.append(ex)
+    # the features' columns of the scan, not the scan (0.57 GiB at 50,000 GPT-2-small sequences), from here on
+    columns = {g: scan.column(g) for g, ex in zip(features, todo) if isinstance(ex, Exemplars)}
+    n_sequences, scan = scan.n_sequences, None
     shared = shared_groups(model, input_sae, output_sae, tokens, todo, settings, known=corpus_stats.acts,
                            resid=corpus_stats.resid)
     head_steps = FeatureSteps()  # head-level steps: failures recorded in metadata["head_errors"]
@@ -532,14 +535,14 @@ def extract_head(
             took, left = time.time() - started, sum(isinstance(x, Exemplars) for x in todo[i:])
             eta = f", about {took / len(computed) * left:.0f}s left" if computed else ""
             print(f"[{i + 1}/{len(features)}] {name} ({took:.0f}s{eta})", file=sys.stderr)
-        result = extract_one(model, input_sae, output_sae, circuit, g, tokens, scan, ex, settings, describe, token_of,
-                             shared=shared(i), pool=pool, by_weight=ranked.get(g))
+        result = extract_one(model, input_sae, output_sae, circuit, g, tokens, columns[g], ex, settings, describe, token_of,
+                             shared=shared(i), pool=pool, by_weight=ranked.get(g), resid=corpus_stats.resid)
         computed.append(name)
         if folder is not None and not result.errors:  # a feature with a failed step is retried on resume
             folder.save_feature(result)
         results.append(result)
     flagged = sum(f.paper_distractor is not None and f.paper_distractor.has_distractor for f in results)
-    metadata = {"settings": plain(dataclasses.asdict(settings)), "notes": notes, "n_sequences": scan.n_sequences,
+    metadata = {"settings": plain(dataclasses.asdict(settings)), "notes": notes, "n_sequences": n_sequences,
                 "seq_len": tokens.shape[1], "n_inputs": circuit.n_inputs, "n_outputs": circuit.n_outputs,
                 "distractor_share": flagged / len(results) if results else None,
                 "features_with_failures": [f.name for f in results if f.errors], "inputs": inputs.to_json()}
@@ -576,15 +579,18 @@ def with_evidence(result: HeadResult, evidence: Optional[list[DistractorEvidence
 
 def extract_one(
     model: HookedTransformer, input_sae: InputSAE, output_sae: OutputSAE, circuit: HeadCircuit, g: int,
-    tokens: torch.Tensor, scan: FeatureScan, ex,
+    tokens: torch.Tensor, column: FeatureColumn, ex,
     settings: ExtractSettings, describe: InputDescriptions, token_of: TokenLookup,
     shared: Optional[SharedPasses] = None, pool: Optional[PatternPool] = None, by_weight: Optional[PairTable] = None,
+    resid: Optional[ResidStore] = None,
 ) -> FeatureResult:
     """Every step for one output feature; a step that fails is recorded in the result (step, error).
     ``shared``: the head's hooks of this feature's exemplars, already computed (:mod:`attnrules.pipeline.activations`);
     None: the steps run their own forward passes. ``pool``: the head's sample for pattern negatives
     (:mod:`attnrules.evaluation.negatives`; None: REF's evaluation only, no combined sets or pattern negatives).
-    ``by_weight``: its exhaustive A×V ranking, made for the head (:func:`pairs_by_weight`; None: made here)."""
+    ``by_weight``: its exhaustive A×V ranking, made for the head (:func:`pairs_by_weight`; None: made here).
+    ``column``: the feature's column of the head's scan. ``resid``: the layer input the corpus pass kept
+    (the exemplar views run the head's block alone from it)."""
     steps = FeatureSteps()
     name = circuit.feature_name(g)
     batch = max(1, settings.batch_size // 8)
@@ -617,7 +623,7 @@ def extract_one(
         return FeatureResult(g, name, len(ex.train), len(ex.val), errors=tuple(steps.errors))
     rule_sets, points, table, builders = found
     rules = tuple(RuleSetView.from_rules(r, describe) for r in rule_sets.values())
-    extra = beyond_skipgrams(model, input_sae, output_sae, circuit, g, rule_sets, tokens, scan.act_max[:, g], train,
+    extra = beyond_skipgrams(model, input_sae, output_sae, circuit, g, rule_sets, tokens, column.act_max, train,
                              settings, describe, token_of, steps)
     conditions = Conditions.of(extra["absence"], extra["counting"])
     pairs = []
@@ -633,7 +639,7 @@ def extract_one(
     val_set = EvaluationSet("random", ex.val.sequence, ex.val.position, ex.val.act_max, acts["val"])
     beyond = None if pool is None else steps.run("hard_negatives", lambda: evaluate_beyond_random(
         builders, conditions, list(rule_sets.values()), val_set, ex.val.positive, n_terms_grid(settings.max_rules),
-        pool=pool, feature=g, act_max=scan.act_max[:, g],
+        pool=pool, feature=g, act_max=column.act_max,
         exclude=torch.cat([ex.train.sequence, ex.val.sequence, ex.test.sequence]), count=settings.examples_per_bin,
         seed=settings.seed + g, threshold=settings.threshold, prediction_threshold=firing,
         aggregation=aggregation_of(settings)))
@@ -651,27 +657,27 @@ def extract_one(
             pattern_views = steps.run("pattern_views", lambda: [
                 annotated(v, p.acts[i], rule_sets, conditions, threshold=fire_above, max_offset=circuit.max_offset)
                 for v, i in zip(exemplar_views(model, output_sae, g, tokens, p.sequence[shown_negatives],
-                                               p.position[shown_negatives]), shown_negatives.tolist())]) or []
+                                               p.position[shown_negatives], resid=resid), shown_negatives.tolist())]) or []
     top = torch.sort(ex.val.act_max, descending=True, stable=True).indices[: settings.show_exemplars]
     views = steps.run("exemplar_views", lambda: [
         annotated(v, acts["val"][i], rule_sets, conditions, threshold=fire_above, max_offset=circuit.max_offset)
-        for v, i in zip(exemplar_views(model, output_sae, g, tokens, ex.val.sequence[top], ex.val.position[top]),
-                        top.tolist())]) or [] if top.numel() else []  # show_exemplars=0: none
-    deciles = decile_sequences(scan.act_max[:, g]) if settings.show_exemplars else torch.zeros(0, dtype=torch.long)
+        for v, i in zip(exemplar_views(model, output_sae, g, tokens, ex.val.sequence[top], ex.val.position[top],
+                                       resid=resid), top.tolist())]) or [] if top.numel() else []  # show_exemplars=0: none
+    deciles = decile_sequences(column.act_max) if settings.show_exemplars else torch.zeros(0, dtype=torch.long)
 
     def decile_views() -> list:  # one small pass (input activations) and the views' own, over ≤ 10 sequences
-        positions = scan.act_argmax[deciles, g].long()
+        positions = column.act_argmax[deciles].long()
         decile_acts = shared.input_activations(deciles) if shared is not None and shared.covers(deciles) else \
             input_activations(model, input_sae, tokens[deciles], batch_size=batch)
         return [annotated(v, decile_acts[i], rule_sets, conditions, threshold=fire_above, max_offset=circuit.max_offset)
-                for i, v in enumerate(exemplar_views(model, output_sae, g, tokens, deciles, positions))]
+                for i, v in enumerate(exemplar_views(model, output_sae, g, tokens, deciles, positions, resid=resid))]
 
     decile = steps.run("decile_exemplars", decile_views) or [] if deciles.numel() else []
     return FeatureResult(g, name, len(ex.train), len(ex.val), rules, tuple(SweepRecord.from_point(p) for p in points),
                          tuple(pairs), exemplars=tuple(views),
                          unseen_keys=tuple(unseen), notes=tuple(steps.notes), errors=tuple(steps.errors),
                          pattern_negatives=tuple(pattern_views), predictions=tuple(predictions),
-                         histogram=ActivationHistogram.of(scan.act_max[:, g]), decile_exemplars=tuple(decile), **extra)
+                         histogram=ActivationHistogram.of(column.act_max), decile_exemplars=tuple(decile), **extra)
 
 
 def shared_groups(

@@ -111,6 +111,18 @@ class SkipgramRuleSet:
     def __len__(self) -> int:
         return self.queries.numel()
 
+    def on_columns(self, features: torch.Tensor) -> "SkipgramRuleSet":
+        """This set reading activations restricted to ``features`` (column j is input feature
+        ``features[j]``, which must hold every query, key and value feature; pseudo ids stay as they are)."""
+        col_of = torch.full((int(features.max()) + 1 if features.numel() else 1,), -1, dtype=torch.long)
+        col_of[features] = torch.arange(features.numel())
+
+        def remap(ids: torch.Tensor) -> torch.Tensor:
+            return torch.where(ids < 0, ids, col_of[ids.clamp(0, col_of.numel() - 1)])
+
+        return replace(self, queries=remap(self.queries), keys=remap(self.keys),
+                       value_features=None if self.value_features is None else remap(self.value_features))
+
     def predict(self, acts: torch.Tensor, positions: torch.Tensor, *, aggregation: Optional[str] = None,
                 act_scale: Optional[float] = None) -> torch.Tensor:
         """Predicted score ``[N]`` of each exemplar (input-SAE acts ``[N, T, n_in]``, scored position ``[N]``):
