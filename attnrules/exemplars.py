@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
     from attnrules.resid_store import ResidStore
-
     from attnrules.sources import InputSAE, OutputSAE
 
 

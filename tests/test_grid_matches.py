@@ -110,3 +110,4 @@ def test_a_set_that_is_not_a_prefix_is_evaluated_on_its_own():
     with_nan = _set(8, attn_score=torch.tensor([float("nan")] * 8))
     assert prefix_lengths(_set(2, attn_score=torch.tensor([float("nan")] * 2)), with_nan) == (2, 2)
     assert prefix_lengths(_set(2, attn_score=torch.tensor([0.0, 1.0])), _set(8, attn_score=torch.tensor([-0.0] + [1.0] * 7))) is None
+    assert list(grid_matches(_set, [], acts, positions, scale)) == []  # an empty grid: nothing, nothing built

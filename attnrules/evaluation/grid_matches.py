@@ -63,6 +63,8 @@ def grid_matches(build: Callable[[int], object], grid: list[int], acts: torch.Te
     """``(n, build(n), build(n).matches(acts, positions, act_scale=act_scale(rules)))`` for every n of
     ``grid``, in order (module docstring); ``act_scale``: a rule set's activation scale
     (:func:`~attnrules.rules.skipgram.scale_for` of the full ``acts``)."""
+    if not grid:
+        return
     largest = build(max(grid))
     rows: Optional[Matches] = None
     if isinstance(largest, SkipgramRuleSet):
