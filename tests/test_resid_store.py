@@ -130,6 +130,28 @@ def test_exemplar_views_from_the_kept_input_equal_a_pass_of_their_own(name, toy,
     assert views[0] == views[1] == views[2] and len(views[0]) == 7
 
 
+def test_exemplar_views_from_the_kept_input_equal_a_pass_of_their_own_at_gpt2_small_widths():
+    """GPT-2-small shapes (bench_pipeline's random model): the input kept from batches of 64 gives the views
+    of a pass of their own over 10 other rows, bit for bit (the README's identity claim)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from bench_pipeline import build, corpus
+
+    model, _, sae_out = build(False, 2, "cpu")
+    tokens = corpus(80, model.cfg.d_vocab)
+    store, name = ResidStore(), "blocks.2.hook_resid_pre"
+    for start in range(0, 80, 64):
+        rows = torch.arange(start, min(start + 64, 80))
+        store.add(rows, hooked_forward(model, tokens[rows], 2, [name])[name])
+    sequences = torch.tensor([5, 70, 17, 64, 3, 79, 40, 33, 41, 12])
+    positions = torch.randint(1, 64, (10,), generator=torch.Generator().manual_seed(0))
+    for feature in (0, 7):
+        own = exemplar_views(model, sae_out, feature, tokens, sequences, positions)
+        assert own == exemplar_views(model, sae_out, feature, tokens, sequences, positions, resid=store)
+
+
 @pytest.mark.parametrize("family", ["gemma2", "llama"])
 def test_extract_head_results_do_not_depend_on_the_kept_input(family):
     """Nothing kept or every row: the same head results; exact mode off keeps nothing."""
