@@ -27,9 +27,6 @@ using OutIndex = nb::ndarray<int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu
 using Index = nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using Queries = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using OutFlags = nb::ndarray<uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
-using Rows = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
-using OutCounts = nb::ndarray<int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
-using OutValues = nb::ndarray<float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using Dense64 = nb::ndarray<const double, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
 using Values64 = nb::ndarray<const double, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using Out64 = nb::ndarray<double, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
@@ -184,14 +181,14 @@ nb::dict multi_topk(Vector table_scores, Queries table_queries, Index row_start,
     return out;
 }
 
-void count_nonzero(Rows x, OutCounts counts, int threads) {
+void count_nonzero(Matrix x, OutIndex counts, int threads) {
     const int64_t rows = static_cast<int64_t>(x.shape(0)), n = static_cast<int64_t>(x.shape(1));
     require(static_cast<int64_t>(counts.shape(0)) == rows, "counts must have one entry per row of x");
     nb::gil_scoped_release release;
     attnrules::count_nonzero_rows(x.data(), rows, n, counts.data(), attnrules::resolve_threads(threads));
 }
 
-void gather_nonzero(Rows x, Index starts, OutIndex index, OutValues values, int threads) {
+void gather_nonzero(Matrix x, Index starts, OutIndex index, OutScores values, int threads) {
     const int64_t rows = static_cast<int64_t>(x.shape(0)), n = static_cast<int64_t>(x.shape(1));
     require(static_cast<int64_t>(starts.shape(0)) == rows, "starts must have one entry per row of x");
     require(index.shape(0) == values.shape(0), "index and values must have the same length");
